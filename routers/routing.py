@@ -1,0 +1,95 @@
+"""The routing record: the one thing every router exposes to the collapse metrics.
+
+The paper's thesis is that attention over tokens, graph attention over nodes, selective state spaces and
+RWKV over time, and attention residuals over depth are all *content-based routers*. The record makes that an
+interface: per routing layer, the weights each query puts on each source, and the keys that were scored.
+Metrics (``collapse/``) read only this record, so they never special-case a router family.
+
+Shapes (the leading ``units`` axis is whatever routes independently: attention heads, SSM/RWKV channels,
+or a single depth router per sublayer):
+
+    weights       [batch, units, queries, sources]   row = query, column = source
+    keys          [batch, units, sources, d]         keys as scored (after any position transform)
+    content_keys  [batch, units, sources, d]         keys before the position transform (pre-RoPE)
+    mask          bool, broadcastable to weights     True where the query may route to the source
+
+Operators too large to hold (Mamba/RWKV: channels x T x T) give ``weight_chunks`` instead of ``weights``:
+a callable returning an iterator of ``[batch, units_chunk, queries, sources]`` tensors that together cover
+all units in order. Graph routers give the sparse form (``edge_index``, ``edge_weight``) and never densify.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+
+AXES = ("token", "node", "time", "depth")
+
+
+@dataclass
+class RoutingLayer:
+    keys: Tensor
+    weights: Tensor | None = None
+    content_keys: Tensor | None = None
+    mask: Tensor | None = None
+    weight_chunks: Callable[[], Iterator[Tensor]] | None = None
+    edge_index: Tensor | None = None  # [2, E]: row 0 = source, row 1 = target (PyG convention)
+    edge_weight: Tensor | None = None  # [E, units]
+    num_nodes: int | None = None
+    name: str = ""
+    extras: dict[str, Tensor] = field(default_factory=dict)  # router-specific statistics (e.g. hub shares)
+
+    def __post_init__(self):
+        forms = [self.weights is not None, self.weight_chunks is not None, self.edge_weight is not None]
+        if sum(forms) != 1:
+            raise ValueError(f"RoutingLayer {self.name!r}: give exactly one of weights, weight_chunks, "
+                             f"or (edge_index, edge_weight); got {sum(forms)}")
+        if self.edge_weight is not None and (self.edge_index is None or self.num_nodes is None):
+            raise ValueError(f"RoutingLayer {self.name!r}: sparse routing needs edge_index and num_nodes")
+        if self.keys.dim() < 2:
+            raise ValueError(f"RoutingLayer {self.name!r}: keys must be [..., sources, d], got {tuple(self.keys.shape)}")
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.edge_weight is not None
+
+    @property
+    def scored_keys(self) -> Tensor:
+        """Keys whose geometry the metrics measure: the content (pre-position) keys where they differ."""
+        return self.content_keys if self.content_keys is not None else self.keys
+
+    def iter_weights(self) -> Iterator[Tensor]:
+        """Dense weights as chunks over units; a single chunk when the layer holds them whole."""
+        if self.weights is not None:
+            yield self.weights
+        elif self.weight_chunks is not None:
+            yield from self.weight_chunks()
+        else:
+            raise ValueError(f"RoutingLayer {self.name!r} is sparse; use edge_index/edge_weight")
+
+
+@dataclass
+class Routing:
+    """Per-layer routing of one forward pass, in depth order."""
+    layers: list[RoutingLayer]
+    axis: str = "token"
+
+    def __post_init__(self):
+        if self.axis not in AXES:
+            raise ValueError(f"unknown routing axis {self.axis!r}; choose one of {', '.join(AXES)}")
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> RoutingLayer:
+        return self.layers[i]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+
+def causal_mask(n: int, device: torch.device | None = None) -> Tensor:
+    """[n, n] bool, True where query i may route to source j <= i."""
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
