@@ -1,0 +1,124 @@
+"""Routing concentration: how much of an operator's routing mass one source receives (METHODS.md section 2).
+
+An operator is ``[..., queries, sources]`` (row = query, column = source). Its column sums c_j are the
+routing each source receives; shares c_j / sum_k c_k make the max share comparable across normalised
+(softmax) and unnormalised (Mamba) operators. Magnitudes |A| are used throughout: Mamba's hidden operator is
+signed, and a source that is routed to with a negative weight still carries routing mass (Ambiguity 7).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from common.errors import UserError
+
+
+def _check_mask(mask: Tensor | None) -> None:
+    if mask is not None and mask.dtype != torch.bool:
+        raise UserError(f"routing mask must be bool (True = visible); got {mask.dtype}, pass mask.bool()")
+
+
+def _max_of_shares(received: Tensor) -> Tensor:
+    return (received / received.sum(-1, keepdim=True)).amax(-1)
+
+
+def max_share(weights: Tensor, mask: Tensor | None = None, exposure: bool = False) -> Tensor:
+    """Largest share of the column sums, ``[..., Q, S] -> [...]``; 1/S for uniform routing, 1 for a sink.
+
+    ``mask`` (bool, broadcastable, True = the query may see the source) zeroes invisible entries.
+    ``exposure=True`` divides each column sum by what the source would receive if every query spread its
+    own mass uniformly over the sources it can see, e_j = sum_i mask_ij m_i / |visible(i)|, before
+    normalising: causal-uniform routing then scores exactly 1/S. (Dividing by the number of queries that
+    see j does not: under causal-uniform routing it still favours source 0 by H_n.) Without a mask every
+    source is equally exposed and the exposure variant equals the plain one.
+    """
+    _check_mask(mask)
+    if weights.dim() < 2:
+        raise UserError(f"max_share needs weights shaped [..., queries, sources]; got {tuple(weights.shape)}")
+    magnitude = weights.abs()
+    if mask is not None:
+        magnitude = magnitude.masked_fill(~mask, 0)
+    received = magnitude.sum(-2, dtype=torch.float64)
+    if exposure and mask is not None:
+        visible = mask.to(torch.float64)
+        mass_per_visible = magnitude.sum(-1, dtype=torch.float64) / visible.sum(-1).clamp(min=1)
+        expected = (visible * mass_per_visible.unsqueeze(-1)).sum(-2)
+        received = torch.where(expected > 0, received / expected.clamp(min=1e-300), torch.zeros_like(received))
+    return _max_of_shares(received)
+
+
+def causal_uniform_share(n: int) -> float:
+    """Max share of causal-uniform routing over n sources: source 0 receives sum_i 1/(i+1) = H_n of n units."""
+    if not isinstance(n, int) or n < 1:
+        raise UserError(f"causal_uniform_share needs a positive integer number of sources; got {n!r}")
+    return sum(1.0 / k for k in range(1, n + 1)) / n
+
+
+def uniform_max_share(mask: Tensor | None, sources: int) -> float:
+    """Max share of uniform routing under ``mask`` (each query spreads evenly over what it sees).
+
+    The concentration a router shows with no content preference at all: 1/S unmasked, H_n/n causal
+    (Ambiguity 15). Averaged over any leading (batch, unit) axes of the mask.
+    """
+    _check_mask(mask)
+    if mask is None:
+        return 1.0 / sources
+    visible = mask.to(torch.float64)
+    uniform = visible / visible.sum(-1, keepdim=True).clamp(min=1)
+    return float(max_share(uniform).mean())
+
+
+def _check_edges(edge_index: Tensor, edge_weight: Tensor, num_nodes: int) -> None:
+    if edge_index.dim() != 2 or edge_index.shape[0] != 2 or edge_weight.shape[0] != edge_index.shape[1]:
+        raise UserError(f"sparse routing needs edge_index [2, E] and edge_weight [E, units]; got "
+                        f"{tuple(edge_index.shape)} and {tuple(edge_weight.shape)}")
+    if edge_index.numel() and int(edge_index.max()) >= num_nodes:
+        raise UserError(f"edge_index refers to node {int(edge_index.max())} but num_nodes={num_nodes}; pass the graph's node count")
+
+
+def max_share_sparse(edge_index: Tensor, edge_weight: Tensor, num_nodes: int, exposure: bool = False) -> Tensor:
+    """Max share of a graph operator given as edges, ``edge_weight [E, units] -> [units]`` (``[E] -> []``).
+
+    Row 0 of ``edge_index`` is the source, row 1 the target (PyG). Column sums are a scatter-add over
+    sources, so the N x N operator is never built. ``exposure`` as in :func:`max_share`, with a target's
+    visible sources being its in-neighbours.
+    """
+    _check_edges(edge_index, edge_weight, num_nodes)
+    vector = edge_weight.dim() == 1
+    magnitude = (edge_weight.unsqueeze(-1) if vector else edge_weight).abs().double()
+    source, target = edge_index[0], edge_index[1]
+    received = magnitude.new_zeros(num_nodes, magnitude.shape[1]).index_add_(0, source, magnitude)
+    if exposure:
+        mass = magnitude.new_zeros(received.shape).index_add_(0, target, magnitude)
+        in_degree = torch.bincount(target, minlength=num_nodes).clamp(min=1).unsqueeze(-1)
+        expected = magnitude.new_zeros(received.shape).index_add_(0, source, (mass / in_degree)[target])
+        received = torch.where(expected > 0, received / expected.clamp(min=1e-300), torch.zeros_like(received))
+    shares = _max_of_shares(received.T)
+    return shares[0] if vector else shares
+
+
+def uniform_max_share_sparse(edge_index: Tensor, num_nodes: int) -> float:
+    """Max share of uniform routing over each target's in-edges: the graph's structural concentration."""
+    target = edge_index[1]
+    in_degree = torch.bincount(target, minlength=num_nodes).double()
+    return float(max_share_sparse(edge_index, 1.0 / in_degree[target], num_nodes))
+
+
+def _first_above(per_layer: Sequence[float] | Tensor, threshold: float) -> int | None:
+    values = torch.as_tensor(per_layer, dtype=torch.float64)
+    if values.dim() != 1:
+        raise UserError(f"onset needs one value per layer (a 1-D sequence); got shape {tuple(values.shape)}")
+    crossed = torch.nonzero(values > threshold)  # NaN compares False: an unmeasured layer never crosses
+    return int(crossed[0]) if len(crossed) else None
+
+
+def onset_layer(per_layer_max_share: Sequence[float] | Tensor, threshold: float = 0.20) -> int | None:
+    """0-based index of the first layer whose mean max share is strictly above ``threshold``; None = never."""
+    return _first_above(per_layer_max_share, threshold)
+
+
+def completion_layer(per_layer_max_share: Sequence[float] | Tensor, threshold: float = 0.50) -> int | None:
+    """0-based index L* of the first layer strictly above ``threshold`` (0.50 in the paper); None = never."""
+    return _first_above(per_layer_max_share, threshold)

@@ -1,0 +1,267 @@
+"""Pythia-style decoder: a GPT-NeoX block with a switchable position scheme and score. The token router.
+
+Read top to bottom: rotary and ALiBi helpers, attention (where the score lives), MLP, block, model, and
+loading a `transformers` GPTNeoXForCausalLM. The block is GPT-NeoX's: parallel residual
+x + attn(ln_1(x)) + mlp(ln_2(x)), fused qkv laid out per head as [q | k | v], partial rotary on the first
+rotary_pct of each head (rotate_half convention), exact GELU, untied input/output embeddings.
+
+Scores, with tau = 1/sqrt(d_head) (paper Sec. 2: Theorem 1 and Prop. 2). Terms that depend only on the
+query cancel in the softmax, so each score is a dot product that SDPA runs plus a per-key additive bias:
+    dot             tau q.k
+    euclidean       -tau/2 |q-k|^2           = tau q.k - tau/2 |k|^2              (+ query-only term)
+    learned_metric  -tau/2 (q-k)^T M (q-k)   = tau (Mq).k - tau/2 k^T M k,  M = L^T L per head, L = I at init
+    normalized      tau q^.k^,  q^ = g * q/rms(q),  k^ = k/rms(k)   (|k^| = sqrt(d_head) for every key)
+With M = I the learned metric is exactly the euclidean score.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from common.errors import UserError
+from routers.routing import Routing, RoutingLayer, causal_mask
+
+POSITIONS = ("nope", "rope", "alibi", "learned")
+SCORES = ("dot", "euclidean", "learned_metric", "normalized")
+
+
+def _check_choice(kind: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"unknown {kind} {value!r}; choose one of {', '.join(choices)}")
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    """GPT-NeoX's rotation: pairs dimension i with i + d/2 (not interleaved pairs as in the RoFormer paper)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Rotary(nn.Module):
+    """Partial RoPE: rotate the first `rotary_ndims` dimensions of each head, pass the rest through."""
+
+    def __init__(self, rotary_ndims: int, context_length: int, base: float):
+        super().__init__()
+        self.rotary_ndims = rotary_ndims
+        inv_freq = 1.0 / (base ** (torch.arange(0, rotary_ndims, 2, dtype=torch.float) / rotary_ndims))
+        angles = torch.outer(torch.arange(context_length, dtype=torch.float), inv_freq)
+        angles = torch.cat((angles, angles), dim=-1)
+        # computed once for the whole context (HF recomputes them every forward); fp32 like HF
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        n = x.shape[-2]
+        cos, sin = self.cos[:n].to(x.dtype), self.sin[:n].to(x.dtype)
+        x_rot, x_pass = x[..., :self.rotary_ndims], x[..., self.rotary_ndims:]
+        return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+def alibi_slopes(n_head: int, scale: float = 1.0) -> Tensor:
+    """Geometric head slopes m_h = scale * 2^(-8h/H), h = 1..H (Press et al. 2022; the paper's brake sweep
+    multiplies every slope by `scale`). For H not a power of two ALiBi's reference code interleaves a second
+    sequence; we keep the plain geometric one."""
+    return scale * 2.0 ** (-8.0 * torch.arange(1, n_head + 1, dtype=torch.float) / n_head)
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_head: int, context_length: int, position: str, score: str,
+                 rotary_pct: float, rotary_base: float, alibi_slope_scale: float, layer_norm_eps: float,
+                 dropout: float, name: str):
+        super().__init__()
+        self.n_head, self.d_head = n_head, d_model // n_head
+        self.score, self.name, self.dropout = score, name, dropout
+        self.tau = 1.0 / math.sqrt(self.d_head)
+        self.eps = layer_norm_eps
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.rotary = None
+        if position == "rope":
+            self.rotary = Rotary(int(self.d_head * rotary_pct), context_length, rotary_base)
+        self.alibi_slopes = None
+        if position == "alibi":
+            self.register_buffer("alibi_slopes", alibi_slopes(n_head, alibi_slope_scale).view(n_head, 1, 1),
+                                 persistent=False)
+        if score == "learned_metric":
+            self.metric_factor = nn.Parameter(torch.eye(self.d_head).repeat(n_head, 1, 1))  # L, M = L^T L
+        if score == "normalized":
+            # a query-side gain lets the router learn its temperature while every key keeps norm sqrt(d_head)
+            self.query_gain = nn.Parameter(torch.ones(n_head, 1, self.d_head))
+
+    def metric(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The query as it enters the dot product, and the score's per-key bias [B, H, 1, T] (or None)."""
+        if self.score == "euclidean":
+            return q, -0.5 * self.tau * k.square().sum(-1).unsqueeze(-2)
+        if self.score == "learned_metric":
+            L = self.metric_factor
+            metric_keys = k @ L.transpose(-1, -2)  # Lk, so that k^T M k = |Lk|^2
+            return q @ (L.transpose(-1, -2) @ L), -0.5 * self.tau * metric_keys.square().sum(-1).unsqueeze(-2)
+        return q, None
+
+    def forward(self, x: Tensor, return_routing: bool = False) -> tuple[Tensor, RoutingLayer | None]:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, self.n_head, 3 * self.d_head).transpose(1, 2).chunk(3, dim=-1)
+        if self.score == "normalized":
+            q = self.query_gain * F.rms_norm(q, (self.d_head,), eps=self.eps)
+            k = F.rms_norm(k, (self.d_head,), eps=self.eps)
+        content_keys = k
+        if self.rotary is not None:
+            q, k = self.rotary(q), self.rotary(k)
+        q, bias = self.metric(q, k)
+        if self.alibi_slopes is not None:
+            distance = torch.arange(T, device=x.device).view(1, T) - torch.arange(T, device=x.device).view(T, 1)
+            alibi = self.alibi_slopes * distance.to(q.dtype)  # -m (i - j) for query i, source j
+            bias = alibi if bias is None else bias + alibi
+        dropout = self.dropout if self.training else 0.0
+        routing = None
+        if return_routing:  # the reference path: explicit softmax, its weights go into the record
+            logits = self.tau * (q @ k.transpose(-1, -2))
+            if bias is not None:
+                logits = logits + bias
+            mask = causal_mask(T, device=x.device)
+            weights = logits.masked_fill(~mask, float("-inf")).softmax(-1, dtype=torch.float32).to(q.dtype)
+            out = F.dropout(weights, dropout, self.training) @ v
+            routing = RoutingLayer(keys=k, weights=weights, mask=mask, name=self.name,
+                                   content_keys=content_keys if self.rotary is not None else None)
+        elif bias is None:
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=self.tau)
+        else:
+            future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=x.device).triu(1)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias + future, dropout_p=dropout,
+                                                 scale=self.tau)
+        return self.proj(out.transpose(1, 2).reshape(B, T, C)), routing
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, mlp_ratio: float):
+        super().__init__()
+        self.fc = nn.Linear(d_model, round(mlp_ratio * d_model))
+        self.proj = nn.Linear(round(mlp_ratio * d_model), d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.gelu(self.fc(x)))  # exact (erf) GELU, as GPT-NeoX's "gelu"
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, layer_norm_eps: float, mlp_ratio: float, dropout: float,
+                 parallel_residual: bool, **attention):
+        super().__init__()
+        self.parallel_residual = parallel_residual
+        self.ln_1 = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.attn = Attention(d_model, layer_norm_eps=layer_norm_eps, dropout=dropout, **attention)
+        self.ln_2 = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.mlp = MLP(d_model, mlp_ratio)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, return_routing: bool = False) -> tuple[Tensor, RoutingLayer | None]:
+        attn_out, routing = self.attn(self.ln_1(x), return_routing)
+        if self.parallel_residual:  # GPT-NeoX: both branches read the same x
+            return x + self.drop(attn_out) + self.drop(self.mlp(self.ln_2(x))), routing
+        x = x + self.drop(attn_out)
+        return x + self.drop(self.mlp(self.ln_2(x))), routing
+
+
+class Transformer(nn.Module):
+    def __init__(self, vocab_size: int, n_layer: int = 6, d_model: int = 128, n_head: int = 4,
+                 context_length: int = 128, position: str = "rope", score: str = "dot", rotary_pct: float = 0.25,
+                 rotary_base: float = 10000, mlp_ratio: float = 4, layer_norm_eps: float = 1e-5,
+                 dropout: float = 0.0, alibi_slope_scale: float = 1.0, parallel_residual: bool = True):
+        super().__init__()
+        _check_choice("position", position, POSITIONS)
+        _check_choice("score", score, SCORES)
+        if n_head < 1 or d_model % n_head:
+            raise UserError(f"n_head ({n_head}) must divide d_model ({d_model}); pick n_head among its divisors")
+        rotary_ndims = int(d_model // n_head * rotary_pct)
+        if position == "rope" and (rotary_ndims < 2 or rotary_ndims % 2):
+            raise UserError(f"rotary_pct {rotary_pct} of d_head {d_model // n_head} gives {rotary_ndims} rotary "
+                            f"dims; RoPE needs a positive even number: change rotary_pct")
+        self.context_length = context_length
+        self.position, self.score = position, score
+        self.wte = nn.Embedding(vocab_size, d_model)
+        self.wpe = nn.Embedding(context_length, d_model) if position == "learned" else None
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            Block(d_model, layer_norm_eps, mlp_ratio, dropout, parallel_residual, n_head=n_head,
+                  context_length=context_length, position=position, score=score, rotary_pct=rotary_pct,
+                  rotary_base=rotary_base, alibi_slope_scale=alibi_slope_scale, name=f"L{i}")
+            for i in range(n_layer))
+        self.ln_f = nn.LayerNorm(d_model, eps=layer_norm_eps)
+        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)  # untied, as in GPT-NeoX
+        self.apply(self._init_weights)
+        # GPT-2 / nanoGPT: residual projections scaled by 1/sqrt(2 n_layer), two residual writes per layer
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.proj.weight", "mlp.proj.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, tokens: Tensor, return_routing: bool = False) -> Tensor | tuple[Tensor, Routing]:
+        if tokens.dim() != 2:
+            raise UserError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}; add a batch axis")
+        T = tokens.shape[1]
+        if T > self.context_length:
+            raise UserError(f"sequence length {T} exceeds context_length {self.context_length}; "
+                            f"crop the input or raise router.context_length")
+        x = self.wte(tokens)
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(T, device=tokens.device))
+        x = self.drop(x)
+        layers = []
+        for block in self.blocks:
+            x, layer = block(x, return_routing)
+            layers.append(layer)
+        logits = self.lm_head(self.ln_f(x))
+        return (logits, Routing(layers=layers, axis="token")) if return_routing else logits
+
+    @classmethod
+    def from_hf(cls, source, **shape) -> "Transformer":
+        """Build from a `transformers` GPTNeoXForCausalLM (shape read from its config) or from its state dict
+        (pass n_head=..., and rotary_pct / rotary_base / context_length where they differ from Pythia's)."""
+        if isinstance(source, dict):
+            state = source
+            if "n_head" not in shape:
+                raise UserError("from_hf(state_dict) cannot infer the head count; pass n_head=...")
+        else:
+            state, shape = source.state_dict(), _shape_from_hf_config(source.config)
+        state = {k.removeprefix("gpt_neox."): v for k, v in state.items()}
+        head = state.get("lm_head.weight", state.get("embed_out.weight"))
+        if head is None or "embed_in.weight" not in state:
+            raise UserError("from_hf: not a GPTNeoXForCausalLM state (no embed_in / lm_head weights); "
+                            "pass the causal-LM model, not the bare GPTNeoXModel")
+        vocab_size, d_model = head.shape
+        n_layer = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("layers."))
+        shape.setdefault("mlp_ratio", state["layers.0.mlp.dense_h_to_4h.weight"].shape[0] / d_model)
+        shape.setdefault("context_length", 2048)
+        model = cls(vocab_size=vocab_size, n_layer=n_layer, d_model=d_model, position="rope", score="dot", **shape)
+        renames = {"embed_in.": "wte.", "final_layer_norm.": "ln_f.", "embed_out.": "lm_head.", "layers.": "blocks.",
+                   ".input_layernorm.": ".ln_1.", ".post_attention_layernorm.": ".ln_2.",
+                   ".attention.query_key_value.": ".attn.qkv.", ".attention.dense.": ".attn.proj.",
+                   ".mlp.dense_h_to_4h.": ".mlp.fc.", ".mlp.dense_4h_to_h.": ".mlp.proj."}
+        ours = {}
+        for key, value in state.items():
+            if key.endswith(("attention.bias", "attention.masked_bias", "inv_freq")):
+                continue  # old checkpoints' cached causal masks and rotary tables: we rebuild both
+            for old, new in renames.items():
+                key = key.replace(old, new)
+            ours[key] = value
+        model.load_state_dict(ours, strict=True)
+        return model
+
+
+def _shape_from_hf_config(config) -> dict:
+    """Our keyword arguments from a GPTNeoXConfig; UserError for the variants this block does not implement."""
+    rope = dict(config.rope_parameters or {})
+    if config.hidden_act != "gelu" or not config.attention_bias or rope.get("rope_type", "default") != "default":
+        raise UserError(f"from_hf supports GPT-NeoX with hidden_act 'gelu', attention_bias and default RoPE; got "
+                        f"{config.hidden_act!r}, {config.attention_bias}, {rope.get('rope_type')!r}")
+    return dict(n_head=config.num_attention_heads, context_length=config.max_position_embeddings,
+                rotary_pct=rope.get("partial_rotary_factor", 1.0), rotary_base=rope["rope_theta"],
+                mlp_ratio=config.intermediate_size / config.hidden_size, layer_norm_eps=config.layer_norm_eps,
+                parallel_residual=config.use_parallel_residual)

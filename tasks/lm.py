@@ -1,0 +1,71 @@
+"""Next-token language modelling around any router that maps tokens to logits."""
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class LanguageModelTask(pl.LightningModule):
+    """AdamW + linear warm-up + cosine decay; the router is a plain ``nn.Module``.
+
+    ``config`` is the resolved run config; it is stored in every checkpoint so ``analyze.py`` can rebuild
+    the router from a ``.ckpt`` alone.
+    """
+
+    def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.1,
+                 betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 100, min_lr_ratio: float = 0.1,
+                 config: dict | None = None):
+        super().__init__()
+        self.model = model
+        self.save_hyperparameters(ignore=["model"])
+        self.nonfinite_step: int | None = None  # set when the loss stops being finite (see NanGuard)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.model(tokens)
+
+    def _loss(self, batch: Tensor) -> Tensor:
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        logits = self.model(inputs)
+        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+
+    def training_step(self, batch: Tensor, batch_idx: int):
+        loss = self._loss(batch)
+        if not torch.isfinite(loss):
+            # Returning None skips backward and the optimiser step, so the weights stay the last good ones.
+            self.nonfinite_step = self.global_step
+            self.trainer.should_stop = True
+            return None
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        self.log("val/loss", self._loss(batch), prog_bar=True, sync_dist=True)
+
+    @torch.no_grad()
+    def probe_routing(self, inputs: Tensor):
+        """The routing record on probe inputs (the monitor handles eval mode)."""
+        return self.model(inputs.to(self.device), return_routing=True)[1]
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        # Decay matrices only (nanoGPT): norms, biases and gains are not shrunk toward zero.
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
+                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        total = max(int(self.trainer.max_steps), 1) if self.trainer.max_steps and self.trainer.max_steps > 0 else None
+
+        def schedule(step: int) -> float:
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            if total is None:
+                return 1.0
+            progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

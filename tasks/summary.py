@@ -1,0 +1,38 @@
+"""The end-of-training table: how the signature moved between the first and the last measurement."""
+from __future__ import annotations
+
+import math
+
+
+def _fmt(value, width: int = 6) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-".rjust(width)
+    return f"{value:.3f}".rjust(width)
+
+
+def _layer_label(summary: dict, key: str) -> str:
+    layer = summary.get(key)
+    return "never" if layer is None else f"L{layer}"
+
+
+def training_table(first: dict, last: dict, rank: int = 8) -> str:
+    """Per layer: norm-CV, VE@rank with its Gaussian and shuffle nulls, mean max share — each at the first
+    and the last measured step — then onset and peak concentration."""
+    a, b = first["step"], last["step"]
+    ve = f"VE@{rank}"
+    header = (f"{'layer':>5} | {'norm-CV':^15} | {ve:^15} | {'gauss':>6} | {'shuffle':^15} | {'max share':^15}\n"
+              f"{'':>5} | {f'{a} -> {b}':^15} | {f'{a} -> {b}':^15} | {'':>6} | {f'{a} -> {b}':^15} | {f'{a} -> {b}':^15}")
+    lines = [f"collapse signature, step {a} -> step {b}", header, "-" * len(header.splitlines()[0])]
+    for i, (r0, r1) in enumerate(zip(first["layers"], last["layers"])):
+        lines.append(
+            f"{'L' + str(i):>5} | {_fmt(r0['norm_cv'])} -> {_fmt(r1['norm_cv'])} | "
+            f"{_fmt(r0[f've@{rank}'])} -> {_fmt(r1[f've@{rank}'])} | {_fmt(r1[f've@{rank}_gauss'])} | "
+            f"{_fmt(r0.get(f've@{rank}_shuffle'))} -> {_fmt(r1.get(f've@{rank}_shuffle'))} | "
+            f"{_fmt(r0['max_share'])} -> {_fmt(r1['max_share'])}")
+    s0, s1 = first["summary"], last["summary"]
+    lines.append("")
+    lines.append(f"onset layer (mean max share > {s1.get('onset_threshold', 0.2)}): "
+                 f"{_layer_label(s0, 'onset_layer')} -> {_layer_label(s1, 'onset_layer')}")
+    lines.append(f"peak max share: {_fmt(s0.get('peak_max_share'), 0)} ({_layer_label(s0, 'peak_layer')}) -> "
+                 f"{_fmt(s1.get('peak_max_share'), 0)} ({_layer_label(s1, 'peak_layer')})")
+    return "\n".join(lines)

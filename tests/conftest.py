@@ -1,0 +1,61 @@
+"""Shared fixtures: compose the real Hydra config in-process and train tiny runs without a subprocess."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+# A model and data small enough that a 20-step run takes seconds.
+TINY = [
+    "data=synthetic", "data.vocab_size=64", "data.n_tokens=20000", "data.context_length=32",
+    "data.batch_size=4", "data.probe_sequences=8", "data.probe_length=32",
+    "router.n_layer=2", "router.d_model=32", "router.n_head=2", "router.context_length=32",
+    "trainer.max_steps=20", "trainer.val_check_interval=10", "trainer.limit_val_batches=2",
+    "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1",
+    "callbacks.collapse_monitor.every_n_steps=10", "callbacks.collapse_monitor.probe_batch_size=4",
+    "callbacks.checkpoint.every_n_train_steps=10", "print_table=false",
+]
+
+
+def compose_train(out: Path, overrides: list[str]):
+    """The composed train config with Hydra's runtime set as if ``hydra.run.dir=out`` (in-process)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture
+def tiny_run(tmp_path, monkeypatch):
+    """Train a tiny run in ``tmp_path/run``; returns (run_dir, config)."""
+    import train
+
+    monkeypatch.setenv("ROUTECOLLAPSE_DATA", str(tmp_path / "cache"))
+
+    def run(*overrides: str, name: str = "run"):
+        out = tmp_path / name
+        cfg = compose_train(out, TINY + list(overrides))
+        train.train(cfg)
+        return out, cfg
+
+    return run

@@ -1,0 +1,96 @@
+"""The Hydra tree composes for every router, position and score, and a sweep runs as a real multirun."""
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+
+from tests.conftest import CONF
+
+ROOT = Path(CONF).parent
+ROUTERS = sorted(p.stem for p in (ROOT / "conf" / "router").glob("*.yaml"))
+POSITIONS = sorted(p.stem for p in (ROOT / "conf" / "router" / "position").glob("*.yaml"))
+SCORES = sorted(p.stem for p in (ROOT / "conf" / "router" / "score").glob("*.yaml"))
+
+
+def composed(*overrides):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        return compose("train", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_every_router_config_composes_with_a_target(router):
+    cfg = composed(f"router={router}")
+    assert cfg.router._target_.startswith("routers.")
+
+
+def test_position_and_score_groups_cover_the_issue():
+    assert {"nope", "rope", "alibi", "learned"} <= set(POSITIONS)
+    assert {"dot", "euclidean", "learned_metric", "normalized"} <= set(SCORES)
+
+
+@pytest.mark.parametrize("position, score", list(itertools.product(POSITIONS, SCORES)))
+def test_every_position_score_combination_instantiates_and_routes(position, score):
+    cfg = composed(f"router/position={position}", f"router/score={score}", "router.n_layer=2",
+                   "router.d_model=32", "router.n_head=2", "router.context_length=16")
+    model = instantiate(cfg.router, vocab_size=50)
+    assert (model.position, model.score) == (position, score)
+    logits, routing = model(torch.randint(0, 50, (2, 16)), return_routing=True)
+    assert logits.shape == (2, 16, 50) and len(routing) == 2
+    assert torch.allclose(routing[0].weights.sum(-1), torch.ones(2, 2, 16), atol=1e-5)
+
+
+def test_multirun_sweep_makes_one_dir_per_job_and_one_wandb_group(tmp_path):
+    from tests.conftest import TINY
+
+    env = {**os.environ, "ROUTECOLLAPSE_DATA": str(tmp_path / "cache"), "WANDB_MODE": "offline",
+           "WANDB_SILENT": "true"}
+    sweep = tmp_path / "sweep"
+    overrides = [o for o in TINY if not o.startswith(("trainer.max_steps", "callbacks.collapse_monitor.every"))]
+    cmd = [sys.executable, "train.py", "-m", "router/position=nope,alibi", "seed=0,1",
+           "trainer.max_steps=4", "callbacks.collapse_monitor.every_n_steps=4", f"hydra.sweep.dir={sweep}",
+           *overrides]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "collapse.jsonl").exists())
+    assert len(jobs) == 4
+    for job in jobs:
+        (run,) = (job / "wandb").glob("offline-run-*")
+        assert any(run.rglob("*.wandb"))
+
+
+def test_wandb_logger_gets_the_sweep_as_group_and_a_stable_id_per_run_dir(tmp_path):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    from tasks.runner import build_loggers
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=["seed=1"], return_hydra_config=True)
+    loggers = {}
+    for job in ("0_seed=1", "1_seed=2"):
+        with open_dict(cfg):
+            cfg.hydra.mode = RunMode.MULTIRUN
+            cfg.hydra.sweep.dir = str(tmp_path / "brake_sweep")
+            cfg.hydra.runtime.output_dir = str(tmp_path / "brake_sweep" / job)
+            cfg.hydra.job.override_dirname = job
+        HydraConfig.instance().set_config(cfg)
+        wandb_logger = build_loggers(cfg.logger, Path(cfg.hydra.runtime.output_dir))[0]
+        loggers[job] = wandb_logger._wandb_init
+    first, second = loggers.values()
+    assert first["group"] == second["group"] == "brake_sweep"
+    assert (first["name"], second["name"]) == ("0_seed=1", "1_seed=2")
+    assert first["id"] != second["id"] and len(first["id"]) == 16
+    again = build_loggers(cfg.logger, Path(cfg.hydra.runtime.output_dir))[0]._wandb_init
+    assert again["id"] == second["id"]

@@ -1,0 +1,73 @@
+"""End to end: real Hydra composition, real Lightning training, real W&B offline logging."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from common.errors import UserError
+
+
+def read_losses(run_dir):
+    rows = list(csv.DictReader(open(run_dir / "csv" / "metrics.csv")))
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+
+def test_training_run_writes_monitor_records_checkpoints_and_wandb_offline_run(tiny_run):
+    out, _ = tiny_run("logger=wandb")
+    records = [json.loads(line) for line in (out / "collapse.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 10, 20]
+    assert len(records[0]["layers"]) == 2
+    assert all(0.0 < layer["max_share"] <= 1.0 for r in records for layer in r["layers"])
+    assert records[0]["layers"][0]["max_share"] != records[-1]["layers"][0]["max_share"]  # training moved it
+    assert (out / "probe.pt").is_file() and (out / "collapse_profile.png").is_file()
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    offline_runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(offline_runs) == 1 and any(offline_runs[0].rglob("*.wandb"))
+    logged = open(out / "csv" / "metrics.csv").readline()
+    assert "collapse/max_share/L1" in logged and "collapse/onset_layer" in logged
+
+
+def test_resume_from_checkpoint_reproduces_the_uninterrupted_loss_curve(tiny_run):
+    full, _ = tiny_run("logger=csv", name="full")
+    resumed, _ = tiny_run("logger=csv", f"ckpt_path={full}/checkpoints/step000010.ckpt", name="resumed")
+    expected, got = read_losses(full), read_losses(resumed)
+    assert sorted(got) == list(range(10, 20))
+    for step in got:
+        assert got[step] == pytest.approx(expected[step], abs=1e-6), step
+
+
+def test_nan_loss_stops_with_a_message_and_keeps_checkpoint_and_metrics(tiny_run, tmp_path):
+    with pytest.raises(UserError, match="non-finite at step 12"):
+        tiny_run("logger=csv", "+router.nan_after_steps=12", "router._target_=tests.nan_router.NaNAfter")
+    out = tmp_path / "run"
+    last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+    steps = [json.loads(line)["step"] for line in (out / "collapse.jsonl").read_text().splitlines()]
+    assert steps[:2] == [0, 10] and steps[-1] == 12
+
+
+@pytest.mark.parametrize("override, message", [
+    ("router.position=spiral", "choose one of"),
+    ("router.n_head=3", "n_head"),
+    ("data.context_length=64", "context_length"),
+])
+def test_bad_model_input_gives_one_line_error_naming_the_fix(tiny_run, override, message):
+    with pytest.raises(UserError, match=message) as info:
+        tiny_run("logger=csv", override)
+    assert "\n" not in str(info.value)
+
+
+def test_corrupt_checkpoint_gives_one_line_error(tiny_run, tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="corrupt"):
+        tiny_run("logger=csv", f"ckpt_path={bad}")
+
+
+def test_missing_text_folder_gives_one_line_error(tiny_run, tmp_path):
+    with pytest.raises(UserError, match="data.path"):
+        tiny_run("logger=csv", "data=text_files", f"data.path={tmp_path}/nowhere", "data.context_length=32")
