@@ -80,10 +80,8 @@ class Attention(nn.Module):
         self.rotary = None
         if position == "rope":
             self.rotary = Rotary(int(self.d_head * rotary_pct), context_length, rotary_base)
-        self.alibi_slopes = None
-        if position == "alibi":
-            self.register_buffer("alibi_slopes", alibi_slopes(n_head, alibi_slope_scale).view(n_head, 1, 1),
-                                 persistent=False)
+        slopes = alibi_slopes(n_head, alibi_slope_scale).view(n_head, 1, 1) if position == "alibi" else None
+        self.register_buffer("alibi_slopes", slopes, persistent=False)
         if score == "learned_metric":
             self.metric_factor = nn.Parameter(torch.eye(self.d_head).repeat(n_head, 1, 1))  # L, M = L^T L
         if score == "normalized":

@@ -5,15 +5,38 @@ import hashlib
 from pathlib import Path
 
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from callbacks.collapse_monitor import JSONL, PROFILE_PNG, read_records
 from common.errors import UserError
 from tasks.summary import training_table
+
+
+CONF = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def compose_run(out: Path, overrides: list[str]) -> DictConfig:
+    """The train config composed in-process, with Hydra's runtime set as if ``hydra.run.dir=out``.
+
+    For tests, benchmarks and notebooks that train without a subprocess (each process pays ~8 s of imports).
+    """
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(out)
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+    Path(out).mkdir(parents=True, exist_ok=True)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
 
 
 def run_dir() -> Path:

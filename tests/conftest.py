@@ -6,12 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
-
-CONF = str(Path(__file__).resolve().parents[1] / "conf")
+from tasks.runner import CONF, compose_run as compose_train  # noqa: F401  (tests compose in-process)
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -28,21 +23,6 @@ TINY = [
     "callbacks.collapse_monitor.every_n_steps=10", "callbacks.collapse_monitor.probe_batch_size=4",
     "callbacks.checkpoint.every_n_train_steps=10", "print_table=false",
 ]
-
-
-def compose_train(out: Path, overrides: list[str]):
-    """The composed train config with Hydra's runtime set as if ``hydra.run.dir=out`` (in-process)."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
-    with open_dict(cfg):
-        cfg.hydra.runtime.output_dir = str(out)
-        cfg.hydra.job.num = 0
-    HydraConfig.instance().set_config(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    with open_dict(cfg):
-        del cfg["hydra"]
-    return cfg
 
 
 @pytest.fixture

@@ -1,0 +1,109 @@
+"""A sweep as arms x seeds: per-run statistics, per-arm means with bootstrap intervals, depth profiles and
+trajectories. The brake-ordering, ALiBi-slope and metric studies are this plus a verdict.
+
+An *arm* is one value of the study's factor (``router.position``, ``router/score``, ...); its seeds
+(``seed``, ``data_seed`` and anything else that varies) are the replicates. Statistics come from each
+run's final record at the analysis thresholds (``analysis.tables.run_statistics``).
+"""
+from __future__ import annotations
+
+import math
+
+from analysis.runs import Run, factors, val_loss
+from analysis.stats import bootstrap_ci
+from analysis.tables import number, onset_step, run_statistics
+from common.errors import UserError
+
+SEEDS = ("seed", "data_seed")
+# (key, label) of the per-run statistics tabulated per arm.
+STATISTICS = [
+    ("onset_depth", "onset depth"), ("onset_depth_censored", "onset depth (never = 1)"),
+    ("onset_step", "onset step"), ("onset_step_censored", "onset step (never = end + 1)"),
+    ("completion_depth", "L* depth"), ("peak_max_share", "peak max share"), ("peak_depth", "peak depth"),
+    ("area_above_baseline", "area above baseline"), ("norm_cv", "norm-CV"), ("ve@8", "VE@8"),
+    ("ve@8_shuffle", "VE@8 shuffle"), ("ve@8_gauss", "VE@8 Gauss"), ("content@8", "content@8"),
+    ("r_cv_share", "r(norm-CV, max share)"), ("val_loss", "val loss"),
+]
+
+
+def factor_value(run: Run, factor: str):
+    """A run's value of ``factor``; a config group such as ``router/score`` reads its key ``router.score``."""
+    key = factor.replace("/", ".")
+    if key not in run.config:
+        raise UserError(f"runs have no config key {key!r}; pass factor=<one of the sweep's axes>, "
+                        f"e.g. {', '.join(factors([run])) or 'router.position'}")
+    return run.config[key]
+
+
+def run_row(run: Run, factor: str, threshold: float, completion: float, rank: int = 8) -> dict:
+    """Everything the studies need about one run, flat."""
+    stats = run_statistics(run.final, threshold, completion, rank)
+    steps = onset_step(run.records, threshold)
+    last = float(run.final.get("step", math.nan))
+    row = {"run": run.name, "arm": factor_value(run, factor), **{s: run.get(s) for s in SEEDS}, **stats,
+           "onset_depth_censored": 1.0 if math.isnan(stats["onset_depth"]) else stats["onset_depth"],
+           "onset_step": steps, "onset_step_censored": last + 1 if math.isnan(steps) else steps,
+           "val_loss": val_loss(run)}
+    return row
+
+
+def group(rows: list[dict], order: list | None = None) -> dict:
+    """``{arm: [rows]}`` in ``order`` (values absent from the sweep are skipped), then any others as found."""
+    arms: dict = {}
+    for row in rows:
+        arms.setdefault(row["arm"], []).append(row)
+    ordered = [a for a in (order or []) if a in arms]
+    return {a: arms[a] for a in ordered + [a for a in arms if a not in ordered]}
+
+
+def arm_summary(arm_rows: dict, level: float = 0.95) -> list[dict]:
+    """One row per arm: seeds, runs that never reached onset, and mean [low, high] of every statistic."""
+    out = []
+    for arm, rows in arm_rows.items():
+        summary = {"arm": arm, "runs": len(rows), "never": sum(math.isnan(r["onset_depth"]) for r in rows)}
+        for key, _ in STATISTICS:
+            mean, low, high = bootstrap_ci([r.get(key, math.nan) for r in rows], level)
+            summary.update({key: mean, f"{key}_low": low, f"{key}_high": high})
+        out.append(summary)
+    return out
+
+
+def profiles(runs_by_arm: dict[str, list[Run]], keys: list[str], level: float = 0.95) -> list[dict]:
+    """Per arm, per layer: mean and bootstrap band across seeds of each per-layer column (final records)."""
+    arms = []
+    for arm, runs in runs_by_arm.items():
+        n_layers = {len(r.final["layers"]) for r in runs}
+        if len(n_layers) != 1:
+            raise UserError(f"arm {arm!r} mixes depths {sorted(n_layers)}; compare runs of one architecture")
+        depth, curves = n_layers.pop(), {}
+        for key in keys:
+            per_layer = [bootstrap_ci([number(r.final["layers"][i].get(key)) for r in runs], level)
+                         for i in range(depth)]
+            curves[key] = tuple(list(v) for v in zip(*per_layer))
+        arms.append({"label": str(arm), "profiles": curves})
+    return arms
+
+
+def trajectory(run: Run, threshold: float, rank: int = 8) -> dict:
+    """A run's collapse over training: per measured step, peak max share, area above baseline, depth-mean
+    VE@rank and onset depth at ``threshold`` (nan = not yet)."""
+    steps, values = [], {"peak_max_share": [], "area_above_baseline": [], f"ve@{rank}": [], "onset_depth": []}
+    for record in run.records:
+        stats = run_statistics(record, threshold, rank=rank)
+        steps.append(record["step"])
+        for key in values:
+            values[key].append(stats[key])
+    return {"steps": steps, "values": values}
+
+
+def mean_curve(curves: list[dict]) -> dict:
+    """Mean of several runs' trajectories over the steps they all measured."""
+    common = sorted(set.intersection(*(set(c["steps"]) for c in curves)))
+    values = {}
+    for key in curves[0]["values"]:
+        values[key] = []
+        for step in common:
+            points = [c["values"][key][c["steps"].index(step)] for c in curves]
+            finite = [p for p in points if not math.isnan(p)]
+            values[key].append(sum(finite) / len(finite) if finite else math.nan)
+    return {"steps": common, "values": values}

@@ -1,0 +1,155 @@
+"""The brake-ordering prediction (paper Section 7, untested there) and the ALiBi slope sweep.
+
+Every position scheme is a brake on the content attractor: NoPE none, RoPE weak, ALiBi (-m|i-j|, RWKV's
+decay x gap) strong. Predicted: onset depth NoPE < RoPE < ALiBi, and strength (peak max share, area of the
+profile above the causal-uniform baseline) in the reverse order; along training, NoPE crosses onset first.
+Small runs may never reach the 0.20 threshold (METHODS.md section 7), so the verdict rests on each
+statistic separately, with the threshold-free ones beside onset. Within one scheme, the ALiBi slope scale
+is a continuous brake: onset should move later and the peak fall as the scale grows (a trend, Spearman).
+
+Confidence = the share of bootstrap resamples (seeds resampled within each arm) in which the arm means fall
+in the predicted order. ``learned`` positions are tabulated but the paper makes no prediction for them.
+"""
+from __future__ import annotations
+
+import math
+
+from analysis.arms import arm_summary, group, mean_curve, profiles, run_row, trajectory
+from analysis.runs import Run
+from analysis.stats import order_probability, spearman
+from analysis.tables import cell
+from common.errors import UserError
+
+ORDER = ["nope", "rope", "alibi"]  # weakest to strongest brake
+NAMES = {"nope": "NoPE", "rope": "RoPE", "alibi": "ALiBi", "learned": "learned"}
+# (statistic, +1 if it should grow with the brake / -1 if it should shrink, label)
+CHECKS = [("onset_depth_censored", +1, "onset depth (never = 1)"),
+          ("onset_step_censored", +1, "onset step in training (never = end + 1)"),
+          ("peak_max_share", -1, "peak max share"),
+          ("area_above_baseline", -1, "area above causal-uniform baseline")]
+SUPPORTED, LEANING = 0.95, 0.80
+
+
+def classify(p: float, p_reverse: float) -> str:
+    if math.isnan(p):
+        return "undetermined"
+    if p >= SUPPORTED:
+        return "supported"
+    if p_reverse >= SUPPORTED:
+        return "contradicted (reverse order)"
+    if p >= LEANING:
+        return "leaning toward the prediction"
+    return "inconclusive"
+
+
+def _label(arm) -> str:
+    return NAMES.get(arm, str(arm))
+
+
+def observed_order(arm_rows: dict, key: str) -> str:
+    """Arms sorted by the mean of ``key``, ascending, as ``NoPE 0.083 < RoPE 0.250 = ALiBi 1.000``."""
+    means = {arm: _mean([r[key] for r in rows]) for arm, rows in arm_rows.items()}
+    ranked = sorted(means, key=lambda a: (math.isnan(means[a]), means[a]))
+    text = f"{_label(ranked[0])} {cell(means[ranked[0]])}"
+    for prev, arm in zip(ranked, ranked[1:]):
+        text += f" {'=' if means[arm] == means[prev] else '<'} {_label(arm)} {cell(means[arm])}"
+    return text
+
+
+def _mean(values) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def ordering_checks(arm_rows: dict, order: list, threshold: float) -> list[dict]:
+    """One verdict per statistic: observed order, P(predicted order), P(reverse), and its classification."""
+    crossed = any(not math.isnan(r["onset_depth"]) for rows in arm_rows.values() for r in rows)
+    checks = []
+    for key, sign, label in CHECKS:
+        groups = [[sign * r[key] for r in arm_rows[a]] for a in order]
+        p, p_rev = order_probability(groups), order_probability(groups[::-1])
+        verdict = classify(p, p_rev)
+        if key.startswith("onset") and not crossed:
+            verdict = f"undetermined: no run's max share exceeded threshold {threshold}"
+        checks.append({"statistic": label, "key": key, "predicted": " < ".join(_label(a) for a in
+                                                                               (order if sign > 0 else order[::-1])),
+                       "observed": observed_order({a: arm_rows[a] for a in order}, key),
+                       "p_predicted": p, "p_reverse": p_rev, "verdict": verdict})
+    return checks
+
+
+def trend_checks(rows: list[dict]) -> list[dict]:
+    """Along a numeric brake (ALiBi slope scale): Spearman rho of each statistic against the scale, per run."""
+    scales = [float(r["arm"]) for r in rows]
+    checks = []
+    for key, sign, label in CHECKS:
+        rho, p = spearman(scales, [r[key] for r in rows])
+        if math.isnan(rho):
+            verdict = "undetermined (constant or too few runs)"
+        elif p < 0.05:
+            verdict = "supported" if rho * sign > 0 else "contradicted (opposite trend)"
+        else:
+            verdict = "inconclusive"
+        checks.append({"statistic": label, "key": key, "predicted": "rises with scale" if sign > 0 else
+                       "falls with scale", "spearman_rho": rho, "p": p, "verdict": verdict})
+    return checks
+
+
+def overall(checks: list[dict]) -> str:
+    decided = [c for c in checks if not c["verdict"].startswith("undetermined")]
+    if not decided:
+        return "undetermined"
+    if any(c["verdict"].startswith("contradicted") for c in decided):
+        return "contradicted by " + ", ".join(c["statistic"] for c in decided if c["verdict"].startswith("contradicted"))
+    if all(c["verdict"] == "supported" for c in decided):
+        return "supported by every determinable statistic"
+    return "not established (" + ", ".join(f"{c['statistic']}: {c['verdict']}" for c in decided) + ")"
+
+
+def brake_study(runs: list[Run], factor: str = "router.position", threshold: float = 0.2, completion: float = 0.5,
+                level: float = 0.95, rank: int = 8) -> dict:
+    """Per-run rows, per-arm summaries with CIs, ordering (or trend) checks, depth profiles and trajectories."""
+    rows = [run_row(run, factor, threshold, completion, rank) for run in runs]
+    numeric = all(isinstance(r["arm"], (int, float)) and not isinstance(r["arm"], bool) for r in rows)
+    arm_rows = group(rows, sorted({r["arm"] for r in rows}) if numeric else ORDER + ["learned"])
+    if numeric:
+        checks = trend_checks(rows)
+    else:
+        order = [a for a in ORDER if a in arm_rows]
+        if len(order) < 2:
+            raise UserError(f"the brake ordering needs at least two of {', '.join(ORDER)} in {factor}; the sweep has "
+                            f"{', '.join(map(str, arm_rows))}. For a numeric brake pass factor=router.alibi_slope_scale")
+        checks = ordering_checks(arm_rows, order, threshold)
+    runs_by_arm = {arm: [run for run, row in zip(runs, rows) if row["arm"] == arm] for arm in arm_rows}
+    curves = []
+    for arm, arm_runs in runs_by_arm.items():
+        per_run = [trajectory(run, threshold, rank) for run in arm_runs]
+        curves.append({"label": _label(arm), **mean_curve(per_run)})
+        curves += [{"label": _label(arm), **c, "style": "-", "alpha": 0.3} for c in per_run]
+    return {"factor": factor, "threshold": threshold, "numeric": numeric, "rows": rows,
+            "arms": arm_summary(arm_rows, level), "checks": checks, "verdict": overall(checks),
+            "profiles": profiles(runs_by_arm, ["max_share", f"ve@{rank}", "norm_cv"], level), "curves": curves,
+            "level": level, "rank": rank}
+
+
+def verdict_text(result: dict) -> str:
+    """The plain-language verdict block of docs/results.md and the study's verdict.md."""
+    arms = result["arms"]
+    seeds = ", ".join(f"{_label(a['arm'])}: {a['runs']} runs ({a['never']} never reach onset)" for a in arms)
+    lines = [f"Factor `{result['factor']}`; onset threshold {result['threshold']}; {seeds}.", ""]
+    if result["numeric"]:
+        lines.append("Prediction: a larger ALiBi slope scale is a stronger brake: onset later, concentration lower.")
+    else:
+        lines.append("Prediction (Section 7): onset NoPE < RoPE < ALiBi; peak and area in the reverse order.")
+    lines.append("")
+    for c in result["checks"]:
+        if result["numeric"]:
+            lines.append(f"- {c['statistic']}: {c['predicted']}; Spearman rho = {cell(c['spearman_rho'])} "
+                         f"(p = {cell(c['p'])}) -> **{c['verdict']}**")
+        else:
+            lines.append(f"- {c['statistic']}: predicted {c['predicted']}; observed {c['observed']}; "
+                         f"P(predicted order) = {cell(c['p_predicted'], 2)}, P(reverse) = {cell(c['p_reverse'], 2)} "
+                         f"-> **{c['verdict']}**")
+    lines += ["", f"**Verdict: {result['verdict']}.** Confidence is the bootstrap share of seed resamples "
+              f"in the predicted order (supported >= {SUPPORTED}); with few seeds per arm it is coarse."]
+    return "\n".join(lines)

@@ -1,0 +1,144 @@
+"""Figures of the post-hoc analysis and the studies. Each function takes plain rows/arrays and returns a Figure."""
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: clusters and CI
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from analysis.tables import number  # noqa: E402
+
+
+def _column(rows: list[dict], key: str) -> list[float]:
+    return [number(row.get(key)) for row in rows]
+
+
+def _has(values: list[float]) -> bool:
+    return any(not math.isnan(v) for v in values)
+
+
+def signature_figure(layers: list[dict], rank: int = 8, threshold: float = 0.2, title: str = "") -> Figure:
+    """One model's signature by depth: max share (mean and per head) against the uniform baseline and the
+    onset threshold; VE@rank pre/post-RoPE against the shuffle and Gaussian nulls; norm-CV against its
+    Gaussian value; norm-CV vs max share over (layer, head), the pairs behind r_cv,sh."""
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    x = list(range(len(layers)))
+    ax = axes[0]
+    for i, row in enumerate(layers):
+        units = row.get("max_share_units") or []
+        ax.scatter([i] * len(units), units, s=6, color="tab:blue", alpha=0.35, lw=0)
+    ax.plot(x, _column(layers, "max_share"), "o-", color="tab:blue", label="mean over heads")
+    ax.plot(x, _column(layers, "baseline"), ":", color="grey", label="uniform (causal) baseline")
+    ax.axhline(threshold, ls="--", lw=1, color="crimson", label=f"onset threshold {threshold}")
+    ax.set(xlabel="layer", ylabel="max share", title="concentration")
+    ax = axes[1]
+    ax.plot(x, _column(layers, f"ve@{rank}"), "o-", label="real (pre-RoPE)")
+    post = _column(layers, f"ve@{rank}_post")
+    if _has(post):
+        ax.plot(x, post, "s-", ms=3, label="real post-RoPE")
+    shuffle = _column(layers, f"ve@{rank}_shuffle")
+    if _has(shuffle):
+        ax.plot(x, shuffle, "-.", color="black", label="shuffle null")
+    ax.plot(x, _column(layers, f"ve@{rank}_gauss"), "--", color="grey", label="Gaussian null")
+    ax.set(xlabel="layer", ylabel=f"VE@{rank}", title="key geometry", ylim=(0, 1))
+    ax = axes[2]
+    ax.plot(x, _column(layers, "norm_cv"), "o-", label="norm-CV")
+    ax.plot(x, _column(layers, "norm_cv_gauss"), "--", color="grey", label="Gaussian 1/sqrt(2d)")
+    ax.set(xlabel="layer", ylabel="norm-CV", title="norm stratification")
+    ax = axes[3]
+    cmap = plt.get_cmap("viridis")
+    for i, row in enumerate(layers):
+        cv, share = row.get("norm_cv_units") or [], row.get("max_share_units") or []
+        if cv and len(share) % len(cv) == 0:
+            repeat = len(share) // len(cv)
+            ax.scatter([c for c in cv for _ in range(repeat)], share, s=10,
+                       color=cmap(i / max(1, len(layers) - 1)), label=f"L{i}" if len(layers) <= 12 else None)
+    ax.set(xlabel="norm-CV (layer, head)", ylabel="max share", title="r(norm-CV, max share)")
+    for ax in axes:
+        ax.legend(fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(series: list[dict], keys: list[tuple[str, str]], title: str = "") -> Figure:
+    """Collapse over training: one panel per statistic, one line per series.
+
+    ``series``: ``{"label", "steps", "values": {key: [...]}, "color"?, "style"?}``; ``keys``: (key, axis label).
+    Steps go on a symlog axis so a pretrained model's 143k steps and a CPU run's 2k sit side by side.
+    """
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.8), squeeze=False)
+    for ax, (key, label) in zip(axes[0], keys):
+        for s in series:
+            ax.plot(s["steps"], s["values"][key], s.get("style", "o-"), ms=3, color=s.get("color"),
+                    label=s["label"], alpha=s.get("alpha", 1.0))
+        ax.set(xlabel="training step", ylabel=label)
+        ax.set_xscale("symlog", linthresh=100)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    axes[0][-1].legend(unique.values(), unique.keys(), fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def arm_profiles_figure(arms: list[dict], panels: list[tuple[str, str]], references: dict | None = None,
+                        title: str = "") -> Figure:
+    """Depth profiles per arm (mean across seeds with the bootstrap band): one panel per statistic.
+
+    ``arms``: ``{"label", "profiles": {key: (mean, low, high) lists per layer}}``; ``references``: per panel
+    key, ``[(label, values per layer or a scalar)]`` drawn grey (nulls, baselines, the onset threshold).
+    """
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        for arm in arms:
+            mean, low, high = arm["profiles"][key]
+            depth = [(i + 0.5) / len(mean) for i in range(len(mean))]
+            line, = ax.plot(depth, mean, "o-", ms=3, label=arm["label"])
+            if _has(low):
+                ax.fill_between(depth, low, high, color=line.get_color(), alpha=0.2, lw=0)
+        for ref_label, values in (references or {}).get(key, []):
+            if isinstance(values, (int, float)):
+                ax.axhline(values, ls="--", lw=1, color="crimson", label=ref_label)
+            else:
+                ax.plot([(i + 0.5) / len(values) for i in range(len(values))], values, ":", color="grey",
+                        label=ref_label)
+        ax.set(xlabel="depth (layer / L)", ylabel=label, xlim=(0, 1))
+        ax.legend(fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def seed_direction_figure(profiles: dict[str, list[dict]], rank: int = 8, title: str = "") -> Figure:
+    """Appendix C.6's figure, with both angles: VE@rank of the two models of the weight-seed pair by depth
+    (geometry), then the key-space and token-space canonical angles per reseed type, each beside its
+    random-subspace null (direction)."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    first = profiles.get("weight") or next(iter(profiles.values()))
+    x = [row["layer"] for row in first]
+    which = "weight" if "weight" in profiles else next(iter(profiles))
+    axes[0].plot(x, _column(first, f"ve@{rank}_a"), "o-", label=f"model A ({which} pair)")
+    axes[0].plot(x, _column(first, f"ve@{rank}_b"), "s--", label=f"model B ({which} pair)")
+    axes[0].plot(x, _column(first, f"ve@{rank}_gauss"), ":", color="grey", label="Gaussian null")
+    axes[0].set(xlabel="layer", ylabel=f"VE@{rank}", ylim=(0, 1),
+                title=f"geometry: max |dVE@{rank}| = {max(_column(first, f'delta_ve@{rank}')):.3f}")
+    for ax, key, name in ((axes[1], "key_angle", "key space (paper)"), (axes[2], "token_angle", "token space (basis-free)")):
+        for kind, rows in profiles.items():
+            ax.plot(x, _column(rows, key), "o-", ms=3, label=f"{kind} reseed")
+        null = _column(first, f"{key}_null")
+        if _has(null):
+            ax.plot(x, null, "--", color="grey", label="random-subspace null")
+        ax.set(xlabel="layer", ylabel="mean canonical angle (deg)", ylim=(0, 92), title=f"direction: {name}")
+    for ax in axes:
+        ax.legend(fontsize=6)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return fig

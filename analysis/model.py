@@ -1,0 +1,112 @@
+"""Post-hoc signature of one model (our checkpoint or a Hugging Face one) on a probe, and its report files.
+
+The measurement is the monitor's own (``callbacks.collapse_monitor.measure_signature``), so a post-hoc
+number equals the number logged during training on the same probe. Reports go to one folder:
+
+    signature.json   the full record (per layer, per head, summary), as a collapse.jsonl line
+    signature.csv    one row per layer: every scalar column of the signature
+    heads.csv        one row per (layer, head): max share and norm-CV, the pairs behind r(norm-CV, max share)
+    summary.md       the paper's Table 1 row, the per-layer table, onset / L* / peak and r
+    signature.png    the depth profiles (concentration, VE@r vs nulls pre/post-RoPE, norm-CV, CV vs share)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from analysis.tables import markdown, table1_row, write_csv
+from common.errors import UserError
+from datamodules.probe import TokenProbe
+
+
+class _Probed(nn.Module):
+    """What the monitor measures: a module with ``probe_routing(inputs)`` (here around a bare router)."""
+
+    def __init__(self, router: nn.Module):
+        super().__init__()
+        self.router = router
+
+    @torch.no_grad()
+    def probe_routing(self, inputs):
+        return self.router(inputs, return_routing=True)[1]
+
+
+def measure(router: nn.Module, probe: TokenProbe, ranks=(1, 4, 8), batch_size: int = 16, threshold: float = 0.2,
+            completion: float = 0.5):
+    from callbacks.collapse_monitor import measure_signature
+
+    limit = getattr(router, "context_length", None)
+    if limit is not None and probe.tokens.shape[1] > limit:
+        raise UserError(f"probe windows of {probe.tokens.shape[1]} tokens exceed the model's context of {limit}; "
+                        "pass probe_length=<= that with a corpus probe")
+    return measure_signature(_Probed(router), probe, ranks, batch_size, threshold, completion)
+
+
+def probe_from_corpus(corpus: str, tokenizer, sequences: int, length: int, path: str | None = None) -> TokenProbe:
+    """The first ``sequences`` non-overlapping ``length``-token windows of a corpus's validation text
+    (METHODS.md Ambiguity 4: WikiText-103 validation, lines joined, tokenised per model)."""
+    from datamodules.corpora import default_cache_dir, documents
+    from datamodules.lm import windows
+
+    if tokenizer is None:
+        raise UserError("this model has no text tokenizer (trained on the synthetic language); pass probe=<probe.pt>")
+    tokens = windows(tokenizer.encode_documents(documents(corpus, "val", path, default_cache_dir())), length)
+    if len(tokens) < sequences:
+        raise UserError(f"{corpus} validation gives {len(tokens)} windows of {length} tokens, fewer than "
+                        f"probe_sequences={sequences}; lower probe_sequences or probe_length")
+    return TokenProbe.from_tokens(tokens[:sequences])
+
+
+def resolve_probe(spec: str | None, default: Path | None, tokenizer: Callable, sequences: int,
+                  length: int) -> tuple[TokenProbe, str]:
+    """(probe, description): ``spec`` a probe file, a corpus name or a folder of .txt files (tokenised with
+    ``tokenizer()``, called only then); or, when None, the run's own saved probe at ``default``."""
+    from datamodules.corpora import CORPORA
+
+    if spec is None:
+        if default is None:
+            raise UserError("no probe: pass probe=wikitext103 (the paper's), probe=<probe.pt> or probe=<folder of .txt>")
+        return TokenProbe.load(default), f"the run's probe ({default})"
+    if spec.endswith(".pt"):
+        return TokenProbe.load(spec), f"probe file {spec}"
+    if spec in CORPORA and spec != "synthetic":
+        probe = probe_from_corpus(spec, tokenizer(), sequences, length)
+        return probe, f"{spec} validation, {sequences} x {length} tokens"
+    if Path(spec).is_dir():
+        probe = probe_from_corpus("text_files", tokenizer(), sequences, length, path=spec)
+        return probe, f"text files in {spec} (validation split), {sequences} x {length} tokens"
+    raise UserError(f"unknown probe {spec!r}; pass a probe .pt file, a folder of .txt files, or one of "
+                    "wikitext103, shakespeare")
+
+
+def write_report(signature, out: Path, name: str, about: str, step: int | None = None, threshold: float = 0.2,
+                 completion: float = 0.5) -> dict:
+    """Write the report files of one measured model into ``out``; returns the record (a collapse.jsonl line)."""
+    from analysis.figures import signature_figure
+
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"step": step, "model": name, "probe": about, **signature.to_dict()}
+    (out / "signature.json").write_text(json.dumps(record, indent=1))
+    scalar = [{k: v for k, v in row.items() if not isinstance(v, list)} for row in record["layers"]]
+    write_csv(scalar, out / "signature.csv")
+    heads = []
+    for row in record["layers"]:
+        cvs, shares = row.get("norm_cv_units") or [], row.get("max_share_units") or []
+        for unit, share in enumerate(shares):
+            cv = cvs[unit * len(cvs) // len(shares)] if cvs else None  # grouped keys serve several units
+            heads.append({"layer": row["layer"], "unit": unit, "max_share": share, "norm_cv": cv})
+    write_csv(heads, out / "heads.csv")
+    rank = 8 if 8 in signature.ranks else max(signature.ranks)
+    row = table1_row(name, record, threshold, completion, rank)
+    summary = [f"# Collapse signature: {name}", "", f"Probe: {about}." + (f" Step {step}." if step is not None else ""),
+               "", markdown([row]), "", "```", signature.table(), "```", "",
+               f"r(norm-CV, max share) over (layer, head) pairs: {row['r']:.3f} (p = {row['r p']:.3g}).",
+               f"Onset threshold {threshold}, completion threshold {completion}; depth % = layer index / L."]
+    (out / "summary.md").write_text("\n".join(summary) + "\n")
+    figure = signature_figure(record["layers"], rank=rank, threshold=threshold, title=f"{name} - {about}")
+    figure.savefig(out / "signature.png", dpi=110)
+    return record

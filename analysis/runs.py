@@ -1,0 +1,161 @@
+"""Reading finished runs: run directories, sweeps (multirun folders or W&B groups), configs and checkpoints.
+
+A run directory holds ``collapse.jsonl`` (the monitor's records, the source of truth), ``probe.pt``,
+``checkpoints/*.ckpt`` (each storing the resolved run config in ``hyper_parameters.config``),
+``.hydra/config.yaml`` and ``csv/metrics.csv``. A sweep is a folder of such directories. This module only
+reads; the studies turn what it reads into tables.
+"""
+from __future__ import annotations
+
+import csv
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from callbacks.collapse_monitor import JSONL, read_records
+from common.errors import UserError
+
+# Config keys that name where a run lives or how it resumes, not what was trained: never an arm's identity.
+_NOT_A_FACTOR = ("ckpt_path", "print_table", "hydra", "logger", "callbacks.checkpoint.dirpath",
+                 "trainer.default_root_dir", "trainer.enable_progress_bar", "data.cache_dir")
+_EMBEDDING = re.compile(r"^model\.(wte|embed\w*|emb|embedding\w*|tok_emb\w*)\.weight$")
+
+
+@dataclass
+class Run:
+    """One finished run: its directory, its flat config (dotted keys) and the monitor's records."""
+    path: Path
+    config: dict
+    records: list[dict] = field(repr=False)
+    logged_val_loss: float | None = None  # runs read back from W&B carry it; local runs read csv/metrics.csv
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def final(self) -> dict:
+        return self.records[-1]
+
+    def get(self, key: str, default=None):
+        return self.config.get(key, default)
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """``{"router": {"position": "rope"}} -> {"router.position": "rope"}`` (lists stay values)."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def checkpoint_path(path: str | Path) -> Path:
+    """A ``.ckpt`` as given, or a run directory's ``checkpoints/last.ckpt``."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    last = path / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return last
+    raise UserError(f"no checkpoint at {path}; pass run=<run dir with checkpoints/last.ckpt> or run=<file.ckpt>")
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    try:
+        # Our own Lightning checkpoints (hparams, loop state): not weights-only. mmap keeps big ones cheap.
+        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        state["state_dict"], state["hyper_parameters"]["config"]
+    except Exception as e:
+        raise UserError(f"{path} is not a routecollapse checkpoint ({type(e).__name__}: {e}); pass a .ckpt "
+                        "written by train.py, e.g. <run dir>/checkpoints/last.ckpt") from None
+    return state
+
+
+def run_config(run_dir: Path) -> dict:
+    """The run's resolved config: from ``.hydra/config.yaml`` when it resolves, else from its last checkpoint."""
+    hydra_file = run_dir / ".hydra" / "config.yaml"
+    if hydra_file.is_file():
+        from omegaconf import OmegaConf
+
+        config = OmegaConf.load(hydra_file)
+        # ${hydra:...} interpolations (output dirs) do not resolve outside a Hydra job; they are not factors.
+        return OmegaConf.to_container(config, resolve=False)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if ckpt.is_file():
+        return load_checkpoint(ckpt)["hyper_parameters"]["config"]
+    return {}
+
+
+def read_run(path: str | Path) -> Run:
+    path = Path(path)
+    records = read_records(path)
+    if not records:
+        raise UserError(f"{path} has no {JSONL}; pass a run directory written by train.py")
+    return Run(path=path, config=flatten(run_config(path)), records=records)
+
+
+def find_runs(sweep: str | Path) -> list[Run]:
+    """Every run directory below ``sweep`` (a multirun folder, or any folder of runs), in job order."""
+    if str(sweep).startswith("wandb:"):
+        from analysis.wandb_io import wandb_runs
+
+        return wandb_runs(str(sweep).removeprefix("wandb:"))
+    sweep = Path(sweep)
+    if not sweep.is_dir():
+        raise UserError(f"sweep folder {sweep} does not exist; pass sweep=<multirun dir> or sweep=wandb:<entity/project/group>")
+    dirs = sorted({p.parent for p in sweep.rglob(JSONL) if "analysis" not in p.relative_to(sweep).parts},
+                  key=_job_order)
+    if not dirs:
+        raise UserError(f"no runs under {sweep} (no {JSONL} found); pass the folder `train.py -m` wrote")
+    return [read_run(d) for d in dirs]
+
+
+def _job_order(path: Path):
+    number = re.match(r"^(\d+)_?", path.name)  # Hydra names jobs <num>_<overrides>: sort 10 after 9
+    return (str(path.parent), int(number.group(1)) if number else math.inf, path.name)
+
+
+def factors(runs: list[Run]) -> list[str]:
+    """Config keys whose values differ between the runs (the sweep's axes), seeds included."""
+    keys = sorted({key for run in runs for key in run.config})
+    varying = [key for key in keys if len({repr(run.get(key)) for run in runs}) > 1]
+    return [key for key in varying if not key.startswith(_NOT_A_FACTOR)]
+
+
+def val_loss(run: Run) -> float:
+    """The last logged ``val/loss`` in the run's CSV metrics (nan when it was never logged)."""
+    if run.logged_val_loss is not None:
+        return run.logged_val_loss
+    path = run.path / "csv" / "metrics.csv"
+    if not path.is_file():
+        return math.nan
+    values = [row["val/loss"] for row in csv.DictReader(path.open()) if row.get("val/loss")]
+    return float(values[-1]) if values else math.nan
+
+
+def vocab_size(state_dict: dict) -> int:
+    """Rows of the router's token embedding in a task checkpoint (``model.<embedding>.weight``)."""
+    for key, value in state_dict.items():
+        if _EMBEDDING.match(key) and value.dim() == 2:
+            return value.shape[0]
+    raise UserError("cannot find the token embedding (model.wte.weight or model.embed*.weight) in the checkpoint; "
+                    "only token routers can be analysed from a .ckpt")
+
+
+def load_router(path: str | Path):
+    """(router in eval mode, resolved config, step) from a run directory or a ``.ckpt``."""
+    from hydra.utils import instantiate
+
+    state = load_checkpoint(checkpoint_path(path))
+    config = state["hyper_parameters"]["config"]
+    weights = state["state_dict"]
+    router = instantiate(config["router"], vocab_size=vocab_size(weights))
+    router.load_state_dict({k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")})
+    return router.eval(), config, int(state.get("global_step", -1))

@@ -1,0 +1,117 @@
+"""The seed-direction control (paper appendix C.6): is the attractor's geometry reproducible across reseeds
+while its direction is not?
+
+Pairs come from a sweep over ``seed`` (weights) and ``data_seed`` (data order): two runs whose configs are
+equal except for ``seed`` form a *weight* pair, except for ``data_seed`` a *data* pair, except for both a
+*both* pair. Each pair's final checkpoints are run on the identical probe (the first run's), and per layer
+we record VE@r of each model, |dVE@r| (paper: max 0.016, always < 0.1), and the mean canonical angle
+between their attractor subspaces in key space (the paper's) and in token space (basis-free), each beside
+its random-subspace null (``analysis.subspaces``).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+
+from analysis.runs import Run, factors, load_router
+from analysis.subspaces import PairAccumulator
+from collapse import gaussian_null
+from common.errors import UserError
+from datamodules.probe import TokenProbe
+
+KINDS = ("weight", "data", "both")
+SEED_KEYS = ("seed", "data_seed")
+
+
+def pair_kind(a: Run, b: Run, varying: list[str]) -> str | None:
+    """weight / data / both when two runs differ only in their seeds; None when anything else differs."""
+    differ = {key for key in varying if repr(a.get(key)) != repr(b.get(key))}
+    if not differ or differ - set(SEED_KEYS):
+        return None
+    return {frozenset({"seed"}): "weight", frozenset({"data_seed"}): "data"}.get(frozenset(differ), "both")
+
+
+def find_pairs(runs: list[Run]) -> list[tuple[str, Run, Run]]:
+    varying = factors(runs)
+    pairs = [(kind, a, b) for a, b in itertools.combinations(runs, 2) if (kind := pair_kind(a, b, varying))]
+    if not pairs:
+        raise UserError("no pair of runs differs only by seed / data_seed; sweep them, e.g. "
+                        "python train.py -m experiment=seed_direction (seed=0,1 data_seed=0,1)")
+    return pairs
+
+
+@torch.no_grad()
+def compare_pair(a: Run, b: Run, rank: int = 8, batch_size: int = 16) -> list[dict]:
+    """Per-layer rows of one pair, both routers run on run ``a``'s probe, batch by batch."""
+    router_a, _, _ = load_router(a.path)
+    router_b, _, _ = load_router(b.path)
+    probe = TokenProbe.load(a.path / "probe.pt")
+    other = b.path / "probe.pt"
+    if other.exists() and not torch.equal(TokenProbe.load(other).tokens, probe.tokens):
+        raise UserError(f"{a.name} and {b.name} saved different probes; the study needs runs on the same data "
+                        "(data_seed changes only the batch order, never the probe)")
+    accumulator = PairAccumulator(rank)
+    for tokens, _ in probe.batches(batch_size):
+        accumulator.update(router_a(tokens, return_routing=True)[1], router_b(tokens, return_routing=True)[1])
+    rows = accumulator.compute()
+    dims = [layer["dim"] for layer in a.final["layers"]]
+    for row, dim in zip(rows, dims):
+        row[f"ve@{rank}_gauss"] = gaussian_null(probe.tokens.shape[1], dim, rank)
+    return rows
+
+
+def seed_study(runs: list[Run], rank: int = 8, batch_size: int = 16) -> dict:
+    """Rows per (pair, layer), and per reseed kind the per-layer mean over its pairs."""
+    rows = []
+    for kind, a, b in find_pairs(runs):
+        for row in compare_pair(a, b, rank, batch_size):
+            rows.append({"kind": kind, "run_a": a.name, "run_b": b.name, **row})
+    profiles = {}
+    for kind in KINDS:
+        kind_rows = [r for r in rows if r["kind"] == kind]
+        if not kind_rows:
+            continue
+        layers = sorted({r["layer"] for r in kind_rows})
+        profiles[kind] = [{key: _mean([r[key] for r in kind_rows if r["layer"] == layer])
+                           for key in kind_rows[0] if key not in ("kind", "run_a", "run_b")} for layer in layers]
+    return {"rows": rows, "profiles": profiles, "rank": rank}
+
+
+def _mean(values) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else math.nan
+
+
+def summary_rows(result: dict) -> list[dict]:
+    """One row per reseed kind: pairs, max |dVE@r|, and depth-mean angles against their nulls."""
+    rank, out = result["rank"], []
+    for kind, layers in result["profiles"].items():
+        pairs = len({(r["run_a"], r["run_b"]) for r in result["rows"] if r["kind"] == kind})
+        delta = [r[f"delta_ve@{rank}"] for r in result["rows"] if r["kind"] == kind]
+        out.append({"reseed": kind, "pairs": pairs, f"max |dVE@{rank}|": max(delta),
+                    f"mean |dVE@{rank}|": _mean(delta),
+                    "key angle": _mean([r["key_angle"] for r in layers]),
+                    "key null": _mean([r["key_angle_null"] for r in layers]),
+                    "token angle": _mean([r["token_angle"] for r in layers]),
+                    "token null": _mean([r["token_angle_null"] for r in layers])})
+    return out
+
+
+def statement(result: dict) -> str:
+    """What the numbers say, claim by claim (see docs/analysis.md for which angle supports which claim)."""
+    rank, lines = result["rank"], []
+    for s in summary_rows(result):
+        geometry = "reproducible (< 0.1)" if s[f"max |dVE@{rank}|"] < 0.1 else "NOT reproducible (>= 0.1)"
+        gap = s["token null"] - s["token angle"]
+        direction = (f"token-space angle {s['token angle']:.1f} deg vs chance {s['token null']:.1f}: "
+                     + ("well below chance, the direction is largely shared" if gap > 10 else
+                        "near chance, the direction is not reproducible" if gap < 3 else
+                        "somewhat below chance, the direction is partly shared"))
+        key = f"key-space angle {s['key angle']:.1f} deg vs chance {s['key null']:.1f}"
+        if s["reseed"] != "data":
+            key += " (different initial bases: near chance by construction, no evidence either way)"
+        lines.append(f"- **{s['reseed']}** ({s['pairs']} pair(s)): geometry {geometry}, max |dVE@{rank}| = "
+                     f"{s[f'max |dVE@{rank}|']:.3f}; {direction}; {key}.")
+    return "\n".join(lines)

@@ -1,0 +1,109 @@
+"""From monitor records (``collapse.jsonl`` lines / ``Signature.to_dict()``) to per-run statistics and tables.
+
+Onset and completion are recomputed from each record's per-layer max-share curve at the caller's
+thresholds (``threshold=`` knob, the paper's 0.20 / 0.50 by default), so a study can move the threshold
+without re-measuring. "never" is NaN in numbers and "never" in text (METHODS.md Ambiguity 14).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from collapse import completion_layer, onset_layer
+
+
+def number(value) -> float:
+    """JSON null / None -> nan; anything numeric -> float."""
+    return math.nan if value is None else float(value)
+
+
+def finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def max_share_curve(record: dict) -> list[float]:
+    return [number(layer.get("max_share")) for layer in record["layers"]]
+
+
+def run_statistics(record: dict, threshold: float = 0.2, completion: float = 0.5, rank: int = 8) -> dict:
+    """One record's model-level numbers: onset / L* at the given thresholds (depth = index / L), the
+    threshold-free concentration (peak and its depth, area above the causal-uniform baseline), and the
+    geometry's depth means (norm-CV, VE@rank against its nulls, r between norm-CV and max share)."""
+    curve, summary = max_share_curve(record), record["summary"]
+    n_layers = len(curve)
+    onset, done = onset_layer(curve, threshold), completion_layer(curve, completion)
+    peak = number(summary.get("peak_layer"))
+    stats = {
+        "step": record.get("step", math.nan), "n_layers": n_layers,
+        "onset_layer": number(onset), "onset_depth": math.nan if onset is None else onset / n_layers,
+        "completion_layer": number(done), "completion_depth": math.nan if done is None else done / n_layers,
+        "peak_max_share": number(summary.get("peak_max_share")), "peak_layer": peak,
+        "peak_depth": peak / n_layers, "peak_max_share_ratio": number(summary.get("peak_max_share_ratio")),
+        "area_above_baseline": number(summary.get("area_above_baseline")),
+        "max_share": number(summary.get("max_share")),
+    }
+    for key in ("norm_cv", "norm_cv_min", "norm_cv_gauss", f"ve@{rank}", f"ve@{rank}_post", f"ve@{rank}_shuffle",
+                f"ve@{rank}_gauss", f"content@{rank}", f"marginal@{rank}", "ve@1", "ve@1_post",
+                "r_cv_share", "r_cv_share_p"):
+        stats[key] = number(summary.get(key))
+    return stats
+
+
+def onset_step(records: list[dict], threshold: float = 0.2) -> float:
+    """First measured step at which any layer's mean max share exceeds ``threshold`` (nan: never)."""
+    for record in records:
+        if onset_layer(max_share_curve(record), threshold) is not None:
+            return float(record["step"])
+    return math.nan
+
+
+def depth_label(layer: float, n_layers: int) -> str:
+    """``L3 12%`` as the paper writes onset (0-based index, % = index / L, half-even); "never" for nan."""
+    if not finite(layer):
+        return "never"
+    return f"L{int(layer)} {100 * layer / n_layers:.0f}%"
+
+
+def table1_row(name: str, record: dict, threshold: float = 0.2, completion: float = 0.5, rank: int = 8) -> dict:
+    """The paper's Table 1 / 4 columns for one measured model (depth means; min = smallest layer norm-CV)."""
+    s = run_statistics(record, threshold, completion, rank)
+    d_h = record["layers"][0].get("dim")
+    return {"model": name, "L": s["n_layers"], "d_h": d_h, "norm-CV": s["norm_cv"], "min": s["norm_cv_min"],
+            f"VE@{rank}": s[f"ve@{rank}"], f"VE@{rank} post": s[f"ve@{rank}_post"], "shuf": s[f"ve@{rank}_shuffle"],
+            "Gauss": s[f"ve@{rank}_gauss"], "cont": s[f"content@{rank}"], "marg": s[f"marginal@{rank}"],
+            "onset": depth_label(s["onset_layer"], s["n_layers"]),
+            "L*": depth_label(s["completion_layer"], s["n_layers"]),
+            "peak": s["peak_max_share"], "peak at": depth_label(s["peak_layer"], s["n_layers"]),
+            "r": s["r_cv_share"], "r p": s["r_cv_share_p"]}
+
+
+def cell(value, digits: int = 3) -> str:
+    if isinstance(value, bool) or value is None:
+        return str(value)
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown(rows: list[dict], columns: list[str] | None = None, digits: int = 3) -> str:
+    """A GitHub markdown table of ``rows`` (all keys of the first row unless ``columns`` are given)."""
+    if not rows:
+        return "(no rows)"
+    columns = columns or list(rows[0])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c), digits) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: Path) -> Path:
+    """Rows to CSV; the header is the union of keys in first-seen order, lists are written as JSON."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in row.items()})
+    return path

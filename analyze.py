@@ -1,0 +1,59 @@
+"""Post-hoc analysis of checkpoints, sweeps and Hugging Face models, and the studies (docs/analysis.md).
+
+    python analyze.py run=<run dir or .ckpt> [probe=wikitext103] [--wandb]
+    python analyze.py model=hf:EleutherAI/pythia-160m[@step4000] [revisions=[step0,step1000]] [compare=<run dir>]
+    python analyze.py sweep=<multirun dir or wandb:entity/project/group> [study=brake_ordering|alibi_slope|seed_direction|metric]
+
+Arguments are Hydra overrides of conf/analyze.yaml, composed in-process (no output dir of its own).
+"""
+import sys
+from pathlib import Path
+
+CONF = str(Path(__file__).resolve().parent / "conf")
+
+
+def compose(argv: list[str]):
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from common.errors import UserError
+
+    overrides = [a for a in argv if a != "--wandb"] + (["wandb=true"] if "--wandb" in argv else [])
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            return hydra_compose("analyze", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{first}; arguments are key=value overrides of conf/analyze.yaml") from None
+
+
+def analyze(cfg):
+    from analysis import commands
+    from common.errors import UserError
+
+    targets = [key for key in ("run", "model", "sweep") if cfg[key]]
+    if len(targets) != 1:
+        raise UserError(f"give exactly one of run=, model=, sweep= (got {', '.join(targets) or 'none'}); "
+                        "e.g. python analyze.py run=outputs/<date>/<time>")
+    if cfg.study and targets != ["sweep"]:
+        raise UserError(f"study={cfg.study} analyses a sweep; pass sweep=<multirun dir>")
+    return {"run": commands.analyse_run, "model": commands.analyse_hf, "sweep": commands.analyse_sweep}[targets[0]](cfg)
+
+
+def main(argv: list[str]) -> int:
+    from common.errors import UserError
+
+    try:
+        out = analyze(compose(argv))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"analysis written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,315 @@
+"""The collapse signature of one router on one probe: geometry, nulls and concentration, layer by layer.
+
+Reads only the routing record (``routers/routing.py``), duck-typed: a routing has ``.layers`` and ``.axis``;
+a layer has ``keys``/``content_keys``/``scored_keys`` ``[batch, units, sources, d]``, dense weights through
+``iter_weights()`` (whole or in unit-chunks) with a bool ``mask``, or sparse ``edge_index``/``edge_weight``.
+The probe is fed in micro-batches: :class:`SignatureAccumulator` keeps per-(layer, unit) sums over sequences
+and reduces each weight chunk to per-unit max shares at once, so no batch or T x T operator is kept.
+Aggregation (METHODS.md section 2): mean over sequences, then over units; layers weigh equally.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from collapse.concentration import (completion_layer, max_share, max_share_sparse, onset_layer,
+                                    uniform_max_share, uniform_max_share_sparse)
+from collapse.geometry import gaussian_null, key_spectrum, norm_cv
+from collapse.stats import pearson
+from common.errors import UserError
+
+if TYPE_CHECKING:
+    from routers.routing import Routing, RoutingLayer
+
+_STRUCTURE = ("layer", "name", "sources", "dim", "units")  # row fields that describe, not measure
+
+
+class _Mean:
+    """Running per-unit mean over sequences: sums ``[batch, units]`` values over the batch axis."""
+
+    def __init__(self):
+        self.total: Tensor | None = None
+        self.count = 0
+
+    def add(self, values: Tensor) -> None:
+        summed = values.detach().to("cpu", torch.float64).sum(0)
+        self.total = summed if self.total is None else self.total + summed
+        self.count += values.shape[0]
+
+    def per_unit(self) -> Tensor | None:
+        return None if self.total is None else self.total / self.count
+
+    def value(self) -> float:
+        return math.nan if self.total is None else float(self.per_unit().mean())
+
+
+def _restrict_mask(mask: Tensor | None, start: int, stop: int) -> Tensor | None:
+    """The part of a broadcastable ``[batch, units, Q, S]`` mask that covers units start..stop."""
+    if mask is None:
+        return None
+    while mask.dim() < 4:
+        mask = mask.unsqueeze(0)
+    return mask if mask.shape[1] == 1 else mask[:, start:stop]
+
+
+class _LayerStats:
+    def __init__(self, layer: "RoutingLayer", ranks: tuple[int, ...]):
+        self.name, self.ranks = layer.name, ranks
+        self.sources, self.dim = layer.keys.shape[-2:]
+        self.has_post = layer.content_keys is not None and layer.content_keys is not layer.keys
+        self.cv, self.share, self.share_exposure, self.share_ex0, self.baseline = (_Mean() for _ in range(5))
+        self.norm_sum = self.norm_sq_sum = None
+        self.norm_count = 0
+        self.ve = {kind: {r: _Mean() for r in ranks} for kind in ("real", "post", "shuffle")}
+        self.extras: dict[str, list] = {}  # name -> [batch-weighted sum, sequences]
+
+    def add_ve(self, kind: str, keys: Tensor) -> None:
+        spectrum = key_spectrum(keys)
+        for r in self.ranks:
+            self.ve[kind][r].add(spectrum[..., :r].sum(-1) / spectrum.sum(-1))
+
+    def add_geometry(self, keys: Tensor) -> None:
+        self.cv.add(norm_cv(keys))
+        # Pooled CV from float64 moments over all sequences: E[x^2] - E[x]^2 keeps ~1e-8 relative accuracy.
+        norms = keys.detach().double().norm(dim=-1).cpu()
+        sums, sq_sums = norms.sum((0, 2)), norms.square().sum((0, 2))
+        self.norm_sum = sums if self.norm_sum is None else self.norm_sum + sums
+        self.norm_sq_sum = sq_sums if self.norm_sq_sum is None else self.norm_sq_sum + sq_sums
+        self.norm_count += norms.shape[0] * norms.shape[2]
+        self.add_ve("real", keys)
+
+    def add_dense(self, layer: "RoutingLayer", batch: int) -> None:
+        plain, exposure, ex0, start = [], [], [], 0
+        for chunk in layer.iter_weights():
+            if chunk.dim() != 4:
+                raise UserError(f"layer {self.name!r}: weights must be [batch, units, queries, sources]; "
+                                f"got {tuple(chunk.shape)}")
+            mask = _restrict_mask(layer.mask, start, start + chunk.shape[1])
+            start += chunk.shape[1]
+            plain.append(max_share(chunk, mask))
+            exposure.append(max_share(chunk, mask, exposure=True))
+            if chunk.shape[-1] > 1:  # Ambiguity 3: the same share with position 0 removed from the sources
+                ex0.append(max_share(chunk[..., 1:], None if mask is None or mask.shape[-1] == 1 else mask[..., 1:]))
+            else:
+                ex0.append(torch.full(chunk.shape[:2], math.nan, dtype=torch.float64, device=chunk.device))
+        if not plain:
+            raise UserError(f"layer {self.name!r}: its weight chunks are empty; yield at least one chunk")
+        for mean, parts in ((self.share, plain), (self.share_exposure, exposure), (self.share_ex0, ex0)):
+            mean.add(torch.cat([p.expand(batch, -1) for p in parts], dim=1))
+        self.baseline.add(torch.full((batch, 1), uniform_max_share(layer.mask, chunk.shape[-1])))
+
+    def add_sparse(self, layer: "RoutingLayer") -> None:
+        args = (layer.edge_index, layer.edge_weight, layer.num_nodes)
+        self.share.add(max_share_sparse(*args).reshape(1, -1))
+        self.share_exposure.add(max_share_sparse(*args, exposure=True).reshape(1, -1))
+        self.share_ex0.add(torch.full((1, 1), math.nan))  # graphs have no privileged first source
+        self.baseline.add(torch.full((1, 1), uniform_max_share_sparse(layer.edge_index, layer.num_nodes)))
+
+    def add_extras(self, extras: dict, batch: int) -> None:
+        # Weighted by sequences so micro-batching the probe does not change a batch-mean statistic.
+        for key, value in extras.items():
+            value = torch.as_tensor(value).detach().to("cpu", torch.float64) * batch
+            if key in self.extras:
+                self.extras[key][0] = self.extras[key][0] + value
+                self.extras[key][1] += batch
+            else:
+                self.extras[key] = [value, batch]
+
+    def row(self, index: int) -> dict:
+        row = {"layer": index, "name": self.name, "sources": self.sources, "dim": self.dim,
+               "units": 0 if self.share.total is None else len(self.share.total),
+               "norm_cv": self.cv.value(), "norm_cv_gauss": 1 / math.sqrt(2 * self.dim)}
+        mean = self.norm_sum / self.norm_count
+        std = (self.norm_sq_sum / self.norm_count - mean.square()).clamp(min=0).sqrt()
+        row["norm_cv_pooled"] = float((std / mean).mean())
+        for r in self.ranks:
+            real, shuffle = self.ve["real"][r].value(), self.ve["shuffle"][r].value()
+            gauss = gaussian_null(self.sources, self.dim, r)
+            row.update({f"ve@{r}": real, f"ve@{r}_post": self.ve["post"][r].value(), f"ve@{r}_gauss": gauss,
+                        f"ve@{r}_shuffle": shuffle, f"content@{r}": real - shuffle, f"marginal@{r}": shuffle - gauss})
+        baseline = self.baseline.value()
+        row.update({"max_share": self.share.value(), "max_share_exposure": self.share_exposure.value(),
+                    "max_share_ex0": self.share_ex0.value(), "baseline": baseline,
+                    "max_share_ratio": self.share.value() / baseline,
+                    "max_share_units": self.share.per_unit().tolist(), "norm_cv_units": self.cv.per_unit().tolist()})
+        for key, (total, count) in self.extras.items():
+            if key in row:
+                raise UserError(f"layer {self.name!r}: extra {key!r} clashes with a signature column; rename it")
+            mean = total / count
+            row[key] = float(mean) if mean.dim() == 0 else mean.tolist()
+        return row
+
+
+class SignatureAccumulator:
+    """Streams probe micro-batches into per-(layer, unit) sums; :meth:`compute` gives the :class:`Signature`."""
+
+    def __init__(self, ranks: tuple[int, ...] = (1, 4, 8)):
+        if not ranks or any(not isinstance(r, int) or r < 1 for r in ranks):
+            raise UserError(f"signature ranks must be positive integers; got {ranks!r}")
+        self.ranks = tuple(ranks)
+        self.axis: str | None = None
+        self.layers: list[_LayerStats] = []
+
+    def update(self, routing: "Routing", shuffled: "Routing | None" = None) -> None:
+        """Add one micro-batch; ``shuffled`` is the same router's routing on the position-shuffled batch."""
+        if self.axis is None:
+            self.axis = routing.axis
+            self.layers = [_LayerStats(layer, self.ranks) for layer in routing.layers]
+        if routing.axis != self.axis or len(routing.layers) != len(self.layers):
+            raise UserError(f"routing changed between updates ({routing.axis}, {len(routing.layers)} layers vs "
+                            f"{self.axis}, {len(self.layers)}); use one accumulator per router")
+        if shuffled is not None and len(shuffled.layers) != len(routing.layers):
+            raise UserError(f"shuffled routing has {len(shuffled.layers)} layers, real has {len(routing.layers)}; "
+                            "re-run the same router on the shuffled probe")
+        for i, (stats, layer) in enumerate(zip(self.layers, routing.layers)):
+            keys = layer.scored_keys
+            if keys.dim() != 4 or tuple(keys.shape[-2:]) != (stats.sources, stats.dim):
+                raise UserError(f"layer {i} ({layer.name!r}): keys must be [batch, units, {stats.sources}, "
+                                f"{stats.dim}] in every batch; got {tuple(keys.shape)}")
+            batch = keys.shape[0]
+            stats.add_geometry(keys)
+            if stats.has_post:
+                stats.add_ve("post", layer.keys)
+            if shuffled is not None:
+                stats.add_ve("shuffle", shuffled.layers[i].scored_keys)
+            if layer.is_sparse:
+                stats.add_sparse(layer)
+            else:
+                stats.add_dense(layer, batch)
+            stats.add_extras(layer.extras, batch)
+
+    def compute(self, onset_threshold: float = 0.20, completion_threshold: float = 0.50) -> "Signature":
+        if self.axis is None:
+            raise UserError("signature of an empty probe; call update() with at least one batch first")
+        rows = [stats.row(i) for i, stats in enumerate(self.layers)]
+        return Signature(rows, _summary(rows, self.axis, self.ranks, onset_threshold, completion_threshold),
+                         self.ranks)
+
+
+def signature(routing: "Routing", shuffled: "Routing | None" = None, ranks: tuple[int, ...] = (1, 4, 8),
+              onset_threshold: float = 0.20, completion_threshold: float = 0.50) -> "Signature":
+    """The signature of one batch: a single :meth:`SignatureAccumulator.update` then ``compute``."""
+    accumulator = SignatureAccumulator(ranks)
+    accumulator.update(routing, shuffled)
+    return accumulator.compute(onset_threshold, completion_threshold)
+
+
+def _depth_mean(rows: list[dict], key: str) -> float:
+    values = [row[key] for row in rows if not math.isnan(row[key])]
+    return sum(values) / len(values) if values else math.nan
+
+
+def _cv_share_pairs(rows: list[dict]) -> tuple[list[float], list[float]]:
+    """(norm-CV, max share) per (layer, unit). Grouped keys (GQA, or one key set for many channels) are
+    repeated over the units that share them; layers whose unit counts do not nest are left out."""
+    cvs, shares = [], []
+    for row in rows:
+        cv, share = row["norm_cv_units"], row["max_share_units"]
+        if len(share) % len(cv) == 0:
+            cvs += [value for value in cv for _ in range(len(share) // len(cv))]
+            shares += share
+    return cvs, shares
+
+
+def _summary(rows: list[dict], axis: str, ranks: tuple[int, ...], onset_threshold: float,
+             completion_threshold: float) -> dict:
+    n_layers, curve = len(rows), [row["max_share"] for row in rows]
+    onset, completion = onset_layer(curve, onset_threshold), completion_layer(curve, completion_threshold)
+    measured = [i for i, value in enumerate(curve) if not math.isnan(value)]
+    peak = max(measured, key=lambda i: curve[i]) if measured else None
+    r, p = pearson(*_cv_share_pairs(rows))
+    summary = {
+        "axis": axis, "n_layers": n_layers,
+        "onset_threshold": onset_threshold, "completion_threshold": completion_threshold,
+        "onset_layer": onset, "onset_depth": None if onset is None else onset / n_layers,
+        "completion_layer": completion, "completion_depth": None if completion is None else completion / n_layers,
+        "peak_layer": peak, "peak_max_share": math.nan if peak is None else curve[peak],
+        "peak_max_share_ratio": max((rows[i]["max_share_ratio"] for i in measured), default=math.nan),
+        "area_above_baseline": sum(max(0.0, rows[i]["max_share"] - rows[i]["baseline"]) for i in measured) / n_layers,
+        "r_cv_share": r, "r_cv_share_p": p,
+        "norm_cv_min": min((row["norm_cv"] for row in rows if not math.isnan(row["norm_cv"])), default=math.nan),
+    }
+    means = ["norm_cv", "norm_cv_pooled", "norm_cv_gauss", "max_share", "max_share_exposure", "max_share_ex0"]
+    for r in ranks:
+        means += [f"ve@{r}", f"ve@{r}_post", f"ve@{r}_gauss", f"ve@{r}_shuffle", f"content@{r}", f"marginal@{r}"]
+    summary.update({key: _depth_mean(rows, key) for key in means})
+    return summary
+
+
+def _is_number(value) -> bool:
+    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+
+
+def _jsonable(value):
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _percent(index: int, n_layers: int) -> str:
+    return f"{100 * index / n_layers:.0f}%"  # half-even, as the paper rounds L3/24 to 12%
+
+
+@dataclass
+class Signature:
+    """Per-layer rows (``layers``), the model-level ``summary``, and the VE ranks they were measured at."""
+    layers: list[dict]
+    summary: dict
+    ranks: tuple[int, ...] = field(default=(1, 4, 8))
+
+    def flat(self, prefix: str = "collapse") -> dict[str, float]:
+        """Scalar metrics as ``{prefix}/{metric}/L{i}`` and ``{prefix}/{summary key}``; None -> nan."""
+        out = {}
+        for row in self.layers:
+            for key, value in row.items():
+                if key not in _STRUCTURE and _is_number(value):
+                    out[f"{prefix}/{key}/L{row['layer']}"] = math.nan if value is None else float(value)
+        for key, value in self.summary.items():
+            if _is_number(value):
+                out[f"{prefix}/{key}"] = math.nan if value is None else float(value)
+        return out
+
+    def to_dict(self) -> dict:
+        """Strict-JSON form: NaN becomes None (null), lists stay lists."""
+        return {"ranks": list(self.ranks),
+                "layers": [{key: _jsonable(value) for key, value in row.items()} for row in self.layers],
+                "summary": {key: _jsonable(value) for key, value in self.summary.items()}}
+
+    def table(self, columns: list[str] | None = None) -> str:
+        """One line per layer (``-`` = not measured), then onset, completion and peak ("never" = no crossing)."""
+        r = 8 if 8 in self.ranks else max(self.ranks)
+        if columns is None:
+            headers = ["norm-CV", f"VE@{r}", "gauss", "shuffle", "max share"]
+            columns = ["norm_cv", f"ve@{r}", f"ve@{r}_gauss", f"ve@{r}_shuffle", "max_share"]
+        else:
+            headers = list(columns)
+        cells = [["layer", *headers]]
+        for row in self.layers:
+            if any(key not in row for key in columns):
+                missing = [key for key in columns if key not in row]
+                raise UserError(f"unknown signature column(s) {missing}; choose from {sorted(row)}")
+            label = f"L{row['layer']}" + (f" {row['name']}" if row["name"] else "")
+            values = [row[key] for key in columns]
+            cells.append([label, *("-" if value is None or (isinstance(value, float) and math.isnan(value))
+                                   else f"{value:.3f}" if isinstance(value, float) else str(value)
+                                   for value in values)])
+        widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
+        lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+                 for line in cells]
+        s, n_layers = self.summary, self.summary["n_layers"]
+
+        def crossing(name: str, index: int | None, threshold: float) -> str:
+            where = "never" if index is None else f"L{index} ({_percent(index, n_layers)} depth)"
+            return f"{name} (max share > {threshold:.2f}): {where}"
+
+        lines.append(crossing("onset", s["onset_layer"], s["onset_threshold"]))
+        lines.append(crossing("completion", s["completion_layer"], s["completion_threshold"]))
+        if s["peak_layer"] is not None:
+            lines.append(f"peak max share: {s['peak_max_share']:.3f} at L{s['peak_layer']}")
+        return "\n".join(lines)

@@ -1,0 +1,124 @@
+"""Graph routers: GAT and its depth- and width-matched GCN control (paper Section 5.1).
+
+A GAT layer is a content-based router over nodes: each node's softmax over its incoming edges scores the
+projected source features (the keys). The GCN control keeps the graph, the depth and the width but routes
+with the fixed symmetric-normalised aggregation D^{-1/2}(A+I)D^{-1/2}, so whatever collapse it shows is
+oversmoothing on that topology; the GAT - GCN differential is what learned attention adds on top.
+
+Both stacks: ``num_layers`` message-passing layers of width ``hidden`` (GAT: ``heads`` concatenated heads of
+``hidden // heads`` channels, METHODS Ambiguity 12: 8 x 8 = 64), ELU between layers, then a linear
+classifier. Every routing layer is therefore ``hidden`` wide, so their feature geometry compares layer by layer
+and model to model. The routing record is sparse (edge index with the self-loops the layer adds, one weight per
+edge and head): an N x N matrix is never built.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch_geometric.nn import GATConv, GATv2Conv, GCNConv
+from torch_geometric.nn.conv.gcn_conv import gcn_norm
+
+from collapse import gaussian_null, ve_at_rank
+from common.errors import UserError
+from routers.routing import Routing, RoutingLayer
+
+# The paper's graph metric is VE@4 of the 64-wide node features (Section 5.1, Table 6).
+FEATURE_RANK = 4
+
+
+class GraphRouter(nn.Module):
+    """The shared stack; subclasses say how one layer routes (``make_conv`` and ``route``)."""
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int = 6, hidden: int = 64,
+                 dropout: float = 0.5, residual: bool = False):
+        super().__init__()
+        if num_layers < 1 or hidden < 1:
+            raise UserError(f"num_layers={num_layers} and hidden={hidden} must be positive; "
+                            f"set router.num_layers / router.hidden to at least 1")
+        if not 0.0 <= dropout < 1.0:
+            raise UserError(f"dropout={dropout} is outside [0, 1); set router.dropout to e.g. 0.5")
+        self.dropout = dropout
+        self.residual = residual
+        self.convs = nn.ModuleList(self.make_conv(in_channels if i == 0 else hidden, hidden)
+                                   for i in range(num_layers))
+        self.classifier = nn.Linear(hidden, out_channels)
+
+    def make_conv(self, in_channels: int, hidden: int) -> nn.Module:
+        raise NotImplementedError
+
+    def route(self, conv: nn.Module, h: Tensor, edge_index: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One layer with its routing: (output, edge index routed over, edge weights [E, units],
+        keys [units, N, d])."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, edge_index: Tensor, return_routing: bool = False):
+        layers = []
+        h = x
+        for i, conv in enumerate(self.convs):
+            h_in = F.dropout(h, self.dropout, self.training)
+            if return_routing:
+                out, routed_index, weight, keys = self.route(conv, h_in, edge_index)
+                layers.append(self.routing_layer(i, out, routed_index, weight, keys))
+            else:
+                out = conv(h_in, edge_index)
+            # The first layer changes width (input features -> hidden), so the skip starts at layer 1.
+            h = F.elu(out) + h if self.residual and i > 0 else F.elu(out)
+        logits = self.classifier(F.dropout(h, self.dropout, self.training))
+        if return_routing:
+            return logits, Routing(layers, axis="node")
+        return logits
+
+    def routing_layer(self, i: int, out: Tensor, edge_index: Tensor, weight: Tensor, keys: Tensor) -> RoutingLayer:
+        n = out.shape[0]
+        # Full-width statistics that compare GAT with GCN: per-head GAT keys are only hidden/heads wide, so their
+        # VE@r sits on a different null than GCN's single hidden-wide unit. Ambiguity 12: the paper's number is
+        # VE@4 of the pre-activation layer output; the projected features (all heads side by side) come along.
+        projected = keys.detach().permute(1, 0, 2).reshape(n, -1)
+        r = FEATURE_RANK
+        extras = {f"ve@{r}_features": ve_at_rank(out.detach(), r), f"ve@{r}_projected": ve_at_rank(projected, r),
+                  f"ve@{r}_features_gauss": torch.tensor(gaussian_null(n, out.shape[1], r))}
+        return RoutingLayer(keys=keys.unsqueeze(0), edge_index=edge_index, edge_weight=weight, num_nodes=n,
+                            name=f"layer{i}.{type(self.convs[i]).__name__}", extras=extras)
+
+
+class GAT(GraphRouter):
+    """Graph attention: each node routes over its in-neighbours and itself with a learned softmax per head.
+
+    ``v2=True`` uses GATv2's dynamic attention (score a^T LeakyReLU(W_l h_j + W_r h_i)) instead of GAT's
+    static a_l^T W h_j + a_r^T W h_i; in both the key is the projected source feature.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, num_layers: int = 6, hidden: int = 64,
+                 heads: int = 8, dropout: float = 0.5, attention_dropout: float = 0.0, residual: bool = False,
+                 v2: bool = False):
+        if heads < 1 or hidden % heads:
+            raise UserError(f"hidden={hidden} is not divisible by heads={heads}; pick heads that divide "
+                            f"router.hidden (the heads are concatenated back to the hidden width)")
+        self.heads, self.attention_dropout, self.v2 = heads, attention_dropout, v2
+        super().__init__(in_channels, out_channels, num_layers, hidden, dropout, residual)
+
+    def make_conv(self, in_channels: int, hidden: int) -> nn.Module:
+        conv = GATv2Conv if self.v2 else GATConv
+        return conv(in_channels, hidden // self.heads, heads=self.heads, dropout=self.attention_dropout)
+
+    def route(self, conv, h, edge_index):
+        # The returned edge index is the one the softmax ran over: the layer removes any self-loops given and
+        # adds one per node (pyg #3550), so it differs from the input edge index.
+        out, (routed_index, alpha) = conv(h, edge_index, return_attention_weights=True)
+        lin = conv.lin_l if self.v2 else conv.lin
+        keys = lin(h).view(h.shape[0], conv.heads, conv.out_channels).transpose(0, 1)
+        return out, routed_index, alpha, keys
+
+
+class GCN(GraphRouter):
+    """The control: the same stack with fixed symmetric-normalised aggregation, D^{-1/2}(A+I)D^{-1/2}."""
+
+    def make_conv(self, in_channels: int, hidden: int) -> nn.Module:
+        return GCNConv(in_channels, hidden)
+
+    def route(self, conv, h, edge_index):
+        # The exact normalisation GCNConv applies (self-loops added where missing, degrees at the target).
+        routed_index, weight = gcn_norm(edge_index, None, h.shape[0], add_self_loops=True, flow=conv.flow)
+        keys = conv.lin(h).unsqueeze(0)  # one routing unit: the projected node features
+        return conv(h, edge_index), routed_index, weight.unsqueeze(-1), keys

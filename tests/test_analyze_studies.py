@@ -1,0 +1,164 @@
+"""Record -> table -> verdict logic of the studies, on hand-made sweeps whose answers are known."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import yaml
+
+from analysis.brake import brake_study, verdict_text
+from analysis.metric import metric_study, statement
+from analysis.runs import factors, find_runs
+from analysis.tables import onset_step, run_statistics
+from analysis.wandb_io import records_from_history
+
+BASELINE = 0.05
+
+
+def record(step, shares, norm_cv=0.2, ve=0.6):
+    """A monitor record with the given per-layer max shares (summary fields as the signature computes them)."""
+    layers = [{"layer": i, "dim": 16, "max_share": s, "baseline": BASELINE, "norm_cv": norm_cv, "ve@8": ve,
+               "ve@8_gauss": 0.3, "ve@8_shuffle": 0.4} for i, s in enumerate(shares)]
+    peak = max(range(len(shares)), key=lambda i: shares[i])
+    summary = {"peak_max_share": shares[peak], "peak_layer": peak, "norm_cv": norm_cv, "ve@8": ve,
+               "area_above_baseline": sum(max(0, s - BASELINE) for s in shares) / len(shares)}
+    return {"step": step, "layers": layers, "summary": summary}
+
+
+def write_run(path, config, records, val_loss=3.0):
+    (path / ".hydra").mkdir(parents=True)
+    (path / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    (path / "collapse.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (path / "csv").mkdir()
+    (path / "csv" / "metrics.csv").write_text(f"step,train/loss,val/loss\n10,4.0,\n20,,{val_loss}\n")
+
+
+def onset_profile(onset, peak, n=8):
+    """Max shares that first exceed 0.2 at layer ``onset`` (None: never) and peak at ``peak``."""
+    shares = [0.06 + 0.01 * i for i in range(n)]
+    if onset is not None:
+        shares[onset:] = [max(0.21, peak - 0.02 * j) for j in range(n - onset)]
+        shares[onset] = peak
+    else:
+        shares[-1] = peak
+    return shares
+
+
+def brake_sweep(tmp_path, arms, seeds=3):
+    """``arms``: {position: (onset layer at the end, peak, step at which onset first appears)}."""
+    job = 0
+    for position, (onset, peak, first_step) in arms.items():
+        for seed in range(seeds):
+            jitter = 0.004 * seed
+            records = [record(0, [0.06] * 8)]
+            for step in (100, 200, 300):
+                crossed = first_step is not None and step >= first_step
+                records.append(record(step, onset_profile(onset if crossed else None,
+                                                          peak + jitter if crossed else 0.15 + jitter)))
+            write_run(tmp_path / f"{job}_position={position},seed={seed}",
+                      {"seed": seed, "data_seed": 0, "router": {"position": position, "n_layer": 8}}, records)
+            job += 1
+    return find_runs(tmp_path)
+
+
+def test_sweep_axes_are_read_from_each_runs_hydra_config(tmp_path):
+    runs = brake_sweep(tmp_path, {"nope": (1, 0.6, 100), "alibi": (5, 0.3, 300)}, seeds=2)
+    assert [r.name for r in runs][:2] == ["0_position=nope,seed=0", "1_position=nope,seed=1"]
+    assert factors(runs) == ["router.position", "seed"]
+
+
+def test_threshold_is_a_knob_for_onset_and_onset_step():
+    records = [record(0, [0.06, 0.07, 0.08]), record(100, [0.06, 0.12, 0.15]), record(200, [0.1, 0.25, 0.3])]
+    assert run_statistics(records[-1])["onset_layer"] == 1 and run_statistics(records[-1])["onset_depth"] == 1 / 3
+    assert math.isnan(run_statistics(records[-1], threshold=0.5)["onset_depth"])  # never
+    assert onset_step(records, 0.2) == 200 and onset_step(records, 0.1) == 100 and math.isnan(onset_step(records, 0.5))
+
+
+def test_clean_nope_rope_alibi_ordering_is_supported_by_every_statistic(tmp_path):
+    runs = brake_sweep(tmp_path, {"nope": (1, 0.7, 100), "rope": (3, 0.5, 200), "alibi": (6, 0.3, 300)})
+    result = brake_study(runs)
+    assert [c["verdict"] for c in result["checks"]] == ["supported"] * 4
+    assert result["verdict"] == "supported by every determinable statistic"
+    onset = next(c for c in result["checks"] if c["key"] == "onset_depth_censored")
+    assert onset["observed"] == "NoPE 0.125 < RoPE 0.375 < ALiBi 0.750" and onset["p_predicted"] == 1.0
+    assert [a["arm"] for a in result["arms"]] == ["nope", "rope", "alibi"]
+    nope = result["arms"][0]
+    assert nope["peak_max_share"] == pytest.approx(0.704) and nope["peak_max_share_low"] < 0.704 < nope["peak_max_share_high"]
+    assert "**Verdict: supported" in verdict_text(result)
+
+
+def test_the_reverse_order_is_reported_as_contradicted(tmp_path):
+    runs = brake_sweep(tmp_path, {"nope": (6, 0.3, 300), "rope": (3, 0.5, 200), "alibi": (1, 0.7, 100)})
+    result = brake_study(runs)
+    assert all(c["verdict"] == "contradicted (reverse order)" for c in result["checks"])
+    assert result["verdict"].startswith("contradicted by onset depth")
+
+
+def test_without_any_crossing_onset_is_undetermined_and_peak_still_decides(tmp_path):
+    # Small CPU runs (METHODS.md section 7): peaks below 0.20, so only threshold-free statistics can order.
+    runs = brake_sweep(tmp_path, {"nope": (None, 0.15, None), "rope": (None, 0.12, None), "alibi": (None, 0.09, None)})
+    for run, peak in zip(runs, [0.15] * 3 + [0.12] * 3 + [0.09] * 3):
+        for r in run.records[1:]:
+            r["layers"][-1]["max_share"] = r["summary"]["peak_max_share"] = peak + 0.004 * int(run.get("seed"))
+    result = brake_study(runs)
+    verdicts = {c["key"]: c["verdict"] for c in result["checks"]}
+    assert verdicts["onset_depth_censored"] == "undetermined: no run's max share exceeded threshold 0.2"
+    assert verdicts["peak_max_share"] == "supported"
+    lowered = {c["key"]: c["verdict"] for c in brake_study(runs, threshold=0.1)["checks"]}
+    assert lowered["onset_depth_censored"] != verdicts["onset_depth_censored"]  # the knob makes onset measurable
+
+
+def test_alibi_slope_scale_is_judged_as_a_monotone_trend(tmp_path):
+    job = 0
+    for scale, (onset, peak) in {0.0: (1, 0.7), 0.5: (3, 0.5), 2.0: (5, 0.35), 8.0: (7, 0.25)}.items():
+        for seed in range(2):
+            records = [record(0, [0.06] * 8), record(100, onset_profile(onset, peak + 0.004 * seed))]
+            write_run(tmp_path / f"{job}_s={scale},seed={seed}",
+                      {"seed": seed, "router": {"position": "alibi", "alibi_slope_scale": scale}}, records)
+            job += 1
+    result = brake_study(find_runs(tmp_path), factor="router.alibi_slope_scale")
+    checks = {c["key"]: c for c in result["checks"]}
+    assert checks["onset_depth_censored"]["spearman_rho"] > 0.9 and checks["onset_depth_censored"]["verdict"] == "supported"
+    assert checks["peak_max_share"]["spearman_rho"] < -0.9 and checks["peak_max_share"]["verdict"] == "supported"
+
+
+def test_metric_study_states_lower_stratification_and_concentration_and_the_loss_cost(tmp_path):
+    job = 0
+    arms = {"dot": (0.30, 0.6, 3.00), "euclidean": (0.15, 0.4, 3.10), "normalized": (0.01, 0.6, 3.00)}
+    for score, (cv, peak, loss) in arms.items():
+        for seed in range(3):
+            j = 0.005 * seed
+            records = [record(0, [0.06] * 8), record(100, onset_profile(2, peak + j), norm_cv=cv + j)]
+            write_run(tmp_path / f"{job}_score={score},seed={seed}", {"seed": seed, "router": {"score": score}},
+                      records, val_loss=loss + j)
+            job += 1
+    result = metric_study(find_runs(tmp_path))
+    found = {(c["score"], c["key"]): c for c in result["comparisons"]}
+    assert found[("euclidean", "norm_cv")]["direction"] == "lower"
+    assert found[("euclidean", "norm_cv")]["difference"] == pytest.approx(-0.15)
+    assert found[("euclidean", "peak_max_share")]["direction"] == "lower"
+    assert found[("euclidean", "val_loss")]["direction"] == "higher"
+    assert found[("normalized", "peak_max_share")]["direction"] == "no clear difference"
+    text = statement(result)
+    assert "**euclidean**" in text and "Removes both stratification and concentration." in text
+    assert "a loss cost" in text
+
+
+def test_wandb_history_rows_rebuild_the_monitor_records():
+    from collapse import signature
+    from routers.routing import Routing, RoutingLayer, causal_mask
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    layers = []
+    for _ in range(3):
+        weights = torch.rand(2, 2, 16, 16, generator=g).masked_fill(~causal_mask(16), 0)
+        layers.append(RoutingLayer(keys=torch.randn(2, 2, 16, 8, generator=g), weights=weights / weights.sum(-1, keepdim=True),
+                                   mask=causal_mask(16)))
+    sig = signature(Routing(layers))
+    history = [{**sig.flat(), "trainer/global_step": 40, "train/loss": 3.0}, {"val/loss": 2.9, "_step": 41}]
+    records = records_from_history(history)
+    assert len(records) == 1 and records[0]["step"] == 40
+    assert [r["max_share"] for r in records[0]["layers"]] == pytest.approx([r["max_share"] for r in sig.layers])
+    assert run_statistics(records[0])["peak_max_share"] == pytest.approx(sig.summary["peak_max_share"])

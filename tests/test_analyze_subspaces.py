@@ -1,0 +1,90 @@
+"""Attractor-subspace angles (appendix C.6): closed cases, nulls, and the basis-free token-space angle."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from analysis.subspaces import PairAccumulator, random_subspace_angle
+from routers.routing import Routing, RoutingLayer, causal_mask
+
+
+def routing_of(*layer_keys):
+    """A routing record with uniform causal weights around the given ``[batch, units, T, d]`` keys."""
+    layers = []
+    for keys in layer_keys:
+        t = keys.shape[-2]
+        mask = causal_mask(t)
+        weights = mask.double() / mask.sum(-1, keepdim=True)
+        layers.append(RoutingLayer(keys=keys, weights=weights.expand(keys.shape[0], keys.shape[1], t, t), mask=mask))
+    return Routing(layers=layers)
+
+
+def low_rank_keys(rank=4, dim=16, tokens=32, batch=3, seed=0):
+    """Keys spanning exactly e_1..e_rank in R^dim (one unit), so their principal subspace is known."""
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.zeros(batch, 1, tokens, dim, dtype=torch.float64)
+    keys[..., :rank] = torch.randn(batch, 1, tokens, rank, generator=g) * torch.arange(rank, 0, -1)
+    return keys
+
+
+def compare(keys_a, keys_b, rank):
+    acc = PairAccumulator(rank)
+    acc.update(routing_of(keys_a), routing_of(keys_b))
+    return acc.compute()[0]
+
+
+def givens(dim, rank, theta):
+    """Rotation by theta in each plane (e_i, e_{rank+i}): every canonical angle of span(e_1..e_rank) is theta."""
+    rot = torch.eye(dim, dtype=torch.float64)
+    for i in range(rank):
+        j = rank + i
+        rot[i, i] = rot[j, j] = math.cos(theta)
+        rot[j, i], rot[i, j] = math.sin(theta), -math.sin(theta)
+    return rot
+
+
+def test_identical_keys_give_zero_angles_and_zero_ve_difference():
+    keys = low_rank_keys()
+    row = compare(keys, keys.clone(), rank=4)
+    assert row["key_angle"] == pytest.approx(0, abs=1e-3) and row["token_angle"] == pytest.approx(0, abs=1e-3)
+    assert row["delta_ve@4"] == 0
+
+
+def test_keys_in_orthogonal_subspaces_are_ninety_degrees_apart_in_key_space():
+    keys = low_rank_keys(rank=4, dim=16)
+    moved = keys @ givens(16, 4, math.pi / 2).T  # span(e_1..e_4) -> span(e_5..e_8)
+    assert compare(keys, moved, rank=4)["key_angle"] == pytest.approx(90.0, abs=1e-6)
+
+
+def test_a_known_rotation_gives_its_angle_in_key_space_and_zero_in_token_space():
+    keys = low_rank_keys(rank=4, dim=16)
+    row = compare(keys, keys @ givens(16, 4, math.radians(30)).T, rank=4)
+    assert row["key_angle"] == pytest.approx(30.0, abs=1e-6)
+    assert row["token_angle"] == pytest.approx(0.0, abs=1e-4)  # same tokens, same directions: basis-free
+
+
+def test_random_subspace_null_matches_the_papers_baselines():
+    # METHODS.md section 2 (inferred, r = 8): 72.3 deg (d=64), 77.7 (128), 85.1 (768)
+    assert random_subspace_angle(64, 8) == pytest.approx(72.3, abs=0.5)
+    assert random_subspace_angle(128, 8) == pytest.approx(77.7, abs=0.5)
+    assert random_subspace_angle(768, 8) == pytest.approx(85.1, abs=0.5)
+    assert random_subspace_angle(8, 8) == pytest.approx(0.0, abs=1e-5)  # the whole space: identical
+
+
+def test_unrelated_gaussian_keys_sit_at_the_token_space_null():
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(40, 2, 32, 16, generator=g, dtype=torch.float64) for _ in range(2))
+    row = compare(a, b, rank=8)
+    assert row["token_angle"] == pytest.approx(row["token_angle_null"], abs=1.5)
+    assert row["token_angle_null"] == pytest.approx(random_subspace_angle(31, 8))
+
+
+def test_a_random_rotation_of_the_same_keys_is_chance_in_key_space_but_zero_in_token_space():
+    # What separates the two angles: two weight seeds differ (at least) by an arbitrary basis.
+    keys = low_rank_keys(rank=8, dim=64, tokens=64, batch=8)
+    q = torch.linalg.qr(torch.randn(64, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)).Q
+    row = compare(keys, keys @ q, rank=8)
+    assert row["token_angle"] == pytest.approx(0.0, abs=1e-4)
+    assert row["key_angle"] > 55 and row["key_angle_null"] == pytest.approx(72.3, abs=0.5)
