@@ -12,6 +12,18 @@ from pathlib import Path
 CONF = str(Path(__file__).resolve().parent / "conf")
 
 
+PATHS = ("run", "model", "sweep", "probe", "compare", "out")
+
+
+def _quote_path(arg: str) -> str:
+    """Quote a path value for Hydra's override grammar: multirun job folders are named like
+    ``0_router/position=nope,seed=0``, whose ``=`` and ``,`` would otherwise parse as syntax."""
+    key, sep, value = arg.partition("=")
+    if key not in PATHS or not sep or value[:1] in ("'", '"'):
+        return arg
+    return f"{key}='" + value.replace("'", "\\'") + "'"
+
+
 def compose(argv: list[str]):
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -20,7 +32,7 @@ def compose(argv: list[str]):
 
     from common.errors import UserError
 
-    overrides = [a for a in argv if a != "--wandb"] + (["wandb=true"] if "--wandb" in argv else [])
+    overrides = [_quote_path(a) for a in argv if a != "--wandb"] + (["wandb=true"] if "--wandb" in argv else [])
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=CONF, version_base="1.3"):

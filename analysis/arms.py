@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import math
 
-from analysis.runs import Run, factors, val_loss
+from analysis.runs import SEED_KEYS, Run, factors, val_loss
 from analysis.stats import bootstrap_ci
 from analysis.tables import number, onset_step, run_statistics
 from common.errors import UserError
 
-SEEDS = ("seed", "data_seed")
 # (key, label) of the per-run statistics tabulated per arm.
 STATISTICS = [
     ("onset_depth", "onset depth"), ("onset_depth_censored", "onset depth (never = 1)"),
     ("onset_step", "onset step"), ("onset_step_censored", "onset step (never = end + 1)"),
-    ("completion_depth", "L* depth"), ("peak_max_share", "peak max share"), ("peak_depth", "peak depth"),
+    ("completion_depth", "L* depth"), ("peak_max_share", "peak max share"), ("peak_gain", "peak gain in training"),
+    ("peak_depth", "peak depth"),
     ("area_above_baseline", "area above baseline"), ("norm_cv", "norm-CV"), ("ve@8", "VE@8"),
     ("ve@8_shuffle", "VE@8 shuffle"), ("ve@8_gauss", "VE@8 Gauss"), ("content@8", "content@8"),
     ("r_cv_share", "r(norm-CV, max share)"), ("val_loss", "val loss"),
@@ -40,9 +40,11 @@ def run_row(run: Run, factor: str, threshold: float, completion: float, rank: in
     stats = run_statistics(run.final, threshold, completion, rank)
     steps = onset_step(run.records, threshold)
     last = float(run.final.get("step", math.nan))
-    row = {"run": run.name, "arm": factor_value(run, factor), **{s: run.get(s) for s in SEEDS}, **stats,
+    row = {"run": run.name, "arm": factor_value(run, factor), **{s: run.get(s) for s in SEED_KEYS if s in run.config}, **stats,
            "onset_depth_censored": 1.0 if math.isnan(stats["onset_depth"]) else stats["onset_depth"],
            "onset_step": steps, "onset_step_censored": last + 1 if math.isnan(steps) else steps,
+           # ALiBi's bias already lowers the max share at initialisation; the gain isolates what training added.
+           "peak_gain": stats["peak_max_share"] - run_statistics(run.records[0], threshold, completion, rank)["peak_max_share"],
            "val_loss": val_loss(run)}
     return row
 

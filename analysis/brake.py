@@ -26,6 +26,7 @@ NAMES = {"nope": "NoPE", "rope": "RoPE", "alibi": "ALiBi", "learned": "learned"}
 CHECKS = [("onset_depth_censored", +1, "onset depth (never = 1)"),
           ("onset_step_censored", +1, "onset step in training (never = end + 1)"),
           ("peak_max_share", -1, "peak max share"),
+          ("peak_gain", -1, "peak max share gained in training (final - first record)"),
           ("area_above_baseline", -1, "area above causal-uniform baseline")]
 SUPPORTED, LEANING = 0.95, 0.80
 
@@ -46,13 +47,13 @@ def _label(arm) -> str:
     return NAMES.get(arm, str(arm))
 
 
-def observed_order(arm_rows: dict, key: str) -> str:
-    """Arms sorted by the mean of ``key``, ascending, as ``NoPE 0.083 < RoPE 0.250 = ALiBi 1.000``."""
+def observed_order(arm_rows: dict, key: str, descending: bool = False) -> str:
+    """Arms sorted by the mean of ``key``, as ``NoPE 0.0833 < RoPE 0.25 = ALiBi 1`` (``>`` when descending)."""
     means = {arm: _mean([r[key] for r in rows]) for arm, rows in arm_rows.items()}
-    ranked = sorted(means, key=lambda a: (math.isnan(means[a]), means[a]))
-    text = f"{_label(ranked[0])} {cell(means[ranked[0]])}"
+    ranked = sorted(means, key=lambda a: (math.isnan(means[a]), -means[a] if descending else means[a]))
+    text = f"{_label(ranked[0])} {means[ranked[0]]:.3g}"
     for prev, arm in zip(ranked, ranked[1:]):
-        text += f" {'=' if means[arm] == means[prev] else '<'} {_label(arm)} {cell(means[arm])}"
+        text += f" {'=' if means[arm] == means[prev] else '>' if descending else '<'} {_label(arm)} {means[arm]:.3g}"
     return text
 
 
@@ -71,9 +72,9 @@ def ordering_checks(arm_rows: dict, order: list, threshold: float) -> list[dict]
         verdict = classify(p, p_rev)
         if key.startswith("onset") and not crossed:
             verdict = f"undetermined: no run's max share exceeded threshold {threshold}"
-        checks.append({"statistic": label, "key": key, "predicted": " < ".join(_label(a) for a in
-                                                                               (order if sign > 0 else order[::-1])),
-                       "observed": observed_order({a: arm_rows[a] for a in order}, key),
+        names = [_label(a) for a in order]
+        checks.append({"statistic": label, "key": key, "predicted": (" < " if sign > 0 else " > ").join(names),
+                       "observed": observed_order({a: arm_rows[a] for a in order}, key, descending=sign < 0),
                        "p_predicted": p, "p_reverse": p_rev, "verdict": verdict})
     return checks
 
@@ -122,10 +123,10 @@ def brake_study(runs: list[Run], factor: str = "router.position", threshold: flo
         checks = ordering_checks(arm_rows, order, threshold)
     runs_by_arm = {arm: [run for run, row in zip(runs, rows) if row["arm"] == arm] for arm in arm_rows}
     curves = []
-    for arm, arm_runs in runs_by_arm.items():
+    for i, (arm, arm_runs) in enumerate(runs_by_arm.items()):
         per_run = [trajectory(run, threshold, rank) for run in arm_runs]
-        curves.append({"label": _label(arm), **mean_curve(per_run)})
-        curves += [{"label": _label(arm), **c, "style": "-", "alpha": 0.3} for c in per_run]
+        curves.append({"label": f"{_label(arm)} (mean)", "color": f"C{i}", **mean_curve(per_run)})
+        curves += [{"label": None, "color": f"C{i}", **c, "style": "-", "alpha": 0.3} for c in per_run]
     return {"factor": factor, "threshold": threshold, "numeric": numeric, "rows": rows,
             "arms": arm_summary(arm_rows, level), "checks": checks, "verdict": overall(checks),
             "profiles": profiles(runs_by_arm, ["max_share", f"ve@{rank}", "norm_cv"], level), "curves": curves,

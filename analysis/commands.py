@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 from analysis import figures
-from analysis.runs import checkpoint_path, factors, find_runs, load_router, read_run, val_loss
+from analysis.runs import SEED_KEYS, checkpoint_path, factors, find_runs, load_router, read_run, val_loss
 from analysis.tables import markdown, onset_step, run_statistics, table1_row, write_csv
 from common.errors import UserError
 
@@ -114,7 +114,7 @@ def analyse_hf(cfg) -> Path:
             ours = read_run(cfg.compare)
             series.append(_series(f"ours: {ours.name}", [r["step"] for r in ours.records], ours.records,
                                   cfg.threshold, style="s--"))
-        images.append(_save(figures.curves_figure(series, CURVE_KEYS, f"collapse over training ({about})"),
+        images.append(_save(figures.curves_figure(series, CURVE_KEYS, f"collapse over training ({about})", log_steps=True),
                             out / "collapse_over_training.png"))
     _wandb(cfg, out, None, None, f"{name}-analysis", {"models": rows}, images)
     return out
@@ -179,7 +179,7 @@ def _sweep_table(cfg, runs, out: Path):
     write_csv(rows, out / "sweep.csv")
     (out / "sweep.md").write_text(f"# Sweep {cfg.sweep}: {len(runs)} runs, axes {', '.join(axes) or '-'}\n\n"
                                   f"Onset threshold {cfg.threshold}.\n\n{markdown(rows)}\n")
-    arm_keys = [a for a in axes if a not in ("seed", "data_seed")]
+    arm_keys = [a for a in axes if a not in SEED_KEYS]
     colors = {}
     series = []
     for run in runs:

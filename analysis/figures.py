@@ -8,6 +8,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: clusters and CI
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from analysis.tables import number  # noqa: E402
 
@@ -59,28 +60,36 @@ def signature_figure(layers: list[dict], rank: int = 8, threshold: float = 0.2, 
     ax.set(xlabel="norm-CV (layer, head)", ylabel="max share", title="r(norm-CV, max share)")
     for ax in axes:
         ax.legend(fontsize=6)
+    for ax in axes[:3]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
 
 
-def curves_figure(series: list[dict], keys: list[tuple[str, str]], title: str = "") -> Figure:
+def curves_figure(series: list[dict], keys: list[tuple[str, str]], title: str = "", log_steps: bool = False) -> Figure:
     """Collapse over training: one panel per statistic, one line per series.
 
-    ``series``: ``{"label", "steps", "values": {key: [...]}, "color"?, "style"?}``; ``keys``: (key, axis label).
-    Steps go on a symlog axis so a pretrained model's 143k steps and a CPU run's 2k sit side by side.
+    ``series``: ``{"label" (None: not in the legend), "steps", "values": {key: [...]}, "color"?, "style"?,
+    "alpha"?}``; ``keys``: (key, axis label). ``log_steps`` puts steps on a symlog axis, so a pretrained
+    model's 143k steps and a CPU run's 2k sit side by side.
     """
     fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.8), squeeze=False)
     for ax, (key, label) in zip(axes[0], keys):
+        drawn = False
         for s in series:
-            ax.plot(s["steps"], s["values"][key], s.get("style", "o-"), ms=3, color=s.get("color"),
-                    label=s["label"], alpha=s.get("alpha", 1.0))
+            values = s["values"][key]
+            drawn |= _has(values)
+            ax.plot(s["steps"], values, s.get("style", "o-"), ms=3, color=s.get("color"),
+                    label=s["label"] if s["label"] is not None else "_nolegend_", alpha=s.get("alpha", 1.0))
+        if not drawn:
+            ax.text(0.5, 0.5, "never (no layer above the threshold)", ha="center", va="center",
+                    transform=ax.transAxes, fontsize=8, color="grey")
         ax.set(xlabel="training step", ylabel=label)
-        ax.set_xscale("symlog", linthresh=100)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    unique = dict(zip(labels, handles))
-    axes[0][-1].legend(unique.values(), unique.keys(), fontsize=6)
+        if log_steps:
+            ax.set_xscale("symlog", linthresh=100)
+    axes[0][-1].legend(fontsize=6)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -138,6 +147,7 @@ def seed_direction_figure(profiles: dict[str, list[dict]], rank: int = 8, title:
         ax.set(xlabel="layer", ylabel="mean canonical angle (deg)", ylim=(0, 92), title=f"direction: {name}")
     for ax in axes:
         ax.legend(fontsize=6)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()

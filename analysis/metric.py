@@ -57,9 +57,10 @@ def metric_study(runs: list[Run], factor: str = "router.score", threshold: float
                                 "high": high, "direction": direction(low, high), "meaning": meaning})
     runs_by_arm = {arm: [run for run, row in zip(runs, rows) if row["arm"] == arm] for arm in arm_rows}
     curves = []
-    for arm, arm_runs in runs_by_arm.items():
+    for i, (arm, arm_runs) in enumerate(runs_by_arm.items()):
         per_run = [trajectory(run, threshold, rank) for run in arm_runs]
-        curves.append({"label": str(arm), **mean_curve(per_run)})
+        curves.append({"label": f"{arm} (mean)", "color": f"C{i}", **mean_curve(per_run)})
+        curves += [{"label": None, "color": f"C{i}", **c, "style": "-", "alpha": 0.3} for c in per_run]
     return {"factor": factor, "threshold": threshold, "rows": rows, "arms": arm_summary(arm_rows, level),
             "comparisons": comparisons, "level": level, "rank": rank, "curves": curves,
             "profiles": profiles(runs_by_arm, ["max_share", f"ve@{rank}", "norm_cv"], level)}

@@ -27,7 +27,7 @@ def depth_profile_figure(records: list[dict], rank: int = 8, threshold: float = 
         ax_ve.plot(x, _column(layers, f"ve@{rank}"), marker="o", ms=3, color=color)
     last = records[-1]["layers"]
     x = list(range(len(last)))
-    baseline = _column(last, "max_share_baseline")
+    baseline = _column(last, "baseline")
     if not all(math.isnan(b) for b in baseline):
         ax_share.plot(x, baseline, ls=":", color="grey", label="uniform baseline")
     ax_share.axhline(threshold, ls="--", color="crimson", lw=1, label=f"onset threshold {threshold}")

@@ -21,6 +21,8 @@ from common.errors import UserError
 # Config keys that name where a run lives or how it resumes, not what was trained: never an arm's identity.
 _NOT_A_FACTOR = ("ckpt_path", "print_table", "hydra", "logger", "callbacks.checkpoint.dirpath",
                  "trainer.default_root_dir", "trainer.enable_progress_bar", "data.cache_dir")
+# Which replicate seed each config key is: weights (``seed``) or training-data order (``data_seed``).
+SEED_KEYS = {"seed": "weight", "data_seed": "data", "data.data_seed": "data"}
 _EMBEDDING = re.compile(r"^model\.(wte|embed\w*|emb|embedding\w*|tok_emb\w*)\.weight$")
 
 
@@ -31,10 +33,11 @@ class Run:
     config: dict
     records: list[dict] = field(repr=False)
     logged_val_loss: float | None = None  # runs read back from W&B carry it; local runs read csv/metrics.csv
+    label: str = ""  # the job's path inside its sweep
 
     @property
     def name(self) -> str:
-        return self.path.name
+        return self.label or self.path.name
 
     @property
     def final(self) -> dict:
@@ -110,16 +113,20 @@ def find_runs(sweep: str | Path) -> list[Run]:
     sweep = Path(sweep)
     if not sweep.is_dir():
         raise UserError(f"sweep folder {sweep} does not exist; pass sweep=<multirun dir> or sweep=wandb:<entity/project/group>")
-    dirs = sorted({p.parent for p in sweep.rglob(JSONL) if "analysis" not in p.relative_to(sweep).parts},
-                  key=_job_order)
-    if not dirs:
+    # Hydra names a job <num>_<override_dirname>; a group override (router/position=nope) nests it one deeper.
+    jobs = sorted({p.parent.relative_to(sweep) for p in sweep.rglob(JSONL)} - {Path(".")}, key=_job_order)
+    jobs = [job for job in jobs if "analysis" not in job.parts]
+    if not jobs:
         raise UserError(f"no runs under {sweep} (no {JSONL} found); pass the folder `train.py -m` wrote")
-    return [read_run(d) for d in dirs]
+    runs = [read_run(sweep / job) for job in jobs]
+    for run, job in zip(runs, jobs):
+        run.label = str(job)
+    return runs
 
 
-def _job_order(path: Path):
-    number = re.match(r"^(\d+)_?", path.name)  # Hydra names jobs <num>_<overrides>: sort 10 after 9
-    return (str(path.parent), int(number.group(1)) if number else math.inf, path.name)
+def _job_order(job: Path):
+    number = re.match(r"^(\d+)_?", job.parts[0])  # sort job 10 after job 9
+    return (int(number.group(1)) if number else math.inf, str(job))
 
 
 def factors(runs: list[Run]) -> list[str]:

@@ -15,14 +15,13 @@ import math
 
 import torch
 
-from analysis.runs import Run, factors, load_router
+from analysis.runs import SEED_KEYS, Run, factors, load_router
 from analysis.subspaces import PairAccumulator
 from collapse import gaussian_null
 from common.errors import UserError
 from datamodules.probe import TokenProbe
 
 KINDS = ("weight", "data", "both")
-SEED_KEYS = ("seed", "data_seed")
 
 
 def pair_kind(a: Run, b: Run, varying: list[str]) -> str | None:
@@ -30,7 +29,8 @@ def pair_kind(a: Run, b: Run, varying: list[str]) -> str | None:
     differ = {key for key in varying if repr(a.get(key)) != repr(b.get(key))}
     if not differ or differ - set(SEED_KEYS):
         return None
-    return {frozenset({"seed"}): "weight", frozenset({"data_seed"}): "data"}.get(frozenset(differ), "both")
+    kinds = {SEED_KEYS[key] for key in differ}
+    return kinds.pop() if len(kinds) == 1 else "both"
 
 
 def find_pairs(runs: list[Run]) -> list[tuple[str, Run, Run]]:

@@ -1,7 +1,8 @@
 """Training throughput: our Pythia-style router vs transformers' GPTNeoXForCausalLM at the same shape.
 
 Both run eager (no torch.compile) in fp32 with AdamW on the same random batches; steps alternate between the
-two models (and which goes first) so that load from other processes hits both alike. Target: ours/HF >= 1.0.
+two models (and which goes first) so that load from other processes hits both alike; rates and the ratio
+are medians over steps, robust to bursts of load. Target: ours/HF >= 1.0.
 
     python bench/throughput.py                    # default small config, 16 x 128, CPU, about a minute
     python bench/throughput.py --steps 50 --device cuda
@@ -9,6 +10,7 @@ two models (and which goes first) so that load from other processes hits both al
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -68,23 +70,24 @@ def main() -> None:
     torch.manual_seed(args.seed)
     ours, hf = build_models(args)
     steps = {"ours": make_step(ours, is_hf=False), "hf": make_step(hf, is_hf=True)}
-    seconds = {"ours": 0.0, "hf": 0.0}
+    seconds = {"ours": [], "hf": []}
     for i in range(args.warmup + args.steps):
         tokens = torch.randint(0, args.vocab, (args.batch, args.context), device=args.device)
         for name in (["ours", "hf"] if i % 2 == 0 else ["hf", "ours"]):
             start = time.perf_counter()
             steps[name](tokens)
             if i >= args.warmup:
-                seconds[name] += time.perf_counter() - start
+                seconds[name].append(time.perf_counter() - start)
 
-    tokens_timed = args.steps * args.batch * args.context
-    rate = {name: tokens_timed / s for name, s in seconds.items()}
+    # medians: on a shared machine a burst of load hits a few steps; adjacent (ours, HF) steps see alike load
+    rate = {name: args.batch * args.context / statistics.median(s) for name, s in seconds.items()}
+    ratio = statistics.median(h / o for o, h in zip(seconds["ours"], seconds["hf"]))
     print(f"config: {args.n_layer} layers, d_model {args.d_model}, {args.n_head} heads, batch {args.batch} x "
           f"{args.context}, vocab {args.vocab}, {args.device}, fp32 eager, HF attention {args.hf_attn}, "
           f"{args.steps} timed steps after {args.warmup} warm-up, {torch.get_num_threads()} threads")
-    print(f"ours                tokens/s: {rate['ours']:10.0f}")
-    print(f"GPTNeoXForCausalLM  tokens/s: {rate['hf']:10.0f}")
-    print(f"ratio ours/HF: {rate['ours'] / rate['hf']:.3f}")
+    print(f"ours                tokens/s: {rate['ours']:10.0f}   (median step)")
+    print(f"GPTNeoXForCausalLM  tokens/s: {rate['hf']:10.0f}   (median step)")
+    print(f"ratio ours/HF: {ratio:.3f}   (median over adjacent step pairs)")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,9 +65,7 @@ def corpus_key(corpus: str, path: str | Path | None) -> str:
     if corpus == "text_files":
         return f"text_files-{text_files_fingerprint(path)}"
     if corpus == "wikitext103" and path:
-        return f"wikitext103-{hashlib.sha1(str(Path(path).resolve()).encode()).hexdigest()[:12]}"
-    if corpus not in CORPORA:
-        raise UserError(f"unknown corpus {corpus!r}; choose one of {', '.join(CORPORA)}")
+        return f"wikitext103-{hashlib.sha1(str(Path(path).expanduser().resolve()).encode()).hexdigest()[:12]}"
     return corpus
 
 
@@ -149,14 +148,14 @@ def fetch_shakespeare(cache_dir: Path) -> Path:
 
 def text_files(path: str | Path | None) -> TextSplits:
     files = _txt_files(path)
-    root = Path(path)
+    root = Path(path).expanduser()
     return _splits({str(p.relative_to(root)): strip_gutenberg(p.read_text(encoding="utf-8", errors="replace"))
                     for p in files})
 
 
 def text_files_fingerprint(path: str | Path | None) -> str:
     """Cache key of a folder's contents as the file system reports them (names, sizes, mtimes)."""
-    h = hashlib.sha1(str(Path(path).resolve()).encode())
+    h = hashlib.sha1(str(Path(path).expanduser().resolve()).encode())
     for p in _txt_files(path):
         st = p.stat()
         h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
@@ -217,6 +216,8 @@ def hub_reachable(timeout: float = 5.0) -> bool:
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
     try:
         urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout)
+    except urllib.error.HTTPError:
+        return True  # an error status is still an answer
     except OSError:
         return False
     return True

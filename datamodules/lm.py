@@ -6,7 +6,9 @@ Two seeds, kept apart on purpose (the seed-direction study reseeds them separate
 - ``probe_seed`` fixes the per-sequence position shuffle of the probe (the shuffle null's input).
 
 Exact resume: the train loader counts the batches it has handed out and Lightning stores that count in
-every checkpoint (``state_dict``/``load_state_dict``), so a resumed run continues with batch ``i + 1``.
+every checkpoint (``state_dict``/``load_state_dict``), so a run resumed after step ``k`` trains next on
+batch ``k``, as the uninterrupted run did. Lightning restores loader state when training is bounded by
+``max_steps`` (or the epoch was unfinished); the train loader is endless, so bound training by ``max_steps``.
 """
 from __future__ import annotations
 
@@ -23,11 +25,10 @@ from torch.utils.data import DataLoader
 from common.errors import UserError
 from datamodules.corpora import CORPORA, corpus_key, default_cache_dir, documents
 from datamodules.probe import TokenProbe
-from datamodules.synthetic import zipf_markov_tokens
+from datamodules.synthetic import LANGUAGE, zipf_markov_tokens
 from datamodules.tokenizer import TextTokenizer, load_tokenizer
 
 SPLITS = ("train", "val")
-SYNTHETIC_KEYS = ("vocab_size", "n_tokens", "zipf_exponent", "seed")
 SYNTHETIC_VAL_FRACTION = 0.1  # the tail of the stream; text corpora split by work instead
 
 
@@ -100,13 +101,13 @@ class LMDataModule(L.LightningDataModule):
             raise UserError(f"data.data_seed and data.probe_seed must be >= 0; got {data_seed}, {probe_seed}")
         if corpus == "text_files" and not path:
             raise UserError("data=text_files needs a folder of .txt files: set data.path=/that/folder")
-        unknown = set(synthetic or {}) - set(SYNTHETIC_KEYS)
+        unknown = set(synthetic or {}) - set(LANGUAGE)
         if unknown:
-            raise UserError(f"unknown data.synthetic keys {sorted(unknown)}; use {', '.join(SYNTHETIC_KEYS)}")
+            raise UserError(f"unknown data.synthetic keys {sorted(unknown)}; use {', '.join(LANGUAGE)}")
         self.corpus, self.path = corpus, path
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
         self.tokenizer_spec = dict(tokenizer or {"kind": "bpe", "vocab_size": 4096})
-        self.synthetic = dict(synthetic or {})
+        self.synthetic = {**LANGUAGE, **(synthetic or {})}
         self.context_length, self.batch_size, self.data_seed = context_length, batch_size, data_seed
         self.probe_sequences, self.probe_length, self.probe_seed = probe_sequences, probe_length, probe_seed
         self.val_batches, self.num_workers = val_batches, num_workers
@@ -154,16 +155,22 @@ class LMDataModule(L.LightningDataModule):
     @property
     def vocab_size(self) -> int:
         if self.corpus == "synthetic":
-            return int(self.synthetic.get("vocab_size", 1024))
+            return int(self.synthetic["vocab_size"])
         return self.tokenizer.vocab_size
+
+    def model_kwargs(self) -> dict:
+        """What the router takes from the data: train.py builds the model with these."""
+        return {"vocab_size": self.vocab_size}
 
     # --- Lightning hooks ------------------------------------------------------------------------------------
 
     def prepare_data(self) -> None:
+        """Download, train the tokenizer, encode: once, on rank 0 (Lightning); later runs find the cache."""
         for split in SPLITS:
             self.tokens(split)
 
     def setup(self, stage: str | None = None) -> None:
+        """Tokens into memory on every rank (from the cache that ``prepare_data`` filled)."""
         for split in SPLITS:
             self.tokens(split)
 

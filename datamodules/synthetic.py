@@ -23,6 +23,9 @@ from torch import Tensor
 from common.errors import UserError
 
 
+LANGUAGE = dict(vocab_size=1024, n_tokens=300_000, zipf_exponent=1.0, seed=0)  # data=synthetic's defaults
+
+
 def zipf_probabilities(vocab_size: int, exponent: float) -> np.ndarray:
     ranks = np.arange(1, vocab_size + 1, dtype=np.float64)
     p = ranks ** -exponent
@@ -36,8 +39,7 @@ def octave_permutations(vocab_size: int, rng: np.random.Generator) -> np.ndarray
     return np.argsort(octave[None, :] + rng.random((vocab_size, vocab_size)), axis=1)
 
 
-def zipf_markov_tokens(vocab_size: int = 1024, n_tokens: int = 300_000, zipf_exponent: float = 1.0,
-                       seed: int = 0) -> Tensor:
+def zipf_markov_tokens(vocab_size: int, n_tokens: int, zipf_exponent: float, seed: int) -> Tensor:
     """An int32 stream of ``n_tokens`` tokens of the language fixed by (vocab_size, zipf_exponent, seed)."""
     if vocab_size < 2 or n_tokens < 2 or zipf_exponent <= 0:
         raise UserError(f"synthetic language needs vocab_size >= 2, n_tokens >= 2 and zipf_exponent > 0; got "

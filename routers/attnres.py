@@ -126,7 +126,7 @@ class DepthRouter(nn.Module):
     def forward(self, sources: list[Tensor], recency_offset: float = 0.0) -> tuple[Tensor, Tensor]:
         """S sources [B, T, d] in depth order, the running stream last -> (sublayer input, weights [B, T, S])."""
         # q . RMSNorm(v) = (v . (g * q)) / rms(v): the logits without materialising the keys (built only for the
-        # routing record, by ``key_norm``) nor a stacked copy of the sources: ~5x cheaper on CPU.
+        # routing record, by ``key_norm``) nor a stacked copy of the sources: ~3x cheaper on CPU.
         gq = self.key_norm.weight * self.query
         logits = torch.stack([(v.float() @ gq) * torch.rsqrt(v.float().pow(2).mean(dim=-1) + self.key_norm.eps)
                               for v in sources], dim=-1)

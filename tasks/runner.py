@@ -48,19 +48,24 @@ def plain(cfg: DictConfig) -> dict:
 
 
 def build(node: DictConfig, **kwargs):
-    """``hydra.utils.instantiate`` that lets our one-line UserErrors through unwrapped."""
+    """Instantiate ``node`` with extra ``kwargs`` (objects like the model pass through untouched).
+
+    Our one-line UserErrors come through unwrapped; a config key the target does not take becomes one too.
+    """
+    target = node.get("_target_", "?")
     try:
-        return instantiate(node, **kwargs)
+        factory = instantiate(node, _partial_=True)
     except InstantiationException as e:
         cause = e.__cause__
-        while cause is not None and not isinstance(cause, UserError) and cause.__cause__ is not None:
-            cause = cause.__cause__
         if isinstance(cause, UserError):
             raise cause from None
-        if isinstance(cause, TypeError):
-            target = node.get("_target_", "?")
-            raise UserError(f"bad config for {target}: {cause}; check the keys of that config group") from None
-        raise
+        raise UserError(f"cannot load {target}: {cause or e}; check the config group's _target_") from None
+    try:
+        return factory(**kwargs)
+    except TypeError as e:
+        if "argument" not in str(e):
+            raise
+        raise UserError(f"bad config for {target}: {e}; check the keys of that config group") from None
 
 
 def check_compatible(model, datamodule) -> None:

@@ -78,10 +78,10 @@ def test_threshold_is_a_knob_for_onset_and_onset_step():
 def test_clean_nope_rope_alibi_ordering_is_supported_by_every_statistic(tmp_path):
     runs = brake_sweep(tmp_path, {"nope": (1, 0.7, 100), "rope": (3, 0.5, 200), "alibi": (6, 0.3, 300)})
     result = brake_study(runs)
-    assert [c["verdict"] for c in result["checks"]] == ["supported"] * 4
+    assert [c["verdict"] for c in result["checks"]] == ["supported"] * 5
     assert result["verdict"] == "supported by every determinable statistic"
     onset = next(c for c in result["checks"] if c["key"] == "onset_depth_censored")
-    assert onset["observed"] == "NoPE 0.125 < RoPE 0.375 < ALiBi 0.750" and onset["p_predicted"] == 1.0
+    assert onset["observed"] == "NoPE 0.125 < RoPE 0.375 < ALiBi 0.75" and onset["p_predicted"] == 1.0
     assert [a["arm"] for a in result["arms"]] == ["nope", "rope", "alibi"]
     nope = result["arms"][0]
     assert nope["peak_max_share"] == pytest.approx(0.704) and nope["peak_max_share_low"] < 0.704 < nope["peak_max_share_high"]
@@ -162,3 +162,16 @@ def test_wandb_history_rows_rebuild_the_monitor_records():
     assert len(records) == 1 and records[0]["step"] == 40
     assert [r["max_share"] for r in records[0]["layers"]] == pytest.approx([r["max_share"] for r in sig.layers])
     assert run_statistics(records[0])["peak_max_share"] == pytest.approx(sig.summary["peak_max_share"])
+
+
+def test_seed_pairs_are_classified_by_which_seed_differs(tmp_path):
+    from analysis.seeds import find_pairs
+
+    for i, (seed, data_seed) in enumerate([(0, 0), (1, 0), (0, 1), (1, 1)]):
+        write_run(tmp_path / f"{i}_run", {"seed": seed, "data_seed": data_seed, "router": {"position": "rope"},
+                                         "data": {"data_seed": data_seed}}, [record(0, [0.1, 0.1])])
+    write_run(tmp_path / "4_other", {"seed": 0, "data_seed": 0, "router": {"position": "alibi"},
+                                     "data": {"data_seed": 0}}, [record(0, [0.1, 0.1])])
+    kinds = sorted((kind, a.name, b.name) for kind, a, b in find_pairs(find_runs(tmp_path)))
+    assert kinds == [("both", "0_run", "3_run"), ("both", "1_run", "2_run"), ("data", "0_run", "2_run"),
+                     ("data", "1_run", "3_run"), ("weight", "0_run", "1_run"), ("weight", "2_run", "3_run")]

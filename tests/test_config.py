@@ -71,7 +71,7 @@ def test_multirun_sweep_makes_one_dir_per_job_and_one_wandb_group(tmp_path):
 def test_wandb_logger_gets_the_sweep_as_group_and_a_stable_id_per_run_dir(tmp_path):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from omegaconf import open_dict
+    from omegaconf import OmegaConf, open_dict
 
     from tasks.runner import build_loggers
 
@@ -80,6 +80,7 @@ def test_wandb_logger_gets_the_sweep_as_group_and_a_stable_id_per_run_dir(tmp_pa
         cfg = compose("train", overrides=["seed=1"], return_hydra_config=True)
     loggers = {}
     for job in ("0_seed=1", "1_seed=2"):
+        OmegaConf.set_readonly(cfg.hydra, False)
         with open_dict(cfg):
             cfg.hydra.mode = RunMode.MULTIRUN
             cfg.hydra.sweep.dir = str(tmp_path / "brake_sweep")

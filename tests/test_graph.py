@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from collapse import signature
 from common.errors import UserError
-from datamodules.graph import CSBMDataModule, GraphProbe, WebKBDataModule, edge_homophily
+from datamodules.graph import CSBMDataModule, GraphProbe, PlanetoidDataModule, WebKBDataModule, edge_homophily
 from routers.graph import GAT, GCN
 from routers.routing import Routing, RoutingLayer
 
@@ -253,6 +253,12 @@ def test_webkb_failed_download_is_one_clear_error(tmp_path, monkeypatch):
     assert "wisconsin_split_0.6_0.2_{0..9}.npz" in str(info.value) and "\n" not in str(info.value)
 
 
+def test_cora_missing_offline_names_the_planetoid_files(tmp_path):
+    with pytest.raises(UserError, match="ind.cora.x") as info:
+        PlanetoidDataModule(root=str(tmp_path), download=False).setup()
+    assert str(tmp_path / "Cora" / "raw") in str(info.value)
+
+
 @pytest.mark.parametrize("kwargs, message", [({"name": "harvard"}, "choose one of cornell, texas, wisconsin"),
                                              ({"split": 10}, "data.split=0..9")])
 def test_bad_webkb_choice_is_a_user_error(kwargs, message):
@@ -294,3 +300,24 @@ def test_train_py_composition_trains_a_gat_and_logs_node_routing(tmp_path, monke
     assert any(row.get("train/acc") for row in rows)
     assert final["test/acc_at_best_val"] > 0.5  # 5 classes: chance is 0.2 on this homophilic graph
     assert len(GraphProbe.load(out / "probe.pt").data.y) == 200
+
+
+@pytest.mark.parametrize("experiment, data_target", [("gat_vs_gcn", "WebKBDataModule"),
+                                                     ("csbm_homophily", "CSBMDataModule")])
+def test_graph_experiments_compose_and_sweep_existing_options(experiment, data_target):
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from tests.conftest import CONF
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=True)
+    assert cfg.task._target_.endswith("NodeClassificationTask") and cfg.data._target_.endswith(data_target)
+    params = cfg.hydra.sweeper.params
+    assert set(params.router.split(",")) == {"gat", "gcn"}
+    for group in ("router", "data"):
+        for option in params.get(group, "").split(","):
+            assert not option or (Path(CONF) / group / f"{option}.yaml").is_file(), option

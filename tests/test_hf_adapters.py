@@ -16,7 +16,8 @@ T = 16
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     """``{family: folder}`` of tiny random checkpoints written with save_pretrained."""
-    from transformers import GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, MambaConfig,
+                              MambaForCausalLM)
 
     root = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
@@ -27,6 +28,9 @@ def saved(tmp_path_factory):
                                                      num_attention_heads=4, intermediate_size=64,
                                                      max_position_embeddings=32, partial_rotary_factor=0.5,
                                                      bos_token_id=0, eos_token_id=0)),
+        "mamba": MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=32, state_size=8, num_hidden_layers=2,
+                                              expand=2, conv_kernel=4, time_step_rank=4, bos_token_id=0,
+                                              eos_token_id=0, pad_token_id=0)),
     }
     for family, model in models.items():
         model.save_pretrained(root / family)
@@ -92,6 +96,27 @@ def test_pythia_routing_matches_hf_attention_with_keys_pre_and_post_rotary(saved
         assert torch.allclose(post.norm(dim=-1), k.norm(dim=-1), atol=1e-5)  # a rotation keeps norms
         assert torch.allclose(post[..., rotary:], k[..., rotary:], atol=1e-6) and torch.allclose(post[:, :, 0], k[:, :, 0], atol=1e-6)
         assert not torch.allclose(post[:, :, 1:, :rotary], k[:, :, 1:, :rotary])
+
+
+def test_mamba_routing_runs_through_the_reconstructed_operator_on_the_hf_weights(saved):
+    from transformers import AutoModelForCausalLM
+
+    router, _ = load_hf(f"hf:{saved['mamba']}")
+    hf = AutoModelForCausalLM.from_pretrained(saved["mamba"]).eval()
+    tokens = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(3))
+    seen, handles = capture_outputs([layer.mixer.x_proj for layer in hf.backbone.layers])
+    with torch.no_grad():
+        reference = hf(tokens).logits
+        logits, routing = router(tokens, return_routing=True)
+    for h in handles:
+        h.remove()
+    assert routing.axis == "time" and len(routing) == 2
+    assert torch.allclose(logits, reference, atol=1e-4)
+    for layer, x_proj in zip(routing, seen):
+        B = x_proj.split([4, 8, 8], dim=-1)[1]  # (dt, B, C): the input matrix B is the key the metrics read
+        assert torch.allclose(layer.keys[:, 0], B, atol=1e-5)
+        weights = torch.cat(list(layer.iter_weights()), dim=1)
+        assert weights.shape == (2, 64, T, T) and torch.all(weights.triu(1) == 0)  # 64 channels, causal
 
 
 def test_a_missing_checkpoint_offline_fails_with_one_line(monkeypatch):

@@ -1,0 +1,143 @@
+"""End to end on CPU: a real 2 x 2 tiny sweep (NoPE / ALiBi x two weight seeds) trained in-process, then
+``analyze.py`` on one run, on the sweep, and both studies, checking the files, their columns and their values."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+
+import pytest
+import torch
+
+import analyze
+from analysis.subspaces import random_subspace_angle
+from tests.conftest import TINY, compose_train
+
+STEPS = ["trainer.max_steps=6", "callbacks.collapse_monitor.every_n_steps=3", "callbacks.checkpoint.every_n_train_steps=6",
+         "trainer.val_check_interval=3", "logger=csv"]
+ARMS = [("nope", 0), ("nope", 1), ("alibi", 0), ("alibi", 1)]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """A multirun-shaped folder: job ``<i>_router/position=<p>,seed=<s>`` (Hydra nests group overrides)."""
+    import train
+
+    root = tmp_path_factory.mktemp("sweep")
+    previous = os.environ.get("ROUTECOLLAPSE_DATA")
+    os.environ["ROUTECOLLAPSE_DATA"] = str(root / "cache")
+    try:
+        for i, (position, seed) in enumerate(ARMS):
+            out = root / "multirun" / f"{i}_router" / f"position={position},seed={seed}"
+            train.train(compose_train(out, TINY + STEPS + [f"router/position={position}", f"seed={seed}"]))
+    finally:
+        if previous is None:
+            os.environ.pop("ROUTECOLLAPSE_DATA")
+        else:
+            os.environ["ROUTECOLLAPSE_DATA"] = previous
+    return root / "multirun"
+
+
+def rows(path):
+    return list(csv.DictReader(open(path)))
+
+
+def run(*args):
+    assert analyze.main(list(args)) == 0
+
+
+def test_run_analysis_recomputes_exactly_what_the_monitor_logged(sweep, tmp_path):
+    job = sweep / "0_router" / "position=nope,seed=0"
+    run(f"run={job}", f"out={tmp_path}", "batch_size=3", "--wandb")
+    logged = [json.loads(line) for line in (job / "collapse.jsonl").read_text().splitlines()][-1]
+    again = json.loads((tmp_path / "signature.json").read_text())
+    assert again["step"] == logged["step"] == 6
+    for ours, theirs in zip(again["layers"], logged["layers"]):  # same weights, same probe: same numbers
+        for key in ("max_share", "norm_cv", "ve@8", "ve@8_shuffle", "ve@1"):
+            assert ours[key] == pytest.approx(theirs[key], abs=1e-6), key
+    table = rows(tmp_path / "signature.csv")
+    assert len(table) == 2 and {"norm_cv", "ve@8", "ve@8_gauss", "ve@8_shuffle", "content@8", "marginal@8",
+                                "max_share", "ve@4", "ve@1"} <= set(table[0])
+    heads = rows(tmp_path / "heads.csv")
+    assert len(heads) == 2 * 2 and all(0 < float(h["max_share"]) <= 1 for h in heads)  # 2 layers x 2 heads
+    assert "| onset |" in (tmp_path / "summary.md").read_text() and (tmp_path / "signature.png").stat().st_size
+    assert list((tmp_path / "wandb").glob("offline-run-*"))  # --wandb: one offline W&B run with the tables
+
+
+def test_sweep_table_has_one_row_per_run_with_its_axes(sweep):
+    run(f"sweep={sweep}")
+    table = rows(sweep / "analysis" / "sweep.csv")
+    assert [(r["router.position"], int(r["seed"])) for r in table] == ARMS
+    assert all(0 < float(r["peak"]) <= 1 and r["onset"] in ("never",) + tuple(f"L{i}" for i in range(2))
+               or r["onset"].startswith("L") for r in table)
+    assert (sweep / "analysis" / "collapse_over_training.png").stat().st_size
+
+
+def test_brake_ordering_study_writes_arms_checks_verdict_and_figures(sweep):
+    run(f"sweep={sweep}", "study=brake_ordering")
+    out = sweep / "analysis" / "brake_ordering"
+    arms = rows(out / "arms.csv")
+    assert [a["arm"] for a in arms] == ["nope", "alibi"] and all(a["runs"] == "2" for a in arms)
+    for a in arms:
+        assert 0 < float(a["peak_max_share"]) <= 1
+        low, high = float(a["peak_max_share_low"]), float(a["peak_max_share_high"])
+        assert low <= float(a["peak_max_share"]) <= high
+    per_run = rows(out / "runs.csv")
+    assert len(per_run) == 4 and {"onset_depth", "onset_step", "peak_gain", "area_above_baseline", "val_loss"} <= set(per_run[0])
+    checks = rows(out / "checks.csv")
+    assert [c["key"] for c in checks] == ["onset_depth_censored", "onset_step_censored", "peak_max_share", "peak_gain",
+                                          "area_above_baseline"]
+    assert all(0 <= float(c["p_predicted"]) <= 1 for c in checks)
+    assert "**Verdict:" in (out / "verdict.md").read_text()
+    assert (out / "profiles.png").stat().st_size and (out / "trajectories.png").stat().st_size
+
+
+def test_seed_direction_study_pairs_the_weight_seeds_and_reports_angles_against_their_nulls(sweep):
+    run(f"sweep={sweep}", "study=seed_direction", "rank=4")
+    out = sweep / "analysis" / "seed_direction"
+    summary = rows(out / "summary.csv")
+    assert [(s["reseed"], s["pairs"]) for s in summary] == [("weight", "2")]  # one NoPE pair, one ALiBi pair
+    layers = rows(out / "layers.csv")
+    assert len(layers) == 2 * 2
+    for row in layers:
+        assert 0 <= float(row["delta_ve@4"]) < 0.5
+        assert 0 <= float(row["token_angle"]) <= 90 and 0 <= float(row["key_angle"]) <= 90
+        assert float(row["token_angle_null"]) == pytest.approx(random_subspace_angle(31, 4))  # T = 32 tokens
+        assert float(row["key_angle_null"]) == pytest.approx(random_subspace_angle(32, 4))  # 2 heads x 16 dims
+    assert (out / "seed_direction.png").stat().st_size
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "exactly one of run=, model=, sweep="),
+    (["run=/no/such/run"], "no checkpoint at /no/such/run"),
+    (["sweep=/no/such/sweep"], "does not exist"),
+    (["model=gpt2"], "hf:"),
+    (["colour=blue"], "conf/analyze.yaml"),
+])
+def test_bad_arguments_exit_2_with_one_line_naming_the_fix(args, message, capsys):
+    assert analyze.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_unknown_study_is_refused_before_any_work(sweep, capsys):
+    assert analyze.main([f"sweep={sweep}", "study=brakes"]) == 2
+    assert "choose one of seed_direction, brake_ordering, alibi_slope, metric" in capsys.readouterr().err
+
+
+def test_hf_checkpoint_analysis_reports_pythia_keys_pre_and_post_rotary(tmp_path):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from datamodules.probe import TokenProbe
+
+    torch.manual_seed(0)
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32, bos_token_id=0,
+                                     eos_token_id=0)).save_pretrained(tmp_path / "pythia")
+    TokenProbe.from_tokens(torch.randint(0, 64, (6, 32))).save(tmp_path / "probe.pt")
+    run(f"model=hf:{tmp_path / 'pythia'}", f"probe={tmp_path / 'probe.pt'}", f"out={tmp_path / 'out'}")
+    model = rows(tmp_path / "out" / "models.csv")[0]
+    assert model["L"] == "2" and model["d_h"] == "32"
+    assert not math.isnan(float(model["VE@8 post"])) and float(model["VE@8 post"]) != float(model["VE@8"])
+    assert (tmp_path / "out" / "final" / "signature.png").stat().st_size
