@@ -12,7 +12,7 @@ from pathlib import Path
 CONF = str(Path(__file__).resolve().parent / "conf")
 
 
-PATHS = ("run", "model", "sweep", "probe", "compare", "out")
+PATHS = ("run", "model", "sweep", "probe", "probe_path", "compare", "out")
 
 
 def _quote_path(arg: str) -> str:

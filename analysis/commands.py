@@ -55,13 +55,15 @@ def analyse_run(cfg) -> Path:
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     router, config, step = load_router(ckpt)
     probe, about = resolve_probe(cfg.probe, run_dir / "probe.pt", _lazy(lambda: _router_tokenizer(config)),
-                                 cfg.probe_sequences, cfg.probe_length)
+                                 cfg.probe_sequences, cfg.probe_length, cfg.probe_path)
     default = run_dir / "analysis" if ckpt.name == "last.ckpt" else run_dir / "analysis" / ckpt.stem
     out = Path(cfg.out) if cfg.out else default
+    sweep = run_dir.parent.name if (run_dir.parent / "multirun.yaml").exists() else None  # training's W&B group
+    name = f"{sweep}/{run_dir.name}" if sweep else run_dir.name
     signature = measure(router, probe, tuple(cfg.ranks), cfg.batch_size, cfg.threshold, cfg.completion)
-    record = write_report(signature, out, f"{run_dir.name} step {step}", about, step, cfg.threshold, cfg.completion)
-    _wandb(cfg, out, config, run_dir.parent.name, f"{run_dir.name}-analysis",
-           {"signature": [table1_row(run_dir.name, record, cfg.threshold, cfg.completion)]}, [out / "signature.png"])
+    record = write_report(signature, out, f"{name} step {step}", about, step, cfg.threshold, cfg.completion)
+    _wandb(cfg, out, config, sweep, f"{name}-analysis",
+           {"signature": [table1_row(name, record, cfg.threshold, cfg.completion)]}, [out / "signature.png"])
     return out
 
 
@@ -94,7 +96,7 @@ def analyse_hf(cfg) -> Path:
         raise UserError("give the revision either in model=hf:<name>@<rev> or in revisions=[...], not both")
     out = Path(cfg.out) if cfg.out else Path("outputs") / "analysis" / name.strip("/").replace("/", "--")
     probe, about = resolve_probe(cfg.probe or "wikitext103", None, _lazy(lambda: load_hf_tokenizer(cfg.model)),
-                                 cfg.probe_sequences, cfg.probe_length)
+                                 cfg.probe_sequences, cfg.probe_length, cfg.probe_path)
     records, rows = [], []
     for spec in specs:
         router, where = load_hf(spec)

@@ -128,7 +128,7 @@ def arm_profiles_figure(arms: list[dict], panels: list[tuple[str, str]], referen
 def seed_direction_figure(profiles: dict[str, list[dict]], rank: int = 8, title: str = "") -> Figure:
     """Appendix C.6's figure, with both angles: VE@rank of the two models of the weight-seed pair by depth
     (geometry), then the key-space and token-space canonical angles per reseed type, each beside its
-    random-subspace null (direction)."""
+    random-subspace null and the angle of an untrained pair on the same probe (direction)."""
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     first = profiles.get("weight") or next(iter(profiles.values()))
     x = [row["layer"] for row in first]
@@ -137,13 +137,15 @@ def seed_direction_figure(profiles: dict[str, list[dict]], rank: int = 8, title:
     axes[0].plot(x, _column(first, f"ve@{rank}_b"), "s--", label=f"model B ({which} pair)")
     axes[0].plot(x, _column(first, f"ve@{rank}_gauss"), ":", color="grey", label="Gaussian null")
     axes[0].set(xlabel="layer", ylabel=f"VE@{rank}", ylim=(0, 1),
-                title=f"geometry: max |dVE@{rank}| = {max(_column(first, f'delta_ve@{rank}')):.3f}")
+                title=f"geometry: |dVE@{rank}| (pair mean) <= {max(_column(first, f'delta_ve@{rank}')):.3f}")
     for ax, key, name in ((axes[1], "key_angle", "key space (paper)"), (axes[2], "token_angle", "token space (basis-free)")):
         for kind, rows in profiles.items():
             ax.plot(x, _column(rows, key), "o-", ms=3, label=f"{kind} reseed")
-        null = _column(first, f"{key}_null")
+        null, untrained = _column(first, f"{key}_null"), _column(first, f"{key}_untrained")
         if _has(null):
             ax.plot(x, null, "--", color="grey", label="random-subspace null")
+        if _has(untrained):
+            ax.plot(x, untrained, ":", color="black", label="untrained pair, same probe")
         ax.set(xlabel="layer", ylabel="mean canonical angle (deg)", ylim=(0, 92), title=f"direction: {name}")
     for ax in axes:
         ax.legend(fontsize=6)

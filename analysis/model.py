@@ -54,17 +54,22 @@ def probe_from_corpus(corpus: str, tokenizer, sequences: int, length: int, path:
 
     if tokenizer is None:
         raise UserError("this model has no text tokenizer (trained on the synthetic language); pass probe=<probe.pt>")
-    tokens = windows(tokenizer.encode_documents(documents(corpus, "val", path, default_cache_dir())), length)
+    try:
+        text = documents(corpus, "val", path, default_cache_dir())
+    except UserError as e:  # the data module's fix names train.py's keys; say analyze.py's too
+        raise UserError(f"{e} (analyze.py: probe_path=<local copy>, or probe=<probe.pt>)") from None
+    tokens = windows(tokenizer.encode_documents(text), length)
     if len(tokens) < sequences:
         raise UserError(f"{corpus} validation gives {len(tokens)} windows of {length} tokens, fewer than "
                         f"probe_sequences={sequences}; lower probe_sequences or probe_length")
     return TokenProbe.from_tokens(tokens[:sequences])
 
 
-def resolve_probe(spec: str | None, default: Path | None, tokenizer: Callable, sequences: int,
-                  length: int) -> tuple[TokenProbe, str]:
-    """(probe, description): ``spec`` a probe file, a corpus name or a folder of .txt files (tokenised with
-    ``tokenizer()``, called only then); or, when None, the run's own saved probe at ``default``."""
+def resolve_probe(spec: str | None, default: Path | None, tokenizer: Callable, sequences: int, length: int,
+                  path: str | None = None) -> tuple[TokenProbe, str]:
+    """(probe, description): ``spec`` a probe file, a corpus name (``path``: a local copy of it) or a folder
+    of .txt files, tokenised with ``tokenizer()`` (called only then); or, when None, the run's own saved
+    probe at ``default``."""
     from datamodules.corpora import CORPORA
 
     if spec is None:
@@ -74,7 +79,7 @@ def resolve_probe(spec: str | None, default: Path | None, tokenizer: Callable, s
     if spec.endswith(".pt"):
         return TokenProbe.load(spec), f"probe file {spec}"
     if spec in CORPORA and spec != "synthetic":
-        probe = probe_from_corpus(spec, tokenizer(), sequences, length)
+        probe = probe_from_corpus(spec, tokenizer(), sequences, length, path)
         return probe, f"{spec} validation, {sequences} x {length} tokens"
     if Path(spec).is_dir():
         probe = probe_from_corpus("text_files", tokenizer(), sequences, length, path=spec)

@@ -82,17 +82,17 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def run_config(run_dir: Path) -> dict:
-    """The run's resolved config: from ``.hydra/config.yaml`` when it resolves, else from its last checkpoint."""
+    """The run's resolved config: from its last checkpoint (exactly what ran, interpolations resolved at
+    training time), else from ``.hydra/config.yaml`` with its interpolations left as written."""
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    if ckpt.is_file():
+        return load_checkpoint(ckpt)["hyper_parameters"]["config"]
     hydra_file = run_dir / ".hydra" / "config.yaml"
     if hydra_file.is_file():
         from omegaconf import OmegaConf
 
-        config = OmegaConf.load(hydra_file)
-        # ${hydra:...} interpolations (output dirs) do not resolve outside a Hydra job; they are not factors.
-        return OmegaConf.to_container(config, resolve=False)
-    ckpt = run_dir / "checkpoints" / "last.ckpt"
-    if ckpt.is_file():
-        return load_checkpoint(ckpt)["hyper_parameters"]["config"]
+        # ${hydra:...} (output dirs) cannot resolve outside a Hydra job; unresolved they are still comparable.
+        return OmegaConf.to_container(OmegaConf.load(hydra_file), resolve=False)
     return {}
 
 
@@ -130,10 +130,18 @@ def _job_order(job: Path):
 
 
 def factors(runs: list[Run]) -> list[str]:
-    """Config keys whose values differ between the runs (the sweep's axes), seeds included."""
+    """Config keys whose values differ between the runs (the sweep's axes), seeds included.
+
+    A key present in only some runs with one value wherever present (``router.rotary_pct`` exists only
+    under RoPE) follows from another axis and is left out.
+    """
     keys = sorted({key for run in runs for key in run.config})
-    varying = [key for key in keys if len({repr(run.get(key)) for run in runs}) > 1]
-    return [key for key in varying if not key.startswith(_NOT_A_FACTOR)]
+    axes = []
+    for key in keys:
+        present = [repr(run.config[key]) for run in runs if key in run.config]
+        if len(set(present)) > 1 and not key.startswith(_NOT_A_FACTOR):
+            axes.append(key)
+    return axes
 
 
 def val_loss(run: Run) -> float:
@@ -156,13 +164,21 @@ def vocab_size(state_dict: dict) -> int:
                     "only token routers can be analysed from a .ckpt")
 
 
-def load_router(path: str | Path):
-    """(router in eval mode, resolved config, step) from a run directory or a ``.ckpt``."""
+def load_router(path: str | Path, untrained_seed: int | None = None):
+    """(router in eval mode, resolved config, step) from a run directory or a ``.ckpt``.
+
+    ``untrained_seed``: the same architecture freshly initialised under that torch seed instead of the
+    trained weights (step -1), e.g. the untrained-pair baseline of the seed-direction study.
+    """
     from hydra.utils import instantiate
 
     state = load_checkpoint(checkpoint_path(path))
     config = state["hyper_parameters"]["config"]
     weights = state["state_dict"]
+    if untrained_seed is not None:
+        with torch.random.fork_rng():
+            torch.manual_seed(untrained_seed)
+            return instantiate(config["router"], vocab_size=vocab_size(weights)).eval(), config, -1
     router = instantiate(config["router"], vocab_size=vocab_size(weights))
     router.load_state_dict({k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")})
     return router.eval(), config, int(state.get("global_step", -1))

@@ -42,23 +42,36 @@ def find_pairs(runs: list[Run]) -> list[tuple[str, Run, Run]]:
     return pairs
 
 
+UNTRAINED_SEEDS = (1_000_003, 2_000_003)  # any two seeds: only "independently initialised" matters
+
+
+def _angles(router_a, router_b, probe: TokenProbe, rank: int, batch_size: int) -> list[dict]:
+    accumulator = PairAccumulator(rank)
+    for tokens, _ in probe.batches(batch_size):
+        accumulator.update(router_a(tokens, return_routing=True)[1], router_b(tokens, return_routing=True)[1])
+    return accumulator.compute()
+
+
 @torch.no_grad()
 def compare_pair(a: Run, b: Run, rank: int = 8, batch_size: int = 16) -> list[dict]:
-    """Per-layer rows of one pair, both routers run on run ``a``'s probe, batch by batch."""
-    router_a, _, _ = load_router(a.path)
-    router_b, _, _ = load_router(b.path)
+    """Per-layer rows of one pair, both routers run on run ``a``'s probe, batch by batch.
+
+    Beside the random-subspace nulls, each row carries the angles of an *untrained* pair of the same
+    architecture on the same probe (``*_angle_untrained``): keys are functions of the input tokens, so
+    two unrelated models already share token-space structure (a repeated token gets the same layer-0 key);
+    only an angle below that baseline is direction shared by training.
+    """
     probe = TokenProbe.load(a.path / "probe.pt")
     other = b.path / "probe.pt"
     if other.exists() and not torch.equal(TokenProbe.load(other).tokens, probe.tokens):
         raise UserError(f"{a.name} and {b.name} saved different probes; the study needs runs on the same data "
                         "(data_seed changes only the batch order, never the probe)")
-    accumulator = PairAccumulator(rank)
-    for tokens, _ in probe.batches(batch_size):
-        accumulator.update(router_a(tokens, return_routing=True)[1], router_b(tokens, return_routing=True)[1])
-    rows = accumulator.compute()
+    rows = _angles(load_router(a.path)[0], load_router(b.path)[0], probe, rank, batch_size)
+    untrained = _angles(*(load_router(a.path, untrained_seed=s)[0] for s in UNTRAINED_SEEDS), probe, rank, batch_size)
     dims = [layer["dim"] for layer in a.final["layers"]]
-    for row, dim in zip(rows, dims):
-        row[f"ve@{rank}_gauss"] = gaussian_null(probe.tokens.shape[1], dim, rank)
+    for row, base, dim in zip(rows, untrained, dims):
+        row.update({"token_angle_untrained": base["token_angle"], "key_angle_untrained": base["key_angle"],
+                    f"ve@{rank}_gauss": gaussian_null(probe.tokens.shape[1], dim, rank)})
     return rows
 
 
@@ -85,33 +98,33 @@ def _mean(values) -> float:
 
 
 def summary_rows(result: dict) -> list[dict]:
-    """One row per reseed kind: pairs, max |dVE@r|, and depth-mean angles against their nulls."""
+    """One row per reseed kind: pairs, max |dVE@r|, and depth-mean angles against their baselines."""
     rank, out = result["rank"], []
     for kind, layers in result["profiles"].items():
         pairs = len({(r["run_a"], r["run_b"]) for r in result["rows"] if r["kind"] == kind})
         delta = [r[f"delta_ve@{rank}"] for r in result["rows"] if r["kind"] == kind]
-        out.append({"reseed": kind, "pairs": pairs, f"max |dVE@{rank}|": max(delta),
-                    f"mean |dVE@{rank}|": _mean(delta),
-                    "key angle": _mean([r["key_angle"] for r in layers]),
-                    "key null": _mean([r["key_angle_null"] for r in layers]),
-                    "token angle": _mean([r["token_angle"] for r in layers]),
-                    "token null": _mean([r["token_angle_null"] for r in layers])})
+        row = {"reseed": kind, "pairs": pairs, f"max |dVE@{rank}|": max(delta), f"mean |dVE@{rank}|": _mean(delta)}
+        for space in ("key", "token"):
+            row.update({f"{space} angle": _mean([r[f"{space}_angle"] for r in layers]),
+                        f"{space} untrained": _mean([r[f"{space}_angle_untrained"] for r in layers]),
+                        f"{space} null": _mean([r[f"{space}_angle_null"] for r in layers])})
+        out.append(row)
     return out
 
 
 def statement(result: dict) -> str:
-    """What the numbers say, claim by claim (see docs/analysis.md for which angle supports which claim)."""
+    """What the numbers say, claim by claim (docs/analysis.md: which angle supports which claim)."""
     rank, lines = result["rank"], []
     for s in summary_rows(result):
         geometry = "reproducible (< 0.1)" if s[f"max |dVE@{rank}|"] < 0.1 else "NOT reproducible (>= 0.1)"
-        gap = s["token null"] - s["token angle"]
-        direction = (f"token-space angle {s['token angle']:.1f} deg vs chance {s['token null']:.1f}: "
-                     + ("well below chance, the direction is largely shared" if gap > 10 else
-                        "near chance, the direction is not reproducible" if gap < 3 else
-                        "somewhat below chance, the direction is partly shared"))
-        key = f"key-space angle {s['key angle']:.1f} deg vs chance {s['key null']:.1f}"
-        if s["reseed"] != "data":
-            key += " (different initial bases: near chance by construction, no evidence either way)"
+        trained, untrained, null = s["token angle"], s["token untrained"], s["token null"]
+        verdict = ("shared beyond what the input imposes" if trained < untrained - 5 else
+                   "no more shared than in two untrained models (the input's structure only)"
+                   if trained <= untrained + 5 else "less shared than in two untrained models")
+        key = f"key-space angle {s['key angle']:.1f} deg (untrained {s['key untrained']:.1f}, chance {s['key null']:.1f})"
+        key += ("; the pair shares its initial basis, so this angle is how far training rotated the attractor"
+                if s["reseed"] == "data" else "; different initial bases: near chance by construction, no evidence")
         lines.append(f"- **{s['reseed']}** ({s['pairs']} pair(s)): geometry {geometry}, max |dVE@{rank}| = "
-                     f"{s[f'max |dVE@{rank}|']:.3f}; {direction}; {key}.")
+                     f"{s[f'max |dVE@{rank}|']:.3f}; token-space angle {trained:.1f} deg (untrained pair "
+                     f"{untrained:.1f}, chance {null:.1f}): direction {verdict}; {key}.")
     return "\n".join(lines)

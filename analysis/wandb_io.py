@@ -5,6 +5,7 @@ logged (``collapse/<metric>/L<i>`` per layer, ``collapse/<summary key>``), so pe
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -71,8 +72,10 @@ def log_analysis(out: Path, project: str, group: str | None, name: str, tables: 
     import wandb
 
     mode = os.environ.get("WANDB_MODE") or ("offline" if offline else "online")
+    # A fixed id per output folder: re-running (or re-syncing) an analysis updates its W&B run, not a copy.
+    run_id = "analysis-" + hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]
     run = wandb.init(project=project, group=group, name=name, job_type="analysis", dir=str(out), mode=mode,
-                     reinit="finish_previous")
+                     id=run_id, resume="allow", reinit="finish_previous")
     try:
         for key, rows in tables.items():
             columns = list(dict.fromkeys(k for row in rows for k in row))

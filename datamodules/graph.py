@@ -129,7 +129,7 @@ class CSBMDataModule(GraphDataModule):
     """
 
     def __init__(self, homophily: float = 0.1, num_nodes: int = 500, num_classes: int = 5, avg_degree: float = 4.0,
-                 num_features: int = 64, feature_snr: float = 2.0, graph_seed: int = 0, split: int = 0):
+                 num_features: int = 64, feature_snr: float = 3.0, graph_seed: int = 0, split: int = 0):
         super().__init__()
         if not 0.0 <= homophily <= 1.0:
             raise UserError(f"homophily={homophily} is outside [0, 1]; set data.homophily to e.g. 0.1 "

@@ -95,6 +95,7 @@ class GAT(GraphRouter):
         if heads < 1 or hidden % heads:
             raise UserError(f"hidden={hidden} is not divisible by heads={heads}; pick heads that divide "
                             f"router.hidden (the heads are concatenated back to the hidden width)")
+        # Set before the base class builds the stack: make_conv reads them.
         self.heads, self.attention_dropout, self.v2 = heads, attention_dropout, v2
         super().__init__(in_channels, out_channels, num_layers, hidden, dropout, residual)
 

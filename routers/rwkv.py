@@ -32,7 +32,7 @@ from collapse.recurrent import content_recency, late_query_influence
 from common.errors import UserError
 from routers.routing import Routing, RoutingLayer, causal_mask
 
-WKVS = ("chunked", "reference")
+WKVS = ("auto", "chunked", "reference")
 # kill_carry's decay. Finite on purpose: 0 * w must stay 0 for the undecayed previous token (0 * -inf is
 # nan), while exp(g * w + k) underflows to exactly 0 for every gap g >= 1 and any key an fp32 model produces.
 KILLED_DECAY = -1e30
@@ -144,7 +144,10 @@ class TimeMix(nn.Module):
         v = self.value(torch.lerp(shifted, x, self.time_mix_value))
         r = torch.sigmoid(self.receptance(torch.lerp(shifted, x, self.time_mix_receptance)))
         w, u = self.decay(), self.time_first
-        wkv = wkv_chunked(w, u, k, v, self.wkv_chunk) if self.wkv == "chunked" else wkv_reference(w, u, k, v)
+        # auto: the recurrence on CPU, where its one-number-per-channel state makes it the fastest form
+        # (bench/scan.py); the chunked parallel form where kernel launches are what costs (accelerators).
+        chunked = self.wkv == "chunked" or (self.wkv == "auto" and k.device.type != "cpu")
+        wkv = wkv_chunked(w, u, k, v, self.wkv_chunk) if chunked else wkv_reference(w, u, k, v)
         return self.output(r * wkv), (self.routing(w, u, k) if return_routing else None)
 
     def routing(self, w: Tensor, u: Tensor, k: Tensor) -> RoutingLayer:
@@ -210,7 +213,7 @@ class RwkvBlock(nn.Module):
 
 class RWKV(nn.Module):
     def __init__(self, vocab_size: int, n_layer: int = 4, d_model: int = 128, d_ffn: int | None = None,
-                 context_length: int = 1024, layer_norm_eps: float = 1e-5, wkv: str = "chunked",
+                 context_length: int = 1024, layer_norm_eps: float = 1e-5, wkv: str = "auto",
                  wkv_chunk: int = 16, decay_scale: float = 1.0, kill_carry: bool = False, no_decay: bool = False,
                  learn_decay: bool = True, routing_chunk_channels: int = 64, late_fraction: float = 0.75):
         super().__init__()

@@ -102,7 +102,8 @@ def test_seed_direction_study_pairs_the_weight_seeds_and_reports_angles_against_
     assert len(layers) == 2 * 2
     for row in layers:
         assert 0 <= float(row["delta_ve@4"]) < 0.5
-        assert 0 <= float(row["token_angle"]) <= 90 and 0 <= float(row["key_angle"]) <= 90
+        for key in ("token_angle", "key_angle", "token_angle_untrained", "key_angle_untrained"):
+            assert 0 <= float(row[key]) <= 90, key
         assert float(row["token_angle_null"]) == pytest.approx(random_subspace_angle(31, 4))  # T = 32 tokens
         assert float(row["key_angle_null"]) == pytest.approx(random_subspace_angle(32, 4))  # 2 heads x 16 dims
     assert (out / "seed_direction.png").stat().st_size
@@ -119,6 +120,11 @@ def test_bad_arguments_exit_2_with_one_line_naming_the_fix(args, message, capsys
     assert analyze.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_a_corpus_probe_for_a_run_without_tokenizer_fails_with_one_line(sweep, capsys):
+    assert analyze.main([f"run={sweep / '0_router' / 'position=nope,seed=0'}", "probe=wikitext103"]) == 2
+    assert "no text tokenizer" in capsys.readouterr().err  # trained on the synthetic language
 
 
 def test_unknown_study_is_refused_before_any_work(sweep, capsys):

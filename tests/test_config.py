@@ -95,3 +95,9 @@ def test_wandb_logger_gets_the_sweep_as_group_and_a_stable_id_per_run_dir(tmp_pa
     assert first["id"] != second["id"] and len(first["id"]) == 16
     again = build_loggers(cfg.logger, Path(cfg.hydra.runtime.output_dir))[0]._wandb_init
     assert again["id"] == second["id"]
+
+
+@pytest.mark.parametrize("data", ["shakespeare", "synthetic", "text_files", "wikitext103"])
+def test_root_data_seed_reaches_the_data_and_weight_seed_does_not(data):
+    cfg = composed(f"data={data}", "seed=7", "data_seed=3")
+    assert cfg.data.data_seed == 3 and cfg.seed == 7

@@ -17,7 +17,7 @@ T = 16
 def saved(tmp_path_factory):
     """``{family: folder}`` of tiny random checkpoints written with save_pretrained."""
     from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, MambaConfig,
-                              MambaForCausalLM)
+                              MambaForCausalLM, RwkvConfig, RwkvForCausalLM)
 
     root = tmp_path_factory.mktemp("hf")
     torch.manual_seed(0)
@@ -31,6 +31,8 @@ def saved(tmp_path_factory):
         "mamba": MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=32, state_size=8, num_hidden_layers=2,
                                               expand=2, conv_kernel=4, time_step_rank=4, bos_token_id=0,
                                               eos_token_id=0, pad_token_id=0)),
+        "rwkv": RwkvForCausalLM(RwkvConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+                                           intermediate_size=64, context_length=32, bos_token_id=0, eos_token_id=0)),
     }
     for family, model in models.items():
         model.save_pretrained(root / family)
@@ -117,6 +119,26 @@ def test_mamba_routing_runs_through_the_reconstructed_operator_on_the_hf_weights
         assert torch.allclose(layer.keys[:, 0], B, atol=1e-5)
         weights = torch.cat(list(layer.iter_weights()), dim=1)
         assert weights.shape == (2, 64, T, T) and torch.all(weights.triu(1) == 0)  # 64 channels, causal
+
+
+def test_rwkv_routing_holds_the_token_shifted_keys_and_a_causal_softmax_over_the_past(saved):
+    from transformers import AutoModelForCausalLM
+
+    router, _ = load_hf(f"hf:{saved['rwkv']}")
+    hf = AutoModelForCausalLM.from_pretrained(saved["rwkv"]).eval()
+    tokens = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(4))
+    seen, handles = capture_outputs([block.attention.key for block in hf.rwkv.blocks])
+    with torch.no_grad():
+        reference = hf(tokens).logits
+        logits, routing = router(tokens, return_routing=True)
+    for h in handles:
+        h.remove()
+    assert routing.axis == "time" and len(routing) == 2
+    assert torch.allclose(logits, reference, atol=1e-4)
+    for layer, k in zip(routing, seen):
+        assert torch.allclose(layer.keys[:, 0], k, atol=1e-5)  # key projection after HF's own token shift
+        weights = torch.cat(list(layer.iter_weights()), dim=1)  # [2, 32 channels, T, T]
+        assert torch.allclose(weights.sum(-1), torch.ones(2, 32, T), atol=1e-5) and torch.all(weights.triu(1) == 0)
 
 
 def test_a_missing_checkpoint_offline_fails_with_one_line(monkeypatch):
