@@ -132,7 +132,9 @@ def test_unknown_study_is_refused_before_any_work(sweep, capsys):
     assert "choose one of seed_direction, brake_ordering, alibi_slope, metric" in capsys.readouterr().err
 
 
-def test_hf_checkpoint_analysis_reports_pythia_keys_pre_and_post_rotary(tmp_path):
+@pytest.fixture
+def tiny_pythia(tmp_path):
+    """A random tiny GPT-NeoX saved to ``tmp_path/pythia`` and a 6 x 32 probe file beside it."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     from datamodules.probe import TokenProbe
@@ -142,8 +144,33 @@ def test_hf_checkpoint_analysis_reports_pythia_keys_pre_and_post_rotary(tmp_path
                                      intermediate_size=64, max_position_embeddings=32, bos_token_id=0,
                                      eos_token_id=0)).save_pretrained(tmp_path / "pythia")
     TokenProbe.from_tokens(torch.randint(0, 64, (6, 32))).save(tmp_path / "probe.pt")
-    run(f"model=hf:{tmp_path / 'pythia'}", f"probe={tmp_path / 'probe.pt'}", f"out={tmp_path / 'out'}")
+    return tmp_path / "pythia", tmp_path / "probe.pt"
+
+
+def test_hf_checkpoint_analysis_reports_pythia_keys_pre_and_post_rotary(tiny_pythia, tmp_path):
+    folder, probe = tiny_pythia
+    run(f"model=hf:{folder}", f"probe={probe}", f"out={tmp_path / 'out'}")
     model = rows(tmp_path / "out" / "models.csv")[0]
     assert model["L"] == "2" and model["d_h"] == "32"
     assert not math.isnan(float(model["VE@8 post"])) and float(model["VE@8 post"]) != float(model["VE@8"])
     assert (tmp_path / "out" / "final" / "signature.png").stat().st_size
+
+
+def test_pythia_revisions_draw_the_real_trajectory_beside_ours(tiny_pythia, sweep, tmp_path, monkeypatch):
+    import analysis.hf
+
+    folder, probe = tiny_pythia
+    load, asked = analysis.hf.load_hf, []
+
+    def hub(spec):  # offline stand-in for the Hub: every revision resolves to the tiny local model
+        asked.append(spec)
+        return load(f"hf:{folder}")[0], spec[3:]
+
+    monkeypatch.setattr(analysis.hf, "load_hf", hub)
+    run("model=hf:EleutherAI/pythia-160m", "revisions=[step0,step1000]", f"compare={sweep / '0_router' / 'position=nope,seed=0'}",
+        f"probe={probe}", f"out={tmp_path / 'curve'}")
+    assert asked == ["hf:EleutherAI/pythia-160m@step0", "hf:EleutherAI/pythia-160m@step1000"]
+    assert [r["model"] for r in rows(tmp_path / "curve" / "models.csv")] == ["EleutherAI/pythia-160m@step0",
+                                                                             "EleutherAI/pythia-160m@step1000"]
+    assert json.loads((tmp_path / "curve" / "step1000" / "signature.json").read_text())["step"] == 1000
+    assert (tmp_path / "curve" / "collapse_over_training.png").stat().st_size

@@ -123,7 +123,7 @@ def test_alibi_slope_scale_is_judged_as_a_monotone_trend(tmp_path):
     assert checks["peak_max_share"]["spearman_rho"] < -0.9 and checks["peak_max_share"]["verdict"] == "supported"
 
 
-def test_metric_study_states_lower_stratification_and_concentration_and_the_loss_cost(tmp_path):
+def metric_sweep(tmp_path):
     job = 0
     arms = {"dot": (0.30, 0.6, 3.00), "euclidean": (0.15, 0.4, 3.10), "normalized": (0.01, 0.6, 3.00)}
     for score, (cv, peak, loss) in arms.items():
@@ -133,7 +133,11 @@ def test_metric_study_states_lower_stratification_and_concentration_and_the_loss
             write_run(tmp_path / f"{job}_score={score},seed={seed}", {"seed": seed, "router": {"score": score}},
                       records, val_loss=loss + j)
             job += 1
-    result = metric_study(find_runs(tmp_path))
+    return tmp_path
+
+
+def test_metric_study_states_lower_stratification_and_concentration_and_the_loss_cost(tmp_path):
+    result = metric_study(find_runs(metric_sweep(tmp_path)))
     found = {(c["score"], c["key"]): c for c in result["comparisons"]}
     assert found[("euclidean", "norm_cv")]["direction"] == "lower"
     assert found[("euclidean", "norm_cv")]["difference"] == pytest.approx(-0.15)
@@ -175,3 +179,19 @@ def test_seed_pairs_are_classified_by_which_seed_differs(tmp_path):
     kinds = sorted((kind, a.name, b.name) for kind, a, b in find_pairs(find_runs(tmp_path)))
     assert kinds == [("both", "0_run", "3_run"), ("both", "1_run", "2_run"), ("data", "0_run", "2_run"),
                      ("data", "1_run", "3_run"), ("weight", "0_run", "1_run"), ("weight", "2_run", "3_run")]
+
+
+def test_metric_and_alibi_slope_studies_write_their_files_through_analyze(tmp_path):
+    import analyze
+
+    assert analyze.main([f"sweep={metric_sweep(tmp_path / 'metric')}", "study=metric"]) == 0
+    out = tmp_path / "metric" / "analysis" / "metric"
+    assert "**euclidean**" in (out / "statement.md").read_text()
+    assert {"score", "statistic", "difference", "low", "high", "direction"} <= set((out / "comparisons.csv").read_text().splitlines()[0].split(","))
+    assert (out / "profiles.png").stat().st_size and (out / "trajectories.png").stat().st_size
+    slope = tmp_path / "slope"
+    for job, scale in enumerate([0.0, 1.0, 4.0]):
+        write_run(slope / f"{job}", {"seed": 0, "router": {"position": "alibi", "alibi_slope_scale": scale}},
+                  [record(0, [0.06] * 8), record(100, onset_profile(2 * job + 1, 0.6 - 0.1 * job))])
+    assert analyze.main([f"sweep={slope}", "study=alibi_slope"]) == 0
+    assert "Spearman rho" in (slope / "analysis" / "alibi_slope" / "verdict.md").read_text()
