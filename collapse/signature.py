@@ -294,7 +294,9 @@ class Signature:
             if any(key not in row for key in columns):
                 missing = [key for key in columns if key not in row]
                 raise UserError(f"unknown signature column(s) {missing}; choose from {sorted(row)}")
-            label = f"L{row['layer']}" + (f" {row['name']}" if row["name"] else "")
+            label = f"L{row['layer']}"
+            if row["name"] and row["name"] != label:
+                label += f" {row['name']}"
             values = [row[key] for key in columns]
             cells.append([label, *("-" if value is None or (isinstance(value, float) and math.isnan(value))
                                    else f"{value:.3f}" if isinstance(value, float) else str(value)

@@ -52,7 +52,9 @@ class GraphRouter(nn.Module):
         keys [units, N, d])."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor, edge_index: Tensor, return_routing: bool = False):
+    def forward(self, x: Tensor, edge_index: Tensor | None = None, return_routing: bool = False):
+        if edge_index is None:  # called as a token model, e.g. by the LM task
+            raise UserError("graph routers take (x, edge_index); train them with task=node_classification")
         layers = []
         h = x
         for i, conv in enumerate(self.convs):

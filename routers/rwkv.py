@@ -1,8 +1,8 @@
 """RWKV-4 LM (Peng et al. 2023): the recurrent time router whose routing is a decayed softmax over the past.
 
-Read top to bottom: the WKV operator (a sequential running-max reference and the chunked parallel form that
-trains), its routing weights, time mixing, channel mixing, the block, the model, and loading a
-`transformers` RwkvForCausalLM. Per channel c, with token shift x'_t = mix * x_t + (1 - mix) * x_{t-1}:
+Read top to bottom: the WKV operator (the sequential running-max recurrence and a chunked parallel form),
+its routing weights, time mixing, channel mixing, the block, the model, and loading a `transformers`
+RwkvForCausalLM. Per channel c, with token shift x'_t = mix * x_t + (1 - mix) * x_{t-1}:
 
     k, v   = key(x'), value(x'),   r = sigmoid(receptance(x'))
     wkv_t  = sum_{s<=t} α_{t,s} v_s,  α_{t,s} ∝ exp((t-1-s) w + k_s)  (s < t),   ∝ exp(u + k_t)  (s = t)
@@ -160,7 +160,7 @@ class TimeMix(nn.Module):
         w, u, k = w.detach(), u.detach(), k.detach()
         T, C = k.shape[1:]
         step = self.routing_chunk_channels
-        late_start = min(T - 1, math.floor(self.late_fraction * T))
+        late_start = max(1, min(T - 1, math.floor(self.late_fraction * T)))  # >= 1 early source, >= 1 late query
 
         def weight_chunks() -> Iterator[Tensor]:
             for start in range(0, C, step):

@@ -59,7 +59,7 @@ def selective_scan_chunked(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     loop: the reference writes dA and dBx for the whole sequence to main memory and reads them back. Here
     every [b, chunk, d, n] block is created, used and dropped while it is still in cache (chunk 4 at d=256
     is 1 MiB at b=16), and per-step C contractions become one multiply-and-sum per block. A chunk-parallel
-    form with log-space cumulative decays was slower on CPU (it materialises [b, T, d, n] decays): bench/scan.py.
+    form with log-space cumulative decays was slower on CPU: it materialises [b, T, d, n] decays.
     """
     h = x.new_zeros(x.shape[0], *A.shape)
     ys = []
@@ -127,7 +127,7 @@ class MambaMixer(nn.Module):
         self.x_proj = nn.Linear(d_inner, dt_rank + 2 * d_state, bias=False)
         self.dt_proj = nn.Linear(dt_rank, d_inner)
         self.A_log = nn.Parameter(torch.empty(d_inner, d_state))
-        self.A_log._no_weight_decay = True  # mamba_ssm's marker: decaying A_log would shrink every decay rate
+        self.A_log._no_weight_decay = True  # mamba_ssm's marker: decay would pull every A = -exp(A_log) to -1
         self.D = nn.Parameter(torch.empty(d_inner))
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
 

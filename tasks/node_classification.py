@@ -7,7 +7,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch_geometric.data import Data
 
+from common.errors import UserError
+
 SPLITS = ("train", "val", "test")
+
+
+def _check_graph(data) -> None:
+    if not isinstance(data, Data):
+        raise UserError(f"node classification needs a graph, got a {type(data).__name__} batch; use "
+                        f"data=csbm (or cornell, texas, wisconsin, cora)")
 
 
 class NodeClassificationTask(pl.LightningModule):
@@ -29,6 +37,7 @@ class NodeClassificationTask(pl.LightningModule):
         self.nonfinite_step: int | None = None
 
     def forward(self, data: Data) -> Tensor:
+        _check_graph(data)
         return self.model(data.x, data.edge_index)
 
     @staticmethod
@@ -68,6 +77,7 @@ class NodeClassificationTask(pl.LightningModule):
     @torch.no_grad()
     def probe_routing(self, data: Data):
         """The routing record on the probe graph (the monitor handles eval mode)."""
+        _check_graph(data)
         data = data.to(self.device)
         return self.model(data.x, data.edge_index, return_routing=True)[1]
 

@@ -153,6 +153,18 @@ def test_full_width_feature_ve_is_the_layer_output_and_the_concatenated_heads():
     assert float(layer.extras["ve@4_features_gauss"]) == pytest.approx(gaussian_null(N, 16, 4))
 
 
+def test_graph_router_without_edges_names_the_node_task():
+    with pytest.raises(UserError, match="task=node_classification"):
+        GAT(5, 3)(torch.randint(0, 5, (2, 8)))
+
+
+def test_node_task_on_token_batches_names_the_graph_data():
+    from tasks.node_classification import NodeClassificationTask
+
+    with pytest.raises(UserError, match="data=csbm"):
+        NodeClassificationTask(GCN(5, 3)).probe_routing(torch.randint(0, 5, (2, 8)))
+
+
 def test_heads_must_divide_hidden():
     with pytest.raises(UserError, match="divisible"):
         GAT(5, 3, hidden=64, heads=7)
