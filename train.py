@@ -23,10 +23,13 @@ def main(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> None:
     import lightning.pytorch as pl
+    import torch
 
     from tasks import runner
 
     run_dir = runner.run_dir()
+    if cfg.threads:  # e.g. threads=1 on a shared machine, where OpenMP threads thrash on tiny ops
+        torch.set_num_threads(cfg.threads)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # weights; data order follows data_seed alone
     datamodule = runner.build(cfg.data)
     datamodule.prepare_data()

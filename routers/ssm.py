@@ -64,7 +64,7 @@ def selective_scan_chunked(x: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Te
     h = x.new_zeros(x.shape[0], *A.shape)
     ys = []
     for delta_c, x_c, B_c, C_c in zip(delta.split(chunk, 1), x.split(chunk, 1), B.split(chunk, 1), C.split(chunk, 1)):
-        dA = torch.exp(delta_c.unsqueeze(-1) * A)
+        dA = (delta_c.unsqueeze(-1) * A).exp_()  # in place: autograd then keeps one block tensor, not two
         dBx = (delta_c * x_c).unsqueeze(-1) * B_c.unsqueeze(2)
         states = []
         for dA_t, dBx_t in zip(dA.unbind(1), dBx.unbind(1)):

@@ -52,10 +52,12 @@ class LanguageModelTask(pl.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        # Decay matrices only (nanoGPT): norms, biases and gains are not shrunk toward zero.
+        # Decay matrices only (nanoGPT): norms, biases and gains are not shrunk toward zero, nor parameters
+        # a router marks `_no_weight_decay` (mamba_ssm's convention, e.g. the SSM's A_log).
         params = [p for p in self.parameters() if p.requires_grad]
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        decayed = [p for p in params if p.dim() >= 2 and not getattr(p, "_no_weight_decay", False)]
+        kept = [p for p in params if not any(p is q for q in decayed)]
+        groups = [{"params": decayed, "weight_decay": hp.weight_decay}, {"params": kept, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
         total = max(int(self.trainer.max_steps), 1) if self.trainer.max_steps and self.trainer.max_steps > 0 else None
 

@@ -15,19 +15,25 @@ def _layer_label(summary: dict, key: str) -> str:
     return "never" if layer is None else f"L{layer}"
 
 
-def training_table(first: dict, last: dict, rank: int = 8) -> str:
-    """Per layer: norm-CV, VE@rank with its Gaussian and shuffle nulls, mean max share — each at the first
-    and the last measured step — then onset and peak concentration."""
+def geometry_column(layer: dict) -> tuple[str, str]:
+    """The VE column a router family is read by: VE@8 of the keys (tokens, time, depth), or for graphs the
+    paper's VE@4 of the full-width layer features (8-wide GAT heads make per-head VE@8 trivially 1)."""
+    return ("ve@4_features", "VE@4 feat") if "ve@4_features" in layer else ("ve@8", "VE@8")
+
+
+def training_table(first: dict, last: dict) -> str:
+    """Per layer: norm-CV, VE with its Gaussian and shuffle nulls, mean max share — each at the first and
+    the last measured step — then onset and peak concentration."""
     a, b = first["step"], last["step"]
-    ve = f"VE@{rank}"
+    key, ve = geometry_column(first["layers"][0])
     header = (f"{'layer':>5} | {'norm-CV':^15} | {ve:^15} | {'gauss':>6} | {'shuffle':^15} | {'max share':^15}\n"
               f"{'':>5} | {f'{a} -> {b}':^15} | {f'{a} -> {b}':^15} | {'':>6} | {f'{a} -> {b}':^15} | {f'{a} -> {b}':^15}")
     lines = [f"collapse signature, step {a} -> step {b}", header, "-" * len(header.splitlines()[0])]
     for i, (r0, r1) in enumerate(zip(first["layers"], last["layers"])):
         lines.append(
             f"{'L' + str(i):>5} | {_fmt(r0['norm_cv'])} -> {_fmt(r1['norm_cv'])} | "
-            f"{_fmt(r0[f've@{rank}'])} -> {_fmt(r1[f've@{rank}'])} | {_fmt(r1[f've@{rank}_gauss'])} | "
-            f"{_fmt(r0.get(f've@{rank}_shuffle'))} -> {_fmt(r1.get(f've@{rank}_shuffle'))} | "
+            f"{_fmt(r0[key])} -> {_fmt(r1[key])} | {_fmt(r1.get(f'{key}_gauss'))} | "
+            f"{_fmt(r0.get(f'{key}_shuffle'))} -> {_fmt(r1.get(f'{key}_shuffle'))} | "
             f"{_fmt(r0['max_share'])} -> {_fmt(r1['max_share'])}")
     s0, s1 = first["summary"], last["summary"]
     lines.append("")

@@ -355,9 +355,11 @@ def test_data_config_instantiates_the_datamodule_under_the_cache_env_var(name, t
     from hydra.utils import instantiate
 
     monkeypatch.setenv("ROUTECOLLAPSE_DATA", str(tmp_path))
-    cfg = OmegaConf.load(CONF / f"{name}.yaml")
+    # The data file interpolates the root's data_seed, so resolve it inside a root, as Hydra does.
+    cfg = OmegaConf.merge({"data_seed": 5}, {"data": OmegaConf.load(CONF / f"{name}.yaml")}).data
     if name == "text_files":
         cfg.path = str(tmp_path)
     dm = instantiate(cfg)
     assert isinstance(dm, LMDataModule) and dm.corpus == name and dm.cache_dir == tmp_path
+    assert dm.data_seed == 5
     assert (dm.context_length, dm.batch_size, dm.probe_sequences, dm.probe_length) == (128, 16, 150, 128)

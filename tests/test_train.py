@@ -71,3 +71,18 @@ def test_corrupt_checkpoint_gives_one_line_error(tiny_run, tmp_path):
 def test_missing_text_folder_gives_one_line_error(tiny_run, tmp_path):
     with pytest.raises(UserError, match="data.path"):
         tiny_run("logger=csv", "data=text_files", f"data.path={tmp_path}/nowhere", "data.context_length=32")
+
+
+def test_optimizer_decays_matrices_but_not_gains_biases_or_no_weight_decay_parameters():
+    from torch import nn
+
+    from tasks.lm import LanguageModelTask
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4))
+    model.A_log = nn.Parameter(torch.zeros(4, 2))
+    model.A_log._no_weight_decay = True
+    task = LanguageModelTask(model, weight_decay=0.1)
+    task.trainer = type("T", (), {"max_steps": 10})()  # configure_optimizers reads the schedule length
+    decayed, kept = task.configure_optimizers()["optimizer"].param_groups
+    assert decayed["weight_decay"] == 0.1 and [p.shape for p in decayed["params"]] == [(4, 4)]
+    assert kept["weight_decay"] == 0.0 and len(kept["params"]) == 4
