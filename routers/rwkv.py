@@ -32,7 +32,7 @@ from collapse.recurrent import content_recency, late_query_influence
 from common.errors import UserError
 from routers.routing import Routing, RoutingLayer, causal_mask
 
-WKVS = ("auto", "chunked", "reference")
+WKVS = ("chunked", "reference")
 # kill_carry's decay. Finite on purpose: 0 * w must stay 0 for the undecayed previous token (0 * -inf is
 # nan), while exp(g * w + k) underflows to exactly 0 for every gap g >= 1 and any key an fp32 model produces.
 KILLED_DECAY = -1e30
@@ -56,8 +56,12 @@ def wkv_reference(w: Tensor, u: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return torch.stack(out, dim=1)
 
 
-def wkv_chunked(w: Tensor, u: Tensor, k: Tensor, v: Tensor, chunk: int = 16) -> Tensor:
+def wkv_chunked(w: Tensor, u: Tensor, k: Tensor, v: Tensor, chunk: int = 4) -> Tensor:
     """The same WKV, parallel within chunks of ``chunk`` positions and sequential across them.
+
+    It does ``chunk`` times the recurrence's arithmetic in T / chunk steps instead of T: short chunks
+    (4) train fastest on CPU (bench/scan.py), where the recurrence's per-step ops are too small to thread;
+    accelerators, where each step is a kernel launch, favour longer ones.
 
     Inside a chunk every query normalises its own [chunk] logits by their maximum (a masked softmax, all
     chunks at once); the sources before the chunk arrive as one carried state (num, den, m) referenced to
@@ -144,10 +148,10 @@ class TimeMix(nn.Module):
         v = self.value(torch.lerp(shifted, x, self.time_mix_value))
         r = torch.sigmoid(self.receptance(torch.lerp(shifted, x, self.time_mix_receptance)))
         w, u = self.decay(), self.time_first
-        # auto: the recurrence on CPU, where its one-number-per-channel state makes it the fastest form
-        # (bench/scan.py); the chunked parallel form where kernel launches are what costs (accelerators).
-        chunked = self.wkv == "chunked" or (self.wkv == "auto" and k.device.type != "cpu")
-        wkv = wkv_chunked(w, u, k, v, self.wkv_chunk) if chunked else wkv_reference(w, u, k, v)
+        if self.wkv == "chunked":
+            wkv = wkv_chunked(w, u, k, v, self.wkv_chunk)
+        else:
+            wkv = wkv_reference(w, u, k, v)
         return self.output(r * wkv), (self.routing(w, u, k) if return_routing else None)
 
     def routing(self, w: Tensor, u: Tensor, k: Tensor) -> RoutingLayer:
@@ -213,8 +217,8 @@ class RwkvBlock(nn.Module):
 
 class RWKV(nn.Module):
     def __init__(self, vocab_size: int, n_layer: int = 4, d_model: int = 128, d_ffn: int | None = None,
-                 context_length: int = 1024, layer_norm_eps: float = 1e-5, wkv: str = "auto",
-                 wkv_chunk: int = 16, decay_scale: float = 1.0, kill_carry: bool = False, no_decay: bool = False,
+                 context_length: int = 1024, layer_norm_eps: float = 1e-5, wkv: str = "chunked",
+                 wkv_chunk: int = 4, decay_scale: float = 1.0, kill_carry: bool = False, no_decay: bool = False,
                  learn_decay: bool = True, routing_chunk_channels: int = 64, late_fraction: float = 0.75):
         super().__init__()
         _check_shape_knobs(wkv, wkv_chunk, routing_chunk_channels, late_fraction)
