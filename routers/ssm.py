@@ -178,8 +178,8 @@ class MambaMixer(nn.Module):
             "effective_key_norm_cv": _cv(delta * b_norm.unsqueeze(-1), 1).mean(),
             "b_norm_cv": _cv(b_norm, 1).mean(),
         }
-        return RoutingLayer(keys=B.unsqueeze(1), weight_chunks=weight_chunks, mask=causal_mask(delta.shape[1], delta.device),
-                            name=self.name, extras=extras)
+        return RoutingLayer(keys=B.unsqueeze(1), weight_chunks=weight_chunks,
+                            mask=causal_mask(delta.shape[1], delta.device), name=self.name, extras=extras)
 
 
 class MambaBlock(nn.Module):
