@@ -3,6 +3,7 @@
 Definitions and the choices made where the paper is ambiguous: docs/metrics.md.
 """
 from collapse.concentration import (causal_uniform_share, completion_layer, max_share, max_share_sparse,
+                                    max_share_variants,
                                     onset_layer, uniform_max_share, uniform_max_share_sparse)
 from collapse.geometry import (canonical_angles, gaussian_null, key_spectrum, norm_cv, principal_subspace,
                                ve_at_rank)
@@ -12,7 +13,7 @@ from collapse.stats import pearson
 
 __all__ = [
     "canonical_angles", "causal_uniform_share", "completion_layer", "gaussian_null", "key_spectrum",
-    "max_share", "max_share_sparse", "norm_cv", "onset_layer", "pearson", "principal_subspace",
+    "max_share", "max_share_sparse", "max_share_variants", "norm_cv", "onset_layer", "pearson", "principal_subspace",
     "shuffle_positions", "Signature", "SignatureAccumulator", "signature", "uniform_max_share",
     "uniform_max_share_sparse", "ve_at_rank",
 ]

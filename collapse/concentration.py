@@ -34,6 +34,14 @@ def max_share(weights: Tensor, mask: Tensor | None = None, exposure: bool = Fals
     see j does not: under causal-uniform routing it still favours source 0 by H_n.) Without a mask every
     source is equally exposed and the exposure variant equals the plain one.
     """
+    plain, exposed, _ = max_share_variants(weights, mask)
+    return exposed if exposure else plain
+
+
+def max_share_variants(weights: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Plain, exposure-corrected and ex-position-0 max share (see :func:`max_share`) from ONE pass over the
+    operator: all three derive from its column sums and row masses, so the [.., Q, S] tensor is read once
+    in its own dtype (the monitor's cost on channels x T x T operators is this pass)."""
     _check_mask(mask)
     if weights.dim() < 2:
         raise UserError(f"max_share needs weights shaped [..., queries, sources]; got {tuple(weights.shape)}")
@@ -41,12 +49,15 @@ def max_share(weights: Tensor, mask: Tensor | None = None, exposure: bool = Fals
     if mask is not None:
         magnitude = magnitude.masked_fill(~mask, 0)
     received = magnitude.sum(-2, dtype=torch.float64)
-    if exposure and mask is not None:
-        visible = mask.to(torch.float64)
-        mass_per_visible = magnitude.sum(-1, dtype=torch.float64) / visible.sum(-1).clamp(min=1)
-        expected = (visible * mass_per_visible.unsqueeze(-1)).sum(-2)
-        received = torch.where(expected > 0, received / expected.clamp(min=1e-300), torch.zeros_like(received))
-    return _max_of_shares(received)
+    plain = _max_of_shares(received)
+    ex0 = _max_of_shares(received[..., 1:]) if received.shape[-1] > 1 else torch.full_like(plain, float("nan"))
+    if mask is None:
+        return plain, plain, ex0
+    visible = mask.to(torch.float64)
+    mass_per_visible = magnitude.sum(-1, dtype=torch.float64) / visible.sum(-1).clamp(min=1)
+    expected = (mass_per_visible.unsqueeze(-2) @ visible).squeeze(-2)  # e_j = sum_i mask_ij m_i / |visible(i)|
+    exposed = torch.where(expected > 0, received / expected.clamp(min=1e-300), torch.zeros_like(received))
+    return plain, _max_of_shares(exposed), ex0
 
 
 def causal_uniform_share(n: int) -> float:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from collapse.concentration import (completion_layer, max_share, max_share_sparse, onset_layer,
+from collapse.concentration import (completion_layer, max_share_sparse, max_share_variants, onset_layer,
                                     uniform_max_share, uniform_max_share_sparse)
 from collapse.geometry import gaussian_null, key_spectrum, norm_cv
 from collapse.stats import pearson
@@ -90,12 +90,8 @@ class _LayerStats:
                                 f"got {tuple(chunk.shape)}")
             mask = _restrict_mask(layer.mask, start, start + chunk.shape[1])
             start += chunk.shape[1]
-            plain.append(max_share(chunk, mask))
-            exposure.append(max_share(chunk, mask, exposure=True))
-            if chunk.shape[-1] > 1:  # Ambiguity 3: the same share with position 0 removed from the sources
-                ex0.append(max_share(chunk[..., 1:], None if mask is None or mask.shape[-1] == 1 else mask[..., 1:]))
-            else:
-                ex0.append(torch.full(chunk.shape[:2], math.nan, dtype=torch.float64, device=chunk.device))
+            for parts, value in zip((plain, exposure, ex0), max_share_variants(chunk, mask)):
+                parts.append(value)
         if not plain:
             raise UserError(f"layer {self.name!r}: its weight chunks are empty; yield at least one chunk")
         for mean, parts in ((self.share, plain), (self.share_exposure, exposure), (self.share_ex0, ex0)):

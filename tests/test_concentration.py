@@ -102,3 +102,14 @@ def test_bad_inputs_raise_user_error():
         causal_uniform_share(0)
     with pytest.raises(UserError, match="1-D"):
         onset_layer(torch.zeros(2, 3))
+
+
+def test_one_pass_variants_equal_the_separate_definitions():
+    from collapse import max_share_variants
+
+    weights = torch.rand(3, 5, 16, 16)
+    mask = torch.ones(16, 16, dtype=torch.bool).tril()
+    plain, exposed, ex0 = max_share_variants(weights, mask)
+    torch.testing.assert_close(plain, max_share(weights, mask))
+    torch.testing.assert_close(exposed, max_share(weights, mask, exposure=True))
+    torch.testing.assert_close(ex0, max_share(weights[..., 1:], mask[..., 1:]))
