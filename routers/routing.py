@@ -16,6 +16,9 @@ or a single depth router per sublayer):
 Operators too large to hold (Mamba/RWKV: channels x T x T) give ``weight_chunks`` instead of ``weights``:
 a callable returning an iterator of ``[batch, units_chunk, queries, sources]`` tensors that together cover
 all units in order. Graph routers give the sparse form (``edge_index``, ``edge_weight``) and never densify.
+
+A router may also offer ``routing(inputs) -> Routing`` that skips work the record does not need (e.g. the
+vocabulary head); the monitor prefers it, and a test must hold it equal to ``forward(..., return_routing=True)``.
 """
 from __future__ import annotations
 

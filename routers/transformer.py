@@ -201,6 +201,15 @@ class Transformer(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, tokens: Tensor, return_routing: bool = False) -> Tensor | tuple[Tensor, Routing]:
+        x, layers = self._trunk(tokens, return_routing)
+        logits = self.lm_head(self.ln_f(x))
+        return (logits, Routing(layers=layers, axis="token")) if return_routing else logits
+
+    def routing(self, tokens: Tensor) -> Routing:
+        """The routing record alone: skips the vocabulary head, the probe's costliest matmul."""
+        return Routing(layers=self._trunk(tokens, return_routing=True)[1], axis="token")
+
+    def _trunk(self, tokens: Tensor, return_routing: bool) -> tuple[Tensor, list]:
         if tokens.dim() != 2:
             raise UserError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}; add a batch axis")
         T = tokens.shape[1]
@@ -215,8 +224,7 @@ class Transformer(nn.Module):
         for block in self.blocks:
             x, layer = block(x, return_routing)
             layers.append(layer)
-        logits = self.lm_head(self.ln_f(x))
-        return (logits, Routing(layers=layers, axis="token")) if return_routing else logits
+        return x, layers
 
     @classmethod
     def from_hf(cls, source, **shape) -> "Transformer":

@@ -47,8 +47,12 @@ class LanguageModelTask(pl.LightningModule):
 
     @torch.no_grad()
     def probe_routing(self, inputs: Tensor):
-        """The routing record on probe inputs (the monitor handles eval mode)."""
-        return self.model(inputs.to(self.device), return_routing=True)[1]
+        """The routing record on probe inputs (the monitor handles eval mode). Routers may offer
+        ``routing(tokens)`` to skip work the record does not need (the vocabulary head)."""
+        inputs = inputs.to(self.device)
+        if hasattr(self.model, "routing"):
+            return self.model.routing(inputs)
+        return self.model(inputs, return_routing=True)[1]
 
     def configure_optimizers(self):
         hp = self.hparams

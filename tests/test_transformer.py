@@ -254,3 +254,15 @@ def test_named_pythia_shapes_extend_the_default(name, shape):
     assert (cfg.n_layer, cfg.d_model, cfg.n_head, cfg.context_length) == (*shape, 2048)
     assert (cfg.position, cfg.alibi_slope_scale, cfg.score) == ("alibi", 1.0, "dot")
     assert cfg._target_ == "routers.transformer.Transformer"
+
+
+def test_routing_only_path_equals_the_full_forward_record():
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=50, n_layer=2, d_model=32, n_head=2, context_length=16).eval()
+    tokens = torch.randint(0, 50, (2, 16))
+    _, full = model(tokens, return_routing=True)
+    only = model.routing(tokens)
+    assert only.axis == full.axis and len(only) == len(full)
+    for a, b in zip(only, full):
+        torch.testing.assert_close(a.weights, b.weights)
+        torch.testing.assert_close(a.content_keys, b.content_keys)
