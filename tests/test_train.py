@@ -86,3 +86,21 @@ def test_optimizer_decays_matrices_but_not_gains_biases_or_no_weight_decay_param
     decayed, kept = task.configure_optimizers()["optimizer"].param_groups
     assert decayed["weight_decay"] == 0.1 and [p.shape for p in decayed["params"]] == [(4, 4)]
     assert kept["weight_decay"] == 0.0 and len(kept["params"]) == 4
+
+
+def test_ddp_on_two_cpu_processes_trains_and_the_monitor_writes_each_step_once(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests.conftest import TINY
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ROUTECOLLAPSE_DATA": str(tmp_path / "cache")}
+    cmd = [sys.executable, "train.py", "trainer=ddp_cpu", "logger=csv", "threads=1", *TINY,
+           f"hydra.run.dir={tmp_path / 'run'}"]
+    result = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "collapse.jsonl").read_text().splitlines()]
+    assert steps == [0, 10, 20]  # rank zero alone measures: no duplicate lines from the second process
