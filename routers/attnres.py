@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.errors import UserError
-from routers.routing import Routing, RoutingLayer, causal_mask
+from routers.routing import Routing, RoutingLayer, causal_mask, check_tokens
 
 RESIDUALS = ("attnres", "additive")
 ROUTING_AXES = ("depth", "token")
@@ -232,10 +232,8 @@ class Qwen3Decoder(nn.Module):
         return h
 
     def forward(self, tokens: Tensor, return_routing: bool = False):
+        check_tokens(tokens, self.context_length)
         T = tokens.shape[1]
-        if T > self.context_length:
-            raise UserError(f"sequence length {T} exceeds context_length={self.context_length}; "
-                            f"raise router.context_length or shorten the data windows")
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         depth = [] if return_routing and self.routing_axis == "depth" else None
         token = [] if return_routing and self.routing_axis == "token" else None

@@ -28,6 +28,8 @@ from typing import Callable, Iterator
 import torch
 from torch import Tensor
 
+from common.errors import UserError
+
 AXES = ("token", "node", "time", "depth")
 
 
@@ -91,6 +93,15 @@ class Routing:
 
     def __iter__(self):
         return iter(self.layers)
+
+
+def check_tokens(tokens: Tensor, context_length: int) -> None:
+    """The one-line errors every token/time router gives for badly shaped or too long input."""
+    if tokens.dim() != 2:
+        raise UserError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}; add a batch axis")
+    if tokens.shape[1] > context_length:
+        raise UserError(f"sequence length {tokens.shape[1]} exceeds context_length {context_length}; "
+                        f"crop the input or raise router.context_length")
 
 
 def causal_mask(n: int, device: torch.device | None = None) -> Tensor:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from collapse.recurrent import content_recency, late_query_influence
 from common.errors import UserError
-from routers.routing import Routing, RoutingLayer, causal_mask
+from routers.routing import Routing, RoutingLayer, causal_mask, check_tokens
 
 WKVS = ("chunked", "reference")
 # kill_carry's decay. Finite on purpose: 0 * w must stay 0 for the undecayed previous token (0 * -inf is
@@ -280,11 +280,7 @@ class RWKV(nn.Module):
             ffn.time_mix_receptance.copy_(ramp ** ratio_1_to_0)
 
     def forward(self, tokens: Tensor, return_routing: bool = False) -> Tensor | tuple[Tensor, Routing]:
-        if tokens.dim() != 2:
-            raise UserError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}; add a batch axis")
-        if tokens.shape[1] > self.context_length:
-            raise UserError(f"sequence length {tokens.shape[1]} exceeds context_length {self.context_length}; "
-                            f"crop the input or raise router.context_length")
+        check_tokens(tokens, self.context_length)
         x = self.embeddings(tokens)
         layers = []
         for block in self.blocks:

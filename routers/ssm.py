@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.errors import UserError
-from routers.routing import Routing, RoutingLayer, causal_mask
+from routers.routing import Routing, RoutingLayer, causal_mask, check_tokens
 
 SCANS = ("chunked", "reference")
 
@@ -244,11 +244,7 @@ class Mamba(nn.Module):
             mixer.out_proj.weight /= math.sqrt(n_layer)
 
     def forward(self, tokens: Tensor, return_routing: bool = False) -> Tensor | tuple[Tensor, Routing]:
-        if tokens.dim() != 2:
-            raise UserError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}; add a batch axis")
-        if tokens.shape[1] > self.context_length:
-            raise UserError(f"sequence length {tokens.shape[1]} exceeds context_length {self.context_length}; "
-                            f"crop the input or raise router.context_length")
+        check_tokens(tokens, self.context_length)
         x = self.embeddings(tokens)
         layers = []
         for block in self.layers:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.errors import UserError
-from routers.routing import Routing, RoutingLayer, causal_mask
+from routers.routing import Routing, RoutingLayer, causal_mask, check_tokens
 
 POSITIONS = ("nope", "rope", "alibi", "learned")
 SCORES = ("dot", "euclidean", "learned_metric", "normalized")
@@ -210,12 +210,8 @@ class Transformer(nn.Module):
         return Routing(layers=self._trunk(tokens, return_routing=True)[1], axis="token")
 
     def _trunk(self, tokens: Tensor, return_routing: bool) -> tuple[Tensor, list]:
-        if tokens.dim() != 2:
-            raise UserError(f"tokens must be [batch, time], got shape {tuple(tokens.shape)}; add a batch axis")
+        check_tokens(tokens, self.context_length)
         T = tokens.shape[1]
-        if T > self.context_length:
-            raise UserError(f"sequence length {T} exceeds context_length {self.context_length}; "
-                            f"crop the input or raise router.context_length")
         x = self.wte(tokens)
         if self.wpe is not None:
             x = x + self.wpe(torch.arange(T, device=tokens.device))

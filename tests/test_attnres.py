@@ -217,7 +217,7 @@ def test_bad_config_raises_user_error_naming_the_fix(bad, fix):
 
 
 def test_sequence_longer_than_context_raises_user_error():
-    with pytest.raises(UserError, match="context_length=16"):
+    with pytest.raises(UserError, match="context_length 16"):
         tiny()(tokens(1, 17))
 
 
