@@ -101,3 +101,13 @@ def test_wandb_logger_gets_the_sweep_as_group_and_a_stable_id_per_run_dir(tmp_pa
 def test_root_data_seed_reaches_the_data_and_weight_seed_does_not(data):
     cfg = composed(f"data={data}", "seed=7", "data_seed=3")
     assert cfg.data.data_seed == 3 and cfg.seed == 7
+
+
+def test_slurm_launcher_config_composes_through_the_submitit_plugin():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("train", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert launcher.tasks_per_node == launcher.gpus_per_node  # Lightning: one task per GPU
+    assert launcher.cpus_per_task and launcher.max_num_timeout > 0
