@@ -11,8 +11,8 @@ import math
 from typing import Sequence
 
 import numpy as np
-from scipy import stats
 
+from collapse.stats import spearman  # noqa: F401  (re-exported: the studies read trends with it)
 from common.errors import UserError
 
 N_BOOT = 4000  # resamples: the Monte Carlo error of a 95% percentile bound is then well under its width
@@ -81,15 +81,3 @@ def order_probability(groups: Sequence[Sequence[float]], n_boot: int = N_BOOT, s
     rng = np.random.default_rng(seed)
     means = np.stack([_resampled_means(a, n_boot, rng) for a in arrays])
     return float(np.all(np.diff(means, axis=0) > 0, axis=0).mean())
-
-
-def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
-    """Spearman rank correlation and two-sided p over the finite pairs: the trend of a statistic along a
-    continuous brake (e.g. peak max share vs ALiBi slope scale). nan for fewer than 3 pairs or a constant side."""
-    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
-    keep = np.isfinite(x) & np.isfinite(y)
-    x, y = x[keep], y[keep]
-    if x.size < 3 or np.ptp(x) == 0 or np.ptp(y) == 0:
-        return math.nan, math.nan
-    result = stats.spearmanr(x, y)
-    return float(result.statistic), float(result.pvalue)

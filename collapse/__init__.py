@@ -9,11 +9,11 @@ from collapse.geometry import (canonical_angles, gaussian_null, key_spectrum, no
                                ve_at_rank)
 from collapse.nulls import shuffle_positions
 from collapse.signature import Signature, SignatureAccumulator, signature
-from collapse.stats import pearson
+from collapse.stats import pearson, spearman
 
 __all__ = [
     "canonical_angles", "causal_uniform_share", "completion_layer", "gaussian_null", "key_spectrum",
-    "max_share", "max_share_sparse", "max_share_variants", "norm_cv", "onset_layer", "pearson", "principal_subspace",
+    "max_share", "max_share_sparse", "max_share_variants", "norm_cv", "onset_layer", "pearson", "principal_subspace", "spearman",
     "shuffle_positions", "Signature", "SignatureAccumulator", "signature", "uniform_max_share",
     "uniform_max_share_sparse", "ve_at_rank",
 ]
