@@ -210,8 +210,8 @@ def _brake(cfg, runs, out: Path, factor: str):
                                                 indent=1))
     rank = cfg.rank
     references = {"max_share": [(f"onset threshold {cfg.threshold}", cfg.threshold),
-                                ("causal-uniform baseline", _baseline(runs))],
-                  f"ve@{rank}": [("Gaussian null", _null(runs, f"ve@{rank}_gauss"))]}
+                                ("causal-uniform baseline", _final_column(runs, "baseline"))],
+                  f"ve@{rank}": [("Gaussian null", _final_column(runs, f"ve@{rank}_gauss"))]}
     images = [_save(figures.arm_profiles_figure(result["profiles"], [("max_share", "max share"), (f"ve@{rank}", f"VE@{rank}"),
                                                                      ("norm_cv", "norm-CV")], references,
                                                 f"{factor}: depth profiles at the last step"), out / "profiles.png"),
@@ -222,11 +222,8 @@ def _brake(cfg, runs, out: Path, factor: str):
     return {"runs": result["rows"], "arms": result["arms"], "checks": result["checks"]}, images
 
 
-def _baseline(runs) -> list[float]:
-    return [layer.get("baseline") for layer in runs[0].final["layers"]]
-
-
-def _null(runs, key: str) -> list[float]:
+def _final_column(runs, key: str) -> list[float]:
+    """One per-layer column of the first run's last record (baselines and nulls are shared by the arms)."""
     return [layer.get(key) for layer in runs[0].final["layers"]]
 
 
@@ -246,8 +243,8 @@ def _metric(cfg, runs, out: Path, factor: str):
     rank = cfg.rank
     images = [_save(figures.arm_profiles_figure(result["profiles"], [("max_share", "max share"), (f"ve@{rank}", f"VE@{rank}"),
                                                                      ("norm_cv", "norm-CV")],
-                                                {f"ve@{rank}": [("Gaussian null", _null(runs, f"ve@{rank}_gauss"))],
-                                                 "max_share": [("causal-uniform baseline", _baseline(runs))]},
+                                                {f"ve@{rank}": [("Gaussian null", _final_column(runs, f"ve@{rank}_gauss"))],
+                                                 "max_share": [("causal-uniform baseline", _final_column(runs, "baseline"))]},
                                                 "score: depth profiles at the last step"), out / "profiles.png"),
               _save(figures.curves_figure(result["curves"], CURVE_KEYS, "score: collapse over training"),
                     out / "trajectories.png")]
