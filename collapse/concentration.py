@@ -42,6 +42,12 @@ def max_share_variants(weights: Tensor, mask: Tensor | None = None) -> tuple[Ten
     """Plain, exposure-corrected and ex-position-0 max share (see :func:`max_share`) from ONE pass over the
     operator: all three derive from its column sums and row masses, so the [.., Q, S] tensor is read once
     in its own dtype (the monitor's cost on channels x T x T operators is this pass)."""
+    return concentration_pass(weights, mask)[:3]
+
+
+def concentration_pass(weights: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`max_share_variants` plus the sink: the index of the source with the largest share, ``[...]``
+    int64 (position 0 for a BOS sink)."""
     _check_mask(mask)
     if weights.dim() < 2:
         raise UserError(f"max_share needs weights shaped [..., queries, sources]; got {tuple(weights.shape)}")
@@ -51,13 +57,14 @@ def max_share_variants(weights: Tensor, mask: Tensor | None = None) -> tuple[Ten
     received = magnitude.sum(-2, dtype=torch.float64)
     plain = _max_of_shares(received)
     ex0 = _max_of_shares(received[..., 1:]) if received.shape[-1] > 1 else torch.full_like(plain, float("nan"))
+    sink = received.argmax(-1)
     if mask is None:
-        return plain, plain, ex0
+        return plain, plain, ex0, sink
     visible = mask.to(torch.float64)
     mass_per_visible = magnitude.sum(-1, dtype=torch.float64) / visible.sum(-1).clamp(min=1)
     expected = (mass_per_visible.unsqueeze(-2) @ visible).squeeze(-2)  # e_j = sum_i mask_ij m_i / |visible(i)|
     exposed = torch.where(expected > 0, received / expected.clamp(min=1e-300), torch.zeros_like(received))
-    return plain, _max_of_shares(exposed), ex0
+    return plain, _max_of_shares(exposed), ex0, sink
 
 
 def causal_uniform_share(n: int) -> float:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from collapse.concentration import (completion_layer, max_share_sparse, max_share_variants, onset_layer,
+from collapse.concentration import (completion_layer, max_share_sparse, concentration_pass, onset_layer,
                                     uniform_max_share, uniform_max_share_sparse)
 from collapse.geometry import gaussian_null, key_spectrum, norm_cv
 from collapse.stats import pearson
@@ -64,6 +64,7 @@ class _LayerStats:
         self.cv, self.share, self.share_exposure, self.share_ex0, self.baseline = (_Mean() for _ in range(5))
         self.norm_sum = self.norm_sq_sum = None
         self.norm_count = 0
+        self.sink_counts: Tensor | None = None  # per source: how many (sequence, unit) operators it tops
         self.ve = {kind: {r: _Mean() for r in ranks} for kind in ("real", "post", "shuffle")}
         self.extras: dict[str, list] = {}  # name -> [batch-weighted sum, sequences]
 
@@ -84,19 +85,24 @@ class _LayerStats:
 
     def add_dense(self, layer: "RoutingLayer", batch: int) -> None:
         plain, exposure, ex0, start = [], [], [], 0
+        counts = torch.zeros(self.sources, dtype=torch.int64)
         for chunk in layer.iter_weights():
             if chunk.dim() != 4:
                 raise UserError(f"layer {self.name!r}: weights must be [batch, units, queries, sources]; "
                                 f"got {tuple(chunk.shape)}")
             mask = _restrict_mask(layer.mask, start, start + chunk.shape[1])
             start += chunk.shape[1]
-            for parts, value in zip((plain, exposure, ex0), max_share_variants(chunk, mask)):
+            *variants, sink = concentration_pass(chunk, mask)
+            for parts, value in zip((plain, exposure, ex0), variants):
                 parts.append(value)
+            # An operator shared by the batch ([1, units]) tops its sink once per sequence.
+            counts += torch.bincount(sink.reshape(-1).cpu(), minlength=len(counts))[:len(counts)] * (batch // sink.shape[0])
         if not plain:
             raise UserError(f"layer {self.name!r}: its weight chunks are empty; yield at least one chunk")
         for mean, parts in ((self.share, plain), (self.share_exposure, exposure), (self.share_ex0, ex0)):
             mean.add(torch.cat([p.expand(batch, -1) for p in parts], dim=1))
         self.baseline.add(torch.full((batch, 1), uniform_max_share(layer.mask, chunk.shape[-1])))
+        self.sink_counts = counts if self.sink_counts is None else self.sink_counts + counts
 
     def add_sparse(self, layer: "RoutingLayer") -> None:
         args = (layer.edge_index, layer.edge_weight, layer.num_nodes)
@@ -132,6 +138,12 @@ class _LayerStats:
                     "max_share_ex0": self.share_ex0.value(), "baseline": baseline,
                     "max_share_ratio": self.share.value() / baseline,
                     "max_share_units": self.share.per_unit().tolist(), "norm_cv_units": self.cv.per_unit().tolist()})
+        if self.sink_counts is not None and self.sink_counts.sum() > 0:
+            # The sink: the source that most often receives the largest share, and how often it does.
+            row.update({"sink_source": int(self.sink_counts.argmax()),
+                        "sink_fraction": float(self.sink_counts.max() / self.sink_counts.sum())})
+        else:
+            row.update({"sink_source": None, "sink_fraction": math.nan})
         for key, (total, count) in self.extras.items():
             if key in row:
                 raise UserError(f"layer {self.name!r}: extra {key!r} clashes with a signature column; rename it")
@@ -224,6 +236,8 @@ def _summary(rows: list[dict], axis: str, ranks: tuple[int, ...], onset_threshol
         "onset_layer": onset, "onset_depth": None if onset is None else onset / n_layers,
         "completion_layer": completion, "completion_depth": None if completion is None else completion / n_layers,
         "peak_layer": peak, "peak_max_share": math.nan if peak is None else curve[peak],
+        "peak_sink_source": None if peak is None else rows[peak].get("sink_source"),
+        "peak_sink_fraction": math.nan if peak is None else rows[peak].get("sink_fraction", math.nan),
         "peak_max_share_ratio": max((rows[i]["max_share_ratio"] for i in measured), default=math.nan),
         "area_above_baseline": sum(max(0.0, rows[i]["max_share"] - rows[i]["baseline"]) for i in measured) / n_layers,
         "r_cv_share": r, "r_cv_share_p": p,

@@ -20,8 +20,9 @@ class TokenProbe:
     seed: int = 0
 
     @classmethod
-    def from_tokens(cls, tokens: Tensor, seed: int = 0) -> "TokenProbe":
-        return cls(tokens=tokens, shuffled=shuffle_positions(tokens, seed), seed=seed)
+    def from_tokens(cls, tokens: Tensor, seed: int = 0, keep: int = 0) -> "TokenProbe":
+        """``keep`` leading positions (a BOS) stay in place in the shuffled copy."""
+        return cls(tokens=tokens, shuffled=shuffle_positions(tokens, seed, keep), seed=seed)
 
     def __len__(self) -> int:
         return self.tokens.shape[0]

@@ -1,11 +1,14 @@
 """Text to token ids: a byte-level BPE trained on the corpus's train split, or a pretrained Hugging Face tokenizer.
 
 Byte-level BPE (GPT-2's scheme) round-trips any text, seen or not: unknown characters fall back to their UTF-8
-bytes. No special tokens are added: METHODS.md Ambiguity 3 measures without a BOS token, and windows are cut
-from one running token stream, so there is no document boundary for an EOS to mark.
+bytes. No special tokens are added to the stream: windows are cut from one running token stream, and the
+default measures without a BOS token (docs/decisions.md). ``data.bos=true`` prepends a reserved BOS id, one
+past the tokenizer's vocabulary, when windows are cut (``datamodules/lm.py``), not here.
 """
 from __future__ import annotations
 
+import bisect
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -56,22 +59,55 @@ class TextTokenizer:
 
     def encode_documents(self, documents: list[str]) -> Tensor:
         """The documents' tokens in order, as one int32 stream (vocabularies stay far below 2**31)."""
-        parts, group, size = [], [], 0
-        for doc in documents + [None]:
-            if doc is None or (group and size + len(doc) > _ENCODE_CHARS):
-                parts += [np.asarray(ids, dtype=np.int32) for ids in self._encode_batch(group)]
-                group, size = [], 0
-            if doc is not None:
-                group.append(doc)
-                size += len(doc)
+        parts = [np.asarray(ids, dtype=np.int32) for group in _groups(documents) for ids in self._encode_batch(group)]
         return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32))
 
-    def _encode_batch(self, texts: list[str]) -> list[list[int]]:
+    def encode_documents_with_starts(self, documents: list[str]) -> tuple[Tensor, dict[str, Tensor]]:
+        """The stream of :meth:`encode_documents` and where its units start, as token offsets:
+        ``{"document": ..., "paragraph": ...}`` (a paragraph starts the text and follows every blank line).
+        ``data.align`` cuts training windows at these offsets."""
+        parts, starts, offset = [], {"document": [], "paragraph": []}, 0
+        for group in _groups(documents):
+            for text, (ids, spans) in zip(group, self._encode_batch(group, offsets=True)):
+                starts["document"].append(offset)
+                starts["paragraph"] += [offset + i for i in _paragraph_tokens(text, spans)]
+                parts.append(np.asarray(ids, dtype=np.int32))
+                offset += len(ids)
+        tokens = torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32))
+        return tokens, {unit: torch.tensor(sorted(set(s)), dtype=torch.int64) for unit, s in starts.items()}
+
+    def _encode_batch(self, texts: list[str], offsets: bool = False) -> list:
+        """Token ids per text; with ``offsets``, (ids, [(char start, char end), ...]) per text."""
         if not texts:
             return []
         if isinstance(self.backend, Tokenizer):
-            return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
-        return self.backend(texts, add_special_tokens=False, verbose=False)["input_ids"]
+            encodings = self.backend.encode_batch(texts, add_special_tokens=False)
+            return [(e.ids, e.offsets) if offsets else e.ids for e in encodings]
+        out = self.backend(texts, add_special_tokens=False, verbose=False, return_offsets_mapping=offsets)
+        return list(zip(out["input_ids"], out["offset_mapping"])) if offsets else out["input_ids"]
+
+
+def _groups(documents: list[str]):
+    """Consecutive documents in groups of about ``_ENCODE_CHARS`` characters (bounded encoder memory)."""
+    group, size = [], 0
+    for doc in documents:
+        if group and size + len(doc) > _ENCODE_CHARS:
+            yield group
+            group, size = [], 0
+        group.append(doc)
+        size += len(doc)
+    if group:
+        yield group
+
+
+_BLANK_LINE = re.compile(r"\n[ \t\r]*\n\s*")
+
+
+def _paragraph_tokens(text: str, spans: list[tuple[int, int]]) -> list[int]:
+    """Indices of the first token at or after each paragraph's first character."""
+    chars = [0] + [m.end() for m in _BLANK_LINE.finditer(text) if m.end() < len(text)]
+    token_starts = [start for start, _ in spans]
+    return sorted({i for i in (bisect.bisect_left(token_starts, c) for c in chars) if i < len(spans)})
 
 
 def load_tokenizer(spec: Mapping, cache_dir: Path, train_documents: Callable[[], list[str]]) -> TextTokenizer:

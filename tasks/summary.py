@@ -15,6 +15,13 @@ def _layer_label(summary: dict, key: str) -> str:
     return "never" if layer is None else f"L{layer}"
 
 
+def _peak_where(summary: dict) -> str:
+    where = _layer_label(summary, "peak_layer")
+    if summary.get("peak_sink_source") is not None:
+        where += f", sink at source {summary['peak_sink_source']} in {100 * summary['peak_sink_fraction']:.0f}% of heads x sequences"
+    return where
+
+
 def geometry_column(layer: dict) -> tuple[str, str]:
     """The VE column a router family is read by: VE@8 of the keys (tokens, time, depth), or for graphs the
     paper's VE@4 of the full-width layer features (8-wide GAT heads make per-head VE@8 trivially 1)."""
@@ -39,6 +46,8 @@ def training_table(first: dict, last: dict) -> str:
     lines.append("")
     lines.append(f"onset layer (mean max share > {s1.get('onset_threshold', 0.2)}): "
                  f"{_layer_label(s0, 'onset_layer')} -> {_layer_label(s1, 'onset_layer')}")
-    lines.append(f"peak max share: {_fmt(s0.get('peak_max_share'), 0)} ({_layer_label(s0, 'peak_layer')}) -> "
-                 f"{_fmt(s1.get('peak_max_share'), 0)} ({_layer_label(s1, 'peak_layer')})")
+    if s1.get("onset_step") is not None:
+        lines.append(f"first measured step past onset: {s1['onset_step']}")
+    lines.append(f"peak max share: {_fmt(s0.get('peak_max_share'), 0)} ({_peak_where(s0)}) -> "
+                 f"{_fmt(s1.get('peak_max_share'), 0)} ({_peak_where(s1)})")
     return "\n".join(lines)
