@@ -12,6 +12,8 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from collapse import SignatureAccumulator
+from common import atomic
+from common.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -19,12 +21,12 @@ JSONL = "collapse.jsonl"
 PROFILE_PNG = "collapse_profile.png"
 
 
-def read_records(run_dir: str | Path) -> list[dict]:
-    """The monitor's measurements of a run, in step order (empty if none were written)."""
-    path = Path(run_dir) / JSONL
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_records(run_dir: str | Path, skipped: bool = False, repair: bool = False) -> list[dict]:
+    """The monitor's measurements of a run, in step order (empty if none were written). A line torn by a kill
+    is dropped with a warning (``repair``: also cut from the file). ``skipped``: also the steps whose
+    measurement was skipped because the weights were not finite (``{"step": s, "skipped": reason}``)."""
+    records = [json.loads(line) for line in atomic.read_lines(Path(run_dir) / JSONL, repair=repair) if line.strip()]
+    return records if skipped else [r for r in records if "skipped" not in r]
 
 
 @torch.no_grad()
@@ -74,7 +76,8 @@ class CollapseMonitor(pl.Callback):
     def __init__(self, every_n_steps: int = 200, ranks: tuple[int, ...] = (1, 4, 8), probe_batch_size: int = 50,
                  onset_threshold: float = 0.2, completion_threshold: float = 0.5):
         if every_n_steps <= 0:
-            raise ValueError(f"every_n_steps must be positive, got {every_n_steps}")
+            raise UserError(f"callbacks.collapse_monitor.every_n_steps must be positive, got {every_n_steps}; "
+                            "pass e.g. callbacks.collapse_monitor.every_n_steps=250")
         self.every_n_steps = every_n_steps
         self.ranks = tuple(ranks)
         self.probe_batch_size = probe_batch_size
@@ -83,6 +86,7 @@ class CollapseMonitor(pl.Callback):
         self.measured_steps: set[int] = set()
         self.onset_step: int | None = None  # first measured step whose depth profile crossed onset
         self._loss_sum, self._loss_count = 0.0, 0  # training loss since the last measurement
+        self._val_loss: float | None = None  # the latest validation loss (kept in checkpoints, like the sums)
 
     def run_dir(self, trainer: pl.Trainer) -> Path:
         return Path(trainer.default_root_dir)
@@ -93,15 +97,26 @@ class CollapseMonitor(pl.Callback):
             run_dir.mkdir(parents=True, exist_ok=True)
             probe_path = run_dir / "probe.pt"
             if not probe_path.exists():
-                trainer.datamodule.probe.save(probe_path)
+                with atomic.atomic_path(probe_path) as tmp:
+                    trainer.datamodule.probe.save(tmp)
             # A resumed run appends to the same file and skips steps it already measured.
-            records = read_records(run_dir)
+            records = read_records(run_dir, skipped=True, repair=True)
             self.measured_steps = {r["step"] for r in records}
-            self.onset_step = next((r["summary"].get("onset_step") for r in reversed(records)
-                                    if r["summary"].get("onset_step") is not None), None)
+            self.onset_step = next((r["summary"]["onset_step"] for r in reversed(records)
+                                    if r.get("summary", {}).get("onset_step") is not None), None)
+
+    def state_dict(self) -> dict:
+        # In every checkpoint, so a resumed run's records equal an uninterrupted run's.
+        return {"loss_sum": self._loss_sum, "loss_count": self._loss_count, "val_loss": self._val_loss}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._loss_sum, self._loss_count = state["loss_sum"], state["loss_count"]
+        self._val_loss = state["val_loss"]
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._measure(trainer, pl_module)
+        # Step 0; a resume at a scheduled step that the killed run did not get to measure; never other steps.
+        if trainer.global_step % self.every_n_steps == 0:
+            self._measure(trainer, pl_module)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
@@ -111,6 +126,11 @@ class CollapseMonitor(pl.Callback):
         if trainer.global_step % self.every_n_steps == 0:
             self._measure(trainer, pl_module)
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        val_loss = trainer.callback_metrics.get("val/loss")
+        if val_loss is not None and not trainer.sanity_checking:
+            self._val_loss = float(val_loss)
+
     def on_train_end(self, trainer, pl_module) -> None:
         self._measure(trainer, pl_module)
         if trainer.is_global_zero:
@@ -118,7 +138,15 @@ class CollapseMonitor(pl.Callback):
 
     def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = trainer.global_step
+        # Mean training loss since the previous measurement: what the studies match arms on. Reset at every
+        # measured step, also one a resumed run finds already measured, so the next mean covers the same steps.
+        train_loss = self._loss_sum / self._loss_count if self._loss_count else math.nan
+        self._loss_sum, self._loss_count = 0.0, 0
         if not trainer.is_global_zero or step in self.measured_steps:
+            return
+        if not all(bool(torch.isfinite(p).all()) for p in pl_module.parameters()):
+            log.warning(f"collapse step {step}: weights are not finite, measurement skipped")
+            self._append(trainer, {"step": step, "skipped": "non-finite weights"})
             return
         start = time.perf_counter()
         signature = measure_signature(pl_module, trainer.datamodule.probe, self.ranks, self.probe_batch_size,
@@ -127,30 +155,32 @@ class CollapseMonitor(pl.Callback):
         if self.onset_step is None and signature.summary["onset_layer"] is not None:
             self.onset_step = step
         signature.summary["onset_step"] = self.onset_step
-        # Mean training loss since the previous measurement: what the studies match arms on.
-        train_loss = self._loss_sum / self._loss_count if self._loss_count else math.nan
-        self._loss_sum, self._loss_count = 0.0, 0
-        val_loss = trainer.callback_metrics.get("val/loss")
         record = {"step": step, "epoch": trainer.current_epoch, "seconds": seconds,
                   "train_loss": None if math.isnan(train_loss) else train_loss,
-                  "val_loss": None if val_loss is None else float(val_loss), **signature.to_dict()}
-        with open(self.run_dir(trainer) / JSONL, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        self.measured_steps.add(step)
+                  "val_loss": self._val_loss, **signature.to_dict()}
+        self._append(trainer, record)
         log.info(progress_line(record))
         metrics = {**signature.flat(), "collapse/seconds": seconds}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
             logger.save()
 
+    def _append(self, trainer: pl.Trainer, record: dict) -> None:
+        atomic.append_lines(self.run_dir(trainer) / JSONL, [json.dumps(record)])
+        self.measured_steps.add(record["step"])
+
     def _plot(self, trainer: pl.Trainer) -> None:
+        import matplotlib.pyplot as plt
+
         from analysis.plots import depth_profile_figure  # matplotlib only when a plot is drawn
 
         records = read_records(self.run_dir(trainer))
         if not records:
             return
         path = self.run_dir(trainer) / PROFILE_PNG
-        depth_profile_figure(records, title=self.run_dir(trainer).name).savefig(path, dpi=120)
+        figure = depth_profile_figure(records, title=self.run_dir(trainer).name)
+        atomic.save_figure(figure, path, dpi=120)
+        plt.close(figure)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_image(key="collapse/depth_profile", images=[str(path)])

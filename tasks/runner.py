@@ -1,10 +1,9 @@
-"""What train.py needs beyond instantiation: run directories, loggers, checkpoints, the final report."""
+"""What train.py needs beyond instantiation: run directories, loggers, checkpoints, failures, the final report."""
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
 
-import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
@@ -13,8 +12,12 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from callbacks.checkpointing import LAST, inspect, newest_loadable
 from callbacks.collapse_monitor import JSONL, PROFILE_PNG, read_records
+from common import atomic
 from common.errors import UserError
+from common.failed import clear_failure, mark_failed
+from common.loggers import WandbLogger
 from tasks.summary import training_table
 
 
@@ -41,6 +44,41 @@ def compose_run(out: Path, overrides: list[str]) -> DictConfig:
 
 def run_dir() -> Path:
     return Path(HydraConfig.get().runtime.output_dir)
+
+
+def in_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def prepare_run_dir(out: Path) -> None:
+    """Fail early on an unwritable run dir; on (re)start, clear what a killed or failed earlier run left:
+    temp files of interrupted writes and the ``FAILED`` marker. Rank zero only: under DDP the other ranks
+    start while rank zero is already writing."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if problem := atomic.check_writable(out):
+        raise UserError(f"cannot write to the run directory {out} ({problem}); pass hydra.run.dir=<a writable folder>")
+    if rank_zero_only.rank == 0:
+        atomic.remove_stale_temps(out, out / "csv")
+        clear_failure(out)
+
+
+def failed(out: Path, error: BaseException, step: int | None) -> None:
+    """Write the run's ``FAILED`` marker: why (the one-line message, or the exception) and at which step."""
+    if isinstance(error, (KeyboardInterrupt, SystemExit)):
+        reason = "interrupted"
+    elif isinstance(error, UserError):
+        reason = str(error)
+    else:
+        reason = f"{type(error).__name__}: {error}".strip().splitlines()[0]
+    mark_failed(out, reason, getattr(error, "step", step))
+
+
+def check_training_length(trainer_cfg: DictConfig) -> None:
+    steps = trainer_cfg.get("max_steps")
+    if steps is None or steps <= 0:
+        raise UserError(f"trainer.max_steps={steps} trains nothing (training length is in steps; the loader is "
+                        f"endless); pass trainer.max_steps=<N> with N > 0")
 
 
 def plain(cfg: DictConfig) -> dict:
@@ -94,37 +132,95 @@ def build_loggers(logger_cfg: DictConfig, out: Path) -> list:
     return loggers
 
 
-def finish_loggers(loggers: list, failed: bool) -> None:
+def finish_loggers(loggers: list, status: str) -> None:
+    """Flush every logger and end the W&B run as ``success``, ``failed`` or ``preempted``: one W&B run per
+    Hydra job, also inside a multirun process, and never a crashed run recorded as finished."""
     for logger in loggers:
-        logger.finalize("failed" if failed else "success")
-    import wandb
-
-    if wandb.run is not None:  # one W&B run per Hydra job, also inside a multirun process
-        wandb.finish(exit_code=1 if failed else 0)
+        logger.save()
+        if isinstance(logger, WandbLogger):
+            logger.finish(status)
 
 
-def resolve_checkpoint(ckpt_path: str | None, out: Path) -> str | None:
+def resolve_checkpoint(ckpt_path: str | None, folder: Path, task) -> str | None:
+    """The checkpoint to resume from: ``ckpt_path`` checked, or with ``auto`` the newest loadable checkpoint
+    in ``folder`` (None when there is none yet). Says which one and why; bad ones are one-line errors."""
     if ckpt_path is None:
         return None
-    if ckpt_path == "auto":  # requeued jobs: resume this run dir's last checkpoint if there is one
-        last = out / "checkpoints" / "last.ckpt"
-        return str(last) if last.exists() else None
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path} does not exist; pass ckpt_path=<run dir>/checkpoints/last.ckpt "
-                        f"or ckpt_path=auto")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        if "state_dict" not in state or "loops" not in state:
-            raise KeyError("state_dict/loops")
-    except Exception as e:
-        raise UserError(f"checkpoint {path} is corrupt or not a Lightning checkpoint ({type(e).__name__}); "
-                        f"resume from another one, e.g. the run's checkpoints/last.ckpt") from None
+    if ckpt_path == "auto":
+        path, step, problems = newest_loadable(folder)
+        if path is None and problems:
+            found = "; ".join(f"{name}: {problem}" for name, problem in problems.items())
+            raise UserError(f"ckpt_path=auto: no checkpoint in {folder} loads ({found}); delete them to train from "
+                            f"step 0, or pass ckpt_path=<a good .ckpt>")
+        if path is None:
+            print(f"ckpt_path=auto: no checkpoint in {folder} yet; training from step 0")
+            return None
+        why = ""
+        if path.name != LAST:
+            last_state, last_problem = inspect(folder / LAST) if (folder / LAST).exists() else (None, "missing")
+            why = f" (last.ckpt is {last_problem or 'older: step %d' % last_state['global_step']})"
+        print(f"ckpt_path=auto: resuming from {path}, step {step}{why}")
+        state, _ = inspect(path)
+    else:
+        path = Path(ckpt_path)
+        if not path.is_file():
+            raise UserError(f"checkpoint {path} does not exist; pass ckpt_path=<run dir>/checkpoints/last.ckpt "
+                            f"or ckpt_path=auto")
+        state, problem = inspect(path)
+        if problem:
+            other, step, _ = newest_loadable(path.parent, skip=path)
+            hint = (f"resume from {other} (step {step}) instead" if other else
+                    "no other checkpoint beside it loads: train from step 0 without ckpt_path")
+            raise UserError(f"checkpoint {path} is corrupt or not a Lightning checkpoint ({problem}); {hint}")
+    check_architecture(state, task, path)
     return str(path)
 
 
-def report(out: Path, task, print_table: bool = True) -> None:
-    """Print what training did to the signature and where the outputs are; fail loudly on a NaN stop."""
+def check_architecture(state: dict, task, path: Path) -> None:
+    """A resume must rebuild the model it saved: name the config that differs, not a state_dict error."""
+    ours, theirs = task.state_dict(), state["state_dict"]
+    differ = sorted(k for k in ours.keys() | theirs.keys()
+                    if k not in ours or k not in theirs or ours[k].shape != theirs[k].shape)
+    if not differ:
+        return
+    then = _flat(state.get("hyper_parameters", {}).get("config", {}).get("router", {}), "router.")
+    now = _flat(task.hparams.get("config", {}).get("router", {}), "router.")
+    changed = [f"{k}={then.get(k)} there, {now.get(k)} here" for k in sorted(then.keys() | now.keys())
+               if then.get(k) != now.get(k)]
+    what = ", ".join(changed[:3]) or f"{len(differ)} tensors differ, e.g. {differ[0]}"
+    raise UserError(f"checkpoint {path} holds a different model ({what}); resume with the settings it was trained "
+                    f"with, or train a new run without ckpt_path")
+
+
+def _flat(config: dict, prefix: str) -> dict:
+    flat = {}
+    for key, value in config.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
+
+
+class NonFiniteError(UserError):
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+def check_finite(out: Path, failure: tuple[int, str] | None, checkpoints: Path) -> None:
+    """After training: if it stopped on a non-finite loss or gradient, the one-line message of what happened,
+    where the last good state is, and what to do."""
+    if failure is None:
+        return
+    step, what = failure
+    last, last_step, _ = newest_loadable(checkpoints)
+    kept = f"last good checkpoint {last} (step {last_step})" if last else "no checkpoint was written before it"
+    raise NonFiniteError(f"{what} became non-finite at step {step}; training stopped there with the weights of the "
+                         f"step before. {kept}; metrics so far in {out / JSONL} and {out / 'csv'}. Fix: lower task.lr "
+                         f"or keep trainer.gradient_clip_val on, and train again (a resume would restore the old "
+                         f"learning rate with the optimiser state)", step)
+
+
+def report(out: Path, print_table: bool = True) -> None:
+    """Print what training did to the signature and where the outputs are."""
     records = read_records(out)
     if print_table and records:
         print(training_table(records[0], records[-1]))
@@ -134,8 +230,3 @@ def report(out: Path, task, print_table: bool = True) -> None:
             print(f"  {name}")
     for wandb_run in sorted((out / "wandb").glob("offline-run-*")):
         print(f"  wandb/{wandb_run.name}   (upload: wandb sync {wandb_run})")
-    bad_step = getattr(task, "nonfinite_step", None)
-    if bad_step is not None:
-        raise UserError(f"loss became non-finite at step {bad_step}; training stopped there. The last good weights "
-                        f"are in {out}/checkpoints/last.ckpt and all metrics so far in {out}/{JSONL}; "
-                        f"lower task.lr or keep trainer.gradient_clip_val on")
