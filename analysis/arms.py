@@ -22,7 +22,11 @@ STATISTICS = [
     ("peak_depth", "peak depth"),
     ("area_above_baseline", "area above baseline"), ("norm_cv", "norm-CV"), ("ve@8", "VE@8"),
     ("ve@8_shuffle", "VE@8 shuffle"), ("ve@8_gauss", "VE@8 Gauss"), ("content@8", "content@8"),
-    ("r_cv_share", "r(norm-CV, max share)"), ("val_loss", "val loss"),
+    ("r_cv_share", "r(norm-CV, max share)"), ("val_loss", "val loss"), ("train_loss", "train loss"),
+    ("onset_loss", "train loss at onset"), ("matched_loss", "matched train loss"),
+    ("matched_step", "step at matched loss"), ("peak_max_share_matched", "peak max share at matched loss"),
+    ("area_above_baseline_matched", "area above baseline at matched loss"),
+    ("onset_depth_matched_censored", "onset depth at matched loss (never = 1)"),
 ]
 
 
@@ -45,8 +49,45 @@ def run_row(run: Run, factor: str, threshold: float, completion: float, rank: in
            "onset_step": steps, "onset_step_censored": last + 1 if math.isnan(steps) else steps,
            # ALiBi's bias already lowers the max share at initialisation; the gain isolates what training added.
            "peak_gain": stats["peak_max_share"] - run_statistics(run.records[0], threshold, completion, rank)["peak_max_share"],
-           "val_loss": val_loss(run)}
+           "val_loss": val_loss(run), "train_loss": number(run.final.get("train_loss")),
+           "onset_loss": _onset_loss(run.records, threshold)}
+    has_loss = any(r.get("train_loss") is not None for r in run.records)
+    row["onset_loss_censored"] = row["onset_loss"] if not math.isnan(row["onset_loss"]) else 0.0 if has_loss else math.nan
     return row
+
+
+def _onset_loss(records: list[dict], threshold: float) -> float:
+    """Mean training loss over the interval that ended at the first record past onset (nan: never, or the
+    records predate the loss field). A brake that delays collapse in learning crosses at a lower loss."""
+    step = onset_step(records, threshold)
+    return next((number(r.get("train_loss")) for r in records if r["step"] == step), math.nan)
+
+
+def _losses(run: Run) -> list[tuple[dict, float]]:
+    return [(r, number(r.get("train_loss"))) for r in run.records if not math.isnan(number(r.get("train_loss")))]
+
+
+def add_matched_loss(rows: list[dict], runs: list[Run], threshold: float, completion: float, rank: int = 8) -> float:
+    """Statistics at matched training loss, written into ``rows``; returns the matched level.
+
+    Position schemes learn at different speeds, so equal steps can compare a model that has learned the task
+    with one that has not. The level is the highest loss that every run got below (the slowest run's best);
+    each run is read at its first record at or under it (nan everywhere if a run has no loss records).
+    """
+    histories = [_losses(run) for run in runs]
+    if not histories or any(not h for h in histories):
+        level = math.nan
+    else:
+        level = max(min(loss for _, loss in h) for h in histories)
+    for row, history in zip(rows, histories):
+        record = next((r for r, loss in history if loss <= level), None)
+        stats = run_statistics(record, threshold, completion, rank) if record else {}
+        onset = stats.get("onset_depth", math.nan)
+        row.update({"matched_loss": level, "matched_step": number(record and record["step"]),
+                    "peak_max_share_matched": stats.get("peak_max_share", math.nan),
+                    "area_above_baseline_matched": stats.get("area_above_baseline", math.nan),
+                    "onset_depth_matched_censored": math.nan if not stats else 1.0 if math.isnan(onset) else onset})
+    return level
 
 
 def group(rows: list[dict], order: list | None = None) -> dict:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from analysis.arms import arm_summary, group, mean_curve, profiles, run_row, trajectory
+from analysis.arms import add_matched_loss, arm_summary, group, mean_curve, profiles, run_row, trajectory
 from analysis.runs import Run
 from analysis.stats import order_probability, spearman
 from analysis.tables import cell
@@ -27,7 +27,11 @@ CHECKS = [("onset_depth_censored", +1, "onset depth (never = 1)"),
           ("onset_step_censored", +1, "onset step in training (never = end + 1)"),
           ("peak_max_share", -1, "peak max share"),
           ("peak_gain", -1, "peak max share gained in training (final - first record)"),
-          ("area_above_baseline", -1, "area above causal-uniform baseline")]
+          ("area_above_baseline", -1, "area above causal-uniform baseline"),
+          ("onset_loss_censored", -1, "training loss at onset (never = 0): crossing earlier in learning"),
+          ("peak_max_share_matched", -1, "peak max share at matched training loss"),
+          ("area_above_baseline_matched", -1, "area above baseline at matched training loss")]
+AT_STEP = {"onset_depth_censored", "onset_step_censored", "peak_max_share", "peak_gain", "area_above_baseline"}
 SUPPORTED, LEANING = 0.95, 0.80
 
 
@@ -70,7 +74,9 @@ def ordering_checks(arm_rows: dict, order: list, threshold: float) -> list[dict]
         groups = [[sign * r[key] for r in arm_rows[a]] for a in order]
         p, p_rev = order_probability(groups), order_probability(groups[::-1])
         verdict = classify(p, p_rev)
-        if key.startswith("onset") and not crossed:
+        if math.isnan(p) and key.endswith(("_matched", "onset_loss_censored")):
+            verdict = "undetermined: the records carry no training loss (runs older than the loss field)"
+        elif key.startswith("onset") and not crossed:
             verdict = f"undetermined: no run's max share exceeded threshold {threshold}"
         names = [_label(a) for a in order]
         checks.append({"statistic": label, "key": key, "predicted": (" < " if sign > 0 else " > ").join(names),
@@ -111,6 +117,7 @@ def brake_study(runs: list[Run], factor: str = "router.position", threshold: flo
                 level: float = 0.95, rank: int = 8) -> dict:
     """Per-run rows, per-arm summaries with CIs, ordering (or trend) checks, depth profiles and trajectories."""
     rows = [run_row(run, factor, threshold, completion, rank) for run in runs]
+    matched = add_matched_loss(rows, runs, threshold, completion, rank)
     numeric = all(isinstance(r["arm"], (int, float)) and not isinstance(r["arm"], bool) for r in rows)
     arm_rows = group(rows, sorted({r["arm"] for r in rows}) if numeric else ORDER + ["learned"])
     if numeric:
@@ -127,7 +134,10 @@ def brake_study(runs: list[Run], factor: str = "router.position", threshold: flo
         per_run = [trajectory(run, threshold, rank) for run in arm_runs]
         curves.append({"label": f"{_label(arm)} (mean)", "color": f"C{i}", **mean_curve(per_run)})
         curves += [{"label": None, "color": f"C{i}", **c, "style": "-", "alpha": 0.3} for c in per_run]
-    return {"factor": factor, "threshold": threshold, "numeric": numeric, "rows": rows,
+    step_checks = [c for c in checks if c["key"] in AT_STEP]
+    loss_checks = [c for c in checks if c["key"] not in AT_STEP]
+    return {"factor": factor, "threshold": threshold, "numeric": numeric, "rows": rows, "matched_loss": matched,
+            "verdict_step": overall(step_checks), "verdict_loss": overall(loss_checks),
             "arms": arm_summary(arm_rows, level), "checks": checks, "verdict": overall(checks),
             "profiles": profiles(runs_by_arm, ["max_share", f"ve@{rank}", "norm_cv"], level), "curves": curves,
             "level": level, "rank": rank}
@@ -151,6 +161,10 @@ def verdict_text(result: dict) -> str:
             lines.append(f"- {c['statistic']}: predicted {c['predicted']}; observed {c['observed']}; "
                          f"P(predicted order) = {cell(c['p_predicted'], 2)}, P(reverse) = {cell(c['p_reverse'], 2)} "
                          f"-> **{c['verdict']}**")
+    if not result["numeric"]:
+        lines += ["", f"At matched step (the final records): **{result['verdict_step']}**.",
+                  f"At matched training loss ({cell(result['matched_loss'])}, the slowest arm's best; each run read at "
+                  f"its first record at or under it): **{result['verdict_loss']}**."]
     lines += ["", f"**Verdict: {result['verdict']}.** Confidence is the bootstrap share of seed resamples "
               f"in the predicted order (supported >= {SUPPORTED}); with few seeds per arm it is coarse."]
     return "\n".join(lines)

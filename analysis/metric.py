@@ -26,6 +26,7 @@ COMPARISONS = [("norm_cv", "norm-CV", "less norm stratification"),
                ("peak_max_share", "peak max share", "less concentration"),
                ("area_above_baseline", "area above baseline", "less concentration over depth"),
                ("ve@8", "VE@8", "less low-rank collapse"),
+               ("onset_step_censored", "onset step (never = end + 1)", "earlier onset"),
                ("val_loss", "val loss", "better loss")]
 
 

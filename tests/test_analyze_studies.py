@@ -16,14 +16,14 @@ from analysis.wandb_io import records_from_history
 BASELINE = 0.05
 
 
-def record(step, shares, norm_cv=0.2, ve=0.6):
+def record(step, shares, norm_cv=0.2, ve=0.6, train_loss=None):
     """A monitor record with the given per-layer max shares (summary fields as the signature computes them)."""
     layers = [{"layer": i, "dim": 16, "max_share": s, "baseline": BASELINE, "norm_cv": norm_cv, "ve@8": ve,
                "ve@8_gauss": 0.3, "ve@8_shuffle": 0.4} for i, s in enumerate(shares)]
     peak = max(range(len(shares)), key=lambda i: shares[i])
     summary = {"peak_max_share": shares[peak], "peak_layer": peak, "norm_cv": norm_cv, "ve@8": ve,
                "area_above_baseline": sum(max(0, s - BASELINE) for s in shares) / len(shares)}
-    return {"step": step, "layers": layers, "summary": summary}
+    return {"step": step, "layers": layers, "summary": summary, "train_loss": train_loss}
 
 
 def write_run(path, config, records, val_loss=3.0):
@@ -45,7 +45,7 @@ def onset_profile(onset, peak, n=8):
     return shares
 
 
-def brake_sweep(tmp_path, arms, seeds=3):
+def brake_sweep(tmp_path, arms, seeds=3, with_loss=True):
     """``arms``: {position: (onset layer at the end, peak, step at which onset first appears)}."""
     job = 0
     for position, (onset, peak, first_step) in arms.items():
@@ -55,7 +55,8 @@ def brake_sweep(tmp_path, arms, seeds=3):
             for step in (100, 200, 300):
                 crossed = first_step is not None and step >= first_step
                 records.append(record(step, onset_profile(onset if crossed else None,
-                                                          peak + jitter if crossed else 0.15 + jitter)))
+                                                          peak + jitter if crossed else 0.15 + jitter),
+                                      train_loss=4.0 - step / 200 if with_loss else None))
             write_run(tmp_path / f"{job}_position={position},seed={seed}",
                       {"seed": seed, "data_seed": 0, "router": {"position": position, "n_layer": 8}}, records)
             job += 1
@@ -78,7 +79,8 @@ def test_threshold_is_a_knob_for_onset_and_onset_step():
 def test_clean_nope_rope_alibi_ordering_is_supported_by_every_statistic(tmp_path):
     runs = brake_sweep(tmp_path, {"nope": (1, 0.7, 100), "rope": (3, 0.5, 200), "alibi": (6, 0.3, 300)})
     result = brake_study(runs)
-    assert [c["verdict"] for c in result["checks"]] == ["supported"] * 5
+    assert [c["verdict"] for c in result["checks"]] == ["supported"] * 8
+    assert result["verdict_step"] == result["verdict_loss"] == "supported by every determinable statistic"
     assert result["verdict"] == "supported by every determinable statistic"
     onset = next(c for c in result["checks"] if c["key"] == "onset_depth_censored")
     assert onset["observed"] == "NoPE 0.125 < RoPE 0.375 < ALiBi 0.75" and onset["p_predicted"] == 1.0
@@ -86,6 +88,32 @@ def test_clean_nope_rope_alibi_ordering_is_supported_by_every_statistic(tmp_path
     nope = result["arms"][0]
     assert nope["peak_max_share"] == pytest.approx(0.704) and nope["peak_max_share_low"] < 0.704 < nope["peak_max_share_high"]
     assert "**Verdict: supported" in verdict_text(result)
+
+
+def test_records_without_training_loss_leave_the_matched_loss_checks_undetermined(tmp_path):
+    runs = brake_sweep(tmp_path, {"nope": (1, 0.7, 100), "rope": (3, 0.5, 200)}, with_loss=False)
+    checks = brake_study(runs)["checks"]
+    assert [c["verdict"] for c in checks[:5]] == ["supported"] * 5
+    assert all(c["verdict"].startswith("undetermined") for c in checks[5:])
+
+
+def test_matched_loss_reads_each_run_at_the_slowest_runs_best_loss(tmp_path):
+    # NoPE learns slowly (best loss 3.2) but concentrates as it learns; RoPE reaches 3.2 at step 100.
+    nope = [record(0, [0.06] * 4, train_loss=4.5), record(100, [0.06, 0.1, 0.1, 0.1], train_loss=4.0),
+            record(200, [0.06, 0.3, 0.2, 0.1], train_loss=3.2)]
+    rope = [record(0, [0.06] * 4, train_loss=4.5), record(100, [0.06, 0.1, 0.12, 0.1], train_loss=3.1),
+            record(200, [0.06, 0.1, 0.5, 0.4], train_loss=2.0)]
+    for i, (position, records) in enumerate((("nope", nope), ("rope", rope))):
+        write_run(tmp_path / f"{i}_position={position}", {"router": {"position": position}}, records)
+    result = brake_study(find_runs(tmp_path))
+    assert result["matched_loss"] == 3.2  # max over runs of each run's lowest loss
+    by_arm = {r["arm"]: r for r in result["rows"]}
+    assert by_arm["nope"]["matched_step"] == 200 and by_arm["rope"]["matched_step"] == 100
+    assert by_arm["nope"]["peak_max_share_matched"] == 0.3 and by_arm["rope"]["peak_max_share_matched"] == 0.12
+    # at matched step NoPE is the weaker (0.3 < 0.5); at matched loss it is the stronger: the two bases disagree
+    checks = {c["key"]: c for c in result["checks"]}
+    assert checks["peak_max_share"]["p_predicted"] == 0.0 and checks["peak_max_share_matched"]["p_predicted"] == 1.0
+    assert by_arm["nope"]["onset_loss"] == 3.2 and by_arm["rope"]["onset_loss"] == 2.0
 
 
 def test_the_reverse_order_is_reported_as_contradicted(tmp_path):
