@@ -10,8 +10,10 @@ import re
 from pathlib import Path
 
 from analysis import figures
-from analysis.runs import SEED_KEYS, checkpoint_path, factors, find_runs, load_router, read_run, val_loss
+from analysis.runs import (SEED_KEYS, checkpoint_path, factors, failed_jobs, find_runs, load_router, read_run,
+                           val_loss)
 from analysis.tables import markdown, onset_step, run_statistics, table1_row, write_csv
+from common import atomic
 from common.errors import UserError
 
 STUDIES = ("seed_direction", "brake_ordering", "alibi_slope", "metric")
@@ -22,7 +24,7 @@ CURVE_KEYS = [("peak_max_share", "peak max share"), ("area_above_baseline", "are
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    fig.savefig(path, dpi=110)
+    atomic.save_figure(fig, path, dpi=110)
     plt.close(fig)
     return path
 
@@ -107,7 +109,7 @@ def analyse_hf(cfg) -> Path:
         rows.append(table1_row(where, record, cfg.threshold, cfg.completion))
         print(f"{where}: {folder}/summary.md")
     write_csv(rows, out / "models.csv")
-    (out / "models.md").write_text(f"# Collapse signature on {about}\n\n{markdown(rows)}\n")
+    atomic.write_text(out / "models.md", f"# Collapse signature on {about}\n\n{markdown(rows)}\n")
     images = [out / (spec.partition("@")[2] or "final") / "signature.png" for spec in specs]
     steps = [r["step"] for r in records]
     if len(records) > 1 and all(s is not None for s in steps):
@@ -141,6 +143,11 @@ def analyse_sweep(cfg) -> Path:
                                           Path("outputs") / "analysis" / str(cfg.sweep).replace("/", "--").replace(":", "-"))
     out = base / cfg.study if cfg.study and not cfg.out else base
     out.mkdir(parents=True, exist_ok=True)
+    if failed := failed_jobs(cfg.sweep):  # never results: listed apart
+        write_csv([{"job": job, **failure} for job, failure in failed], out / "failed_jobs.csv")
+        print(f"{len(failed)} job(s) left out, not results ({out / 'failed_jobs.csv'}):")
+        for job, failure in failed:
+            print(f"  {job}: {failure['reason']}")
     group = Path(str(cfg.sweep)).name
     if cfg.study == "seed_direction":
         tables, images = _seed_direction(cfg, runs, out)
@@ -179,7 +186,7 @@ def _sweep_table(cfg, runs, out: Path):
         row.pop("model")
         rows.append(row)
     write_csv(rows, out / "sweep.csv")
-    (out / "sweep.md").write_text(f"# Sweep {cfg.sweep}: {len(runs)} runs, axes {', '.join(axes) or '-'}\n\n"
+    atomic.write_text(out / "sweep.md", f"# Sweep {cfg.sweep}: {len(runs)} runs, axes {', '.join(axes) or '-'}\n\n"
                                   f"Onset threshold {cfg.threshold}.\n\n{markdown(rows)}\n")
     arm_keys = [a for a in axes if a not in SEED_KEYS]
     colors = {}
@@ -204,9 +211,9 @@ def _brake(cfg, runs, out: Path, factor: str):
     verdict = verdict_text(result)
     columns = ["arm", "runs", "never", "onset_depth", "onset_step", "peak_max_share", "peak_max_share_low",
                "peak_max_share_high", "peak_depth", "area_above_baseline", "ve@8", "norm_cv", "val_loss"]
-    (out / "verdict.md").write_text(f"# Brake study: {cfg.sweep}\n\n{verdict}\n\n## Arms (mean, {cfg.level:.0%} "
+    atomic.write_text(out / "verdict.md", f"# Brake study: {cfg.sweep}\n\n{verdict}\n\n## Arms (mean, {cfg.level:.0%} "
                                     f"bootstrap over seeds)\n\n{markdown(result['arms'], columns)}\n")
-    (out / "result.json").write_text(json.dumps({k: result[k] for k in ("factor", "threshold", "verdict", "checks")},
+    atomic.write_text(out / "result.json", json.dumps({k: result[k] for k in ("factor", "threshold", "verdict", "checks")},
                                                 indent=1))
     rank = cfg.rank
     references = {"max_share": [(f"onset threshold {cfg.threshold}", cfg.threshold),
@@ -238,7 +245,7 @@ def _metric(cfg, runs, out: Path, factor: str):
     columns = ["arm", "runs", "norm_cv", "norm_cv_low", "norm_cv_high", "ve@8", "ve@8_shuffle", "ve@8_gauss",
                "peak_max_share", "peak_max_share_low", "peak_max_share_high", "area_above_baseline", "val_loss",
                "val_loss_low", "val_loss_high"]
-    (out / "statement.md").write_text(f"# Metric study: {cfg.sweep}\n\n{text}\n\n## Arms\n\n"
+    atomic.write_text(out / "statement.md", f"# Metric study: {cfg.sweep}\n\n{text}\n\n## Arms\n\n"
                                       f"{markdown(result['arms'], columns)}\n")
     rank = cfg.rank
     images = [_save(figures.arm_profiles_figure(result["profiles"], [("max_share", "max share"), (f"ve@{rank}", f"VE@{rank}"),
@@ -263,7 +270,7 @@ def _seed_direction(cfg, runs, out: Path):
     write_csv(result["rows"], out / "layers.csv")
     write_csv(summary, out / "summary.csv")
     text = statement(result)
-    (out / "summary.md").write_text(f"# Seed-direction control: {cfg.sweep}\n\n{markdown(summary)}\n\n{text}\n\n"
+    atomic.write_text(out / "summary.md", f"# Seed-direction control: {cfg.sweep}\n\n{markdown(summary)}\n\n{text}\n\n"
                                     "Key-space angles compare coordinates, which two weight seeds do not share; "
                                     "token-space angles are basis-free (docs/analysis.md).\n")
     image = _save(figures.seed_direction_figure(result["profiles"], cfg.rank, f"{cfg.sweep}: direction vs geometry"),

@@ -27,10 +27,14 @@ FAMILIES = ("gpt2", "gpt_neox", "mamba", "rwkv")
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
-    """``hf:EleutherAI/pythia-160m@step4000`` -> (``EleutherAI/pythia-160m``, ``step4000``)."""
+    """``hf:EleutherAI/pythia-160m@step4000`` -> (``EleutherAI/pythia-160m``, ``step4000``); a name written as a
+    path (``/``, ``./``, ``~``) must be an existing folder."""
     if not spec.startswith("hf:") or len(spec) == 3:
         raise UserError(f"model={spec!r} is not a Hugging Face spec; write model=hf:<local dir or hub name>[@revision]")
     name, _, revision = spec[3:].partition("@")
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
+        raise UserError(f"model=hf:{name}: no such folder; pass model=hf:<a folder with the model's config.json> "
+                        "or a Hub name such as EleutherAI/pythia-160m")
     return name, revision or None
 
 
@@ -113,4 +117,9 @@ def load_hf_tokenizer(spec: str):
     from datamodules.tokenizer import TextTokenizer, pretrained
 
     name, _ = parse_spec(spec)
-    return TextTokenizer(pretrained(name), "hf-" + name.strip("/").replace("/", "--"))
+    try:
+        tokenizer = pretrained(name)
+    except UserError:  # its message is about training's tokenizer.name; here the model itself is missing
+        raise UserError(f"cannot load model=hf:{name} (no tokenizer found for it); download the model online "
+                        "once, or pass model=hf:<a local folder with its tokenizer files>") from None
+    return TextTokenizer(tokenizer, "hf-" + name.strip("/").replace("/", "--"))

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from analysis.tables import markdown, table1_row, write_csv
+from common import atomic
 from common.errors import UserError
 from datamodules.probe import TokenProbe
 
@@ -95,7 +96,7 @@ def write_report(signature, out: Path, name: str, about: str, step: int | None =
 
     out.mkdir(parents=True, exist_ok=True)
     record = {"step": step, "model": name, "probe": about, **signature.to_dict()}
-    (out / "signature.json").write_text(json.dumps(record, indent=1))
+    atomic.write_text(out / "signature.json", json.dumps(record, indent=1))
     scalar = [{k: v for k, v in row.items() if not isinstance(v, list)} for row in record["layers"]]
     write_csv(scalar, out / "signature.csv")
     heads = []
@@ -111,7 +112,7 @@ def write_report(signature, out: Path, name: str, about: str, step: int | None =
                "", markdown([row]), "", "```", signature.table(), "```", "",
                f"r(norm-CV, max share) over (layer, head) pairs: {row['r']:.3f} (p = {row['r p']:.3g}).",
                f"Onset threshold {threshold}, completion threshold {completion}; depth % = layer index / L."]
-    (out / "summary.md").write_text("\n".join(summary) + "\n")
+    atomic.write_text(out / "summary.md", "\n".join(summary) + "\n")
     figure = signature_figure(record["layers"], rank=rank, threshold=threshold, title=f"{name} - {about}")
-    figure.savefig(out / "signature.png", dpi=110)
+    atomic.save_figure(figure, out / "signature.png", dpi=110)
     return record

@@ -2,8 +2,9 @@
 
 A run directory holds ``collapse.jsonl`` (the monitor's records, the source of truth), ``probe.pt``,
 ``checkpoints/*.ckpt`` (each storing the resolved run config in ``hyper_parameters.config``),
-``.hydra/config.yaml`` and ``csv/metrics.csv``. A sweep is a folder of such directories. This module only
-reads; the studies turn what it reads into tables.
+``.hydra/config.yaml`` and ``csv/metrics.csv``, and ``FAILED`` if it failed. A sweep is a folder of such
+directories; its failed or unfinished jobs are never results (:func:`failed_jobs`). This module only reads;
+the studies turn what it reads into tables.
 """
 from __future__ import annotations
 
@@ -15,8 +16,10 @@ from pathlib import Path
 
 import torch
 
+from callbacks.checkpointing import newest_loadable
 from callbacks.collapse_monitor import JSONL, read_records
 from common.errors import UserError
+from common.failed import FAILED, read_failure
 
 # Config keys that name where a run lives or how it resumes, not what was trained: never an arm's identity.
 _NOT_A_FACTOR = ("ckpt_path", "print_table", "hydra", "logger", "callbacks.checkpoint.dirpath",
@@ -76,14 +79,15 @@ def load_checkpoint(path: str | Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         state["state_dict"], state["hyper_parameters"]["config"]
     except Exception as e:
-        raise UserError(f"{path} is not a routecollapse checkpoint ({type(e).__name__}: {e}); pass a .ckpt "
-                        "written by train.py, e.g. <run dir>/checkpoints/last.ckpt") from None
+        other, step, _ = newest_loadable(Path(path).parent, skip=Path(path))
+        hint = f"pass run={other} (step {step}) instead" if other else "pass a .ckpt written by train.py"
+        raise UserError(f"{path} is not a routecollapse checkpoint ({type(e).__name__}); {hint}") from None
     return state
 
 
 def run_config(run_dir: Path) -> dict:
     """The run's resolved config: from its last checkpoint (exactly what ran, interpolations resolved at
-    training time), else from ``.hydra/config.yaml`` with its interpolations left as written."""
+    training time), else from ``.hydra/config.yaml``, resolved too (``data.data_seed: ${data_seed}`` -> 1)."""
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if ckpt.is_file():
         return load_checkpoint(ckpt)["hyper_parameters"]["config"]
@@ -91,9 +95,18 @@ def run_config(run_dir: Path) -> dict:
     if hydra_file.is_file():
         from omegaconf import OmegaConf
 
-        # ${hydra:...} (output dirs) cannot resolve outside a Hydra job; unresolved they are still comparable.
-        return OmegaConf.to_container(OmegaConf.load(hydra_file), resolve=False)
+        raw = OmegaConf.to_container(OmegaConf.load(hydra_file), resolve=False)
+        # ${hydra:...} (output dirs) resolve only inside a Hydra job: escaped, they stay as written.
+        return OmegaConf.to_container(OmegaConf.create(_escape_hydra(raw)), resolve=True)
     return {}
+
+
+def _escape_hydra(value):
+    if isinstance(value, dict):
+        return {k: _escape_hydra(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escape_hydra(v) for v in value]
+    return value.replace("${hydra:", "\\${hydra:") if isinstance(value, str) else value
 
 
 def read_run(path: str | Path) -> Run:
@@ -105,23 +118,56 @@ def read_run(path: str | Path) -> Run:
 
 
 def find_runs(sweep: str | Path) -> list[Run]:
-    """Every run directory below ``sweep`` (a multirun folder, or any folder of runs), in job order."""
+    """Every finished run below ``sweep`` (a multirun folder, or any folder of runs), in job order; failed
+    and unfinished jobs are left out (:func:`failed_jobs` lists them)."""
     if str(sweep).startswith("wandb:"):
         from analysis.wandb_io import wandb_runs
 
         return wandb_runs(str(sweep).removeprefix("wandb:"))
+    jobs = _jobs(sweep)
+    finished = [job for job in jobs if job_failure(Path(sweep) / job) is None]
+    if not finished:
+        raise UserError(f"no finished runs under {sweep}: all {len(jobs)} jobs failed or are unfinished (each one's "
+                        f"{FAILED} file says why); fix them and resume with ckpt_path=auto")
+    runs = [read_run(Path(sweep) / job) for job in finished]
+    for run, job in zip(runs, finished):
+        run.label = str(job)
+    return runs
+
+
+def failed_jobs(sweep: str | Path) -> list[tuple[str, dict]]:
+    """(job, ``{"reason", "step"}``) for each job of a local sweep that is not a result (:func:`job_failure`)."""
+    if str(sweep).startswith("wandb:"):
+        return []
+    return [(str(job), failure) for job in _jobs(sweep) if (failure := job_failure(Path(sweep) / job))]
+
+
+def job_failure(run_dir: Path) -> dict | None:
+    """Why a job is not a result: its ``FAILED`` marker, or (killed before it could write one) records that
+    stop short of its ``trainer.max_steps``. None for a finished run."""
+    if failure := read_failure(run_dir):
+        return failure
+    records = read_records(run_dir)
+    last = records[-1]["step"] if records else None
+    max_steps = flatten(run_config(run_dir)).get("trainer.max_steps")
+    if isinstance(max_steps, int) and max_steps > 0 and (last is None or last < max_steps):
+        return {"reason": f"unfinished: the last record is at step {last} of trainer.max_steps={max_steps} (killed? "
+                          f"resume it with ckpt_path=auto)", "step": last}
+    return None
+
+
+def _jobs(sweep: str | Path) -> list[Path]:
     sweep = Path(sweep)
     if not sweep.is_dir():
         raise UserError(f"sweep folder {sweep} does not exist; pass sweep=<multirun dir> or sweep=wandb:<entity/project/group>")
+    if (sweep / JSONL).exists() or (sweep / FAILED).exists():
+        raise UserError(f"{sweep} is a single run, not a sweep; analyse it with run={sweep}")
     # Hydra names a job <num>_<override_dirname>; a group override (router/position=nope) nests it one deeper.
-    jobs = sorted({p.parent.relative_to(sweep) for p in sweep.rglob(JSONL)} - {Path(".")}, key=_job_order)
-    jobs = [job for job in jobs if "analysis" not in job.parts]
+    found = {p.parent.relative_to(sweep) for name in (JSONL, FAILED) for p in sweep.rglob(name)}
+    jobs = sorted((job for job in found if "analysis" not in job.parts), key=_job_order)
     if not jobs:
         raise UserError(f"no runs under {sweep} (no {JSONL} found); pass the folder `train.py -m` wrote")
-    runs = [read_run(sweep / job) for job in jobs]
-    for run, job in zip(runs, jobs):
-        run.label = str(job)
-    return runs
+    return jobs
 
 
 def _job_order(job: Path):

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from collapse import completion_layer, onset_layer
+from common import atomic
 
 
 def number(value) -> float:
@@ -101,7 +102,7 @@ def write_csv(rows: list[dict], path: Path) -> Path:
     """Rows to CSV; the header is the union of keys in first-seen order, lists are written as JSON."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    with atomic.atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for row in rows:

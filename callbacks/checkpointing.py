@@ -224,8 +224,8 @@ def newest_loadable(folder: Path, skip: Path | None = None) -> tuple[Path | None
     what is wrong with each one that does not load."""
     best, best_key, problems = None, None, {}
     for path in sorted(Path(folder).glob("*.ckpt")):
-        if skip is not None and path.resolve() == skip.resolve():
-            continue
+        if path.name.startswith(".") or (skip is not None and path.resolve() == skip.resolve()):
+            continue  # hidden: the temp file of a write that was killed
         state, problem = inspect(path)
         if problem:
             problems[path.name] = problem

@@ -158,12 +158,13 @@ class CollapseMonitor(pl.Callback):
         record = {"step": step, "epoch": trainer.current_epoch, "seconds": seconds,
                   "train_loss": None if math.isnan(train_loss) else train_loss,
                   "val_loss": self._val_loss, **signature.to_dict()}
-        self._append(trainer, record)
-        log.info(progress_line(record))
         metrics = {**signature.flat(), "collapse/seconds": seconds}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
             logger.save()
+        # The record goes last: once it exists, a resume skips this step, so the logged metrics must be on disk.
+        self._append(trainer, record)
+        log.info(progress_line(record))
 
     def _append(self, trainer: pl.Trainer, record: dict) -> None:
         atomic.append_lines(self.run_dir(trainer) / JSONL, [json.dumps(record)])

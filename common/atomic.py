@@ -97,10 +97,11 @@ def remove_stale_temps(*folders: str | Path) -> list[Path]:
 def check_writable(folder: str | Path) -> str | None:
     """Create ``folder`` if needed and try writing a file there: None if that works, else the reason."""
     folder = Path(folder)
+    probe = folder / f".write-check-{os.getpid()}"  # per process: DDP ranks check the same folder at once
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        write_bytes(folder / ".write-check", b"")
-        (folder / ".write-check").unlink()
+        probe.write_bytes(b"")
+        probe.unlink()
     except OSError as e:
         return e.strerror or type(e).__name__
     return None
