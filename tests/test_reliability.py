@@ -1,0 +1,440 @@
+"""Nothing lost: kills, corrupt files, W&B outages, non-finite losses, preemption and failing sweep jobs.
+
+Kills are real SIGKILLs of training processes forked from a forkserver that paid the imports once (a fresh
+Python process pays ~7 s). Each killed run is resumed with ``ckpt_path=auto`` in the same run dir, and the
+result is compared with an uninterrupted run: every monitor record, every CSV metric, the final weights.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import multiprocessing
+import os
+import random
+import re
+import signal
+import struct
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from routers.transformer import Transformer
+
+ROOT = Path(__file__).resolve().parents[1]
+# Monitor every 4 steps, validation every 4, checkpoints every 6: checkpoints with and without a validation.
+SMALL = [
+    "data=synthetic", "data.synthetic.vocab_size=64", "data.synthetic.n_tokens=20000", "data.context_length=16",
+    "data.batch_size=4", "data.probe_sequences=4", "data.probe_length=16",
+    "router.n_layer=1", "router.d_model=16", "router.n_head=2", "router.context_length=16",
+    "trainer.max_steps=24", "trainer.val_check_interval=4", "trainer.limit_val_batches=2",
+    "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "+trainer.enable_model_summary=false",
+    "callbacks.collapse_monitor.every_n_steps=4", "callbacks.collapse_monitor.probe_batch_size=4",
+    "callbacks.checkpoint.every_n_train_steps=6", "print_table=false", "logger=csv",
+]
+
+
+# --- training in forked processes, killed at chosen points ------------------------------------------------
+
+def _kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _arm(event: str, n: int) -> None:
+    """SIGKILL this process at the ``n``-th ``event``: after the monitor's work at the end of a training step or
+    a validation (before the checkpoint), halfway through writing a checkpoint, or halfway through an append
+    to collapse.jsonl or metrics.csv. ``slow``: sleep ``n`` ms per step instead (to signal a running job)."""
+    from callbacks.collapse_monitor import CollapseMonitor
+    from common import atomic
+
+    count = {"n": 0}
+
+    def hit() -> bool:
+        count["n"] += 1
+        return count["n"] == n
+
+    def after(method_name: str, act):
+        method = getattr(CollapseMonitor, method_name)
+
+        def wrapped(self, trainer, *args):
+            method(self, trainer, *args)
+            act()
+        setattr(CollapseMonitor, method_name, wrapped)
+
+    if event == "slow":
+        after("on_train_batch_end", lambda: time.sleep(n / 1000))
+    elif event in ("batch_end", "validation_end"):
+        after(f"on_{event.replace('batch_end', 'train_batch_end')}", lambda: hit() and _kill_self())
+    elif event == "checkpoint_write":
+        write_bytes = atomic.write_bytes
+
+        def torn_write(path, data):
+            if Path(path).suffix == ".ckpt" and hit():
+                tmp = Path(path).with_name(f".{Path(path).name}{atomic.TEMP_MARK}{os.getpid()}.ckpt")
+                tmp.write_bytes(data[:len(data) // 2])
+                _kill_self()
+            write_bytes(path, data)
+        atomic.write_bytes = torn_write
+    elif event in ("jsonl_append", "csv_append"):
+        append_lines, name = atomic.append_lines, {"jsonl_append": "collapse.jsonl", "csv_append": "metrics.csv"}[event]
+
+        def torn_append(path, lines):
+            if Path(path).name == name and hit():
+                with open(path, "a") as f:
+                    f.write("\n".join(lines)[:max(1, len("\n".join(lines)) // 2)])
+                _kill_self()
+            append_lines(path, lines)
+        atomic.append_lines = torn_append
+    else:
+        raise ValueError(event)
+
+
+def _train_in_child(out: str, overrides: list[str], cache: str, kill: tuple[str, int] | None) -> None:
+    log = open(Path(out).parent / f"{Path(out).name}.log", "a")
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    os.environ.update(ROUTECOLLAPSE_DATA=cache, WANDB_MODE="offline", WANDB_SILENT="true")
+    torch.set_num_threads(1)
+    if kill:
+        _arm(*kill)
+    import train
+    from common.errors import UserError
+    from tasks.runner import compose_run
+
+    try:
+        train.train(compose_run(Path(out), SMALL + overrides))
+    except UserError as e:
+        print(f"error: {e}", flush=True)
+        sys.exit(2)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(scope="module")
+def forked(cache):
+    """``run(out, *overrides, kill=None) -> exit code`` of a training process forked from a warm forkserver."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["train", "tasks.runner", "tests.test_reliability"])
+
+    def run(out: Path, *overrides: str, kill: tuple[str, int] | None = None, wait: bool = True):
+        process = context.Process(target=_train_in_child, args=(str(out), list(overrides), cache, kill))
+        process.start()
+        if not wait:
+            return process
+        process.join(timeout=120)
+        return process.exitcode
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference(forked, tmp_path_factory):
+    """An uninterrupted run: what every interrupted one must end up equal to."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert forked(out) == 0, (out.parent / "run.log").read_text()[-3000:]
+    return out
+
+
+@pytest.fixture
+def train_here(tmp_path, cache, monkeypatch):
+    """Train in this process (no kill needed): ``run(*overrides, name="run") -> run dir``."""
+    import train
+    from tasks.runner import compose_run
+
+    monkeypatch.setenv("ROUTECOLLAPSE_DATA", cache)
+
+    def run(*overrides: str, name: str = "run") -> Path:
+        train.train(compose_run(tmp_path / name, SMALL + list(overrides)))
+        return tmp_path / name
+
+    return run
+
+
+def records(run: Path) -> list[dict]:
+    lines = (run / "collapse.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in lines]
+
+
+def metrics(run: Path) -> dict[tuple[int, str], str]:
+    """Every (step, metric) -> value of csv/metrics.csv; a step logged again after a resume keeps its last row."""
+    values = {}
+    for row in csv.DictReader(open(run / "csv" / "metrics.csv")):
+        for key, value in row.items():
+            if value != "" and key not in ("step", "collapse/seconds"):
+                values[int(row["step"]), key] = value
+    return values
+
+
+def assert_same_run(run: Path, reference: Path) -> None:
+    ours, theirs = records(run), records(reference)
+    assert [r["step"] for r in ours] == [r["step"] for r in theirs]
+    for a, b in zip(ours, theirs):
+        assert _close(a, b), f"monitor record at step {a['step']} differs"
+    got, expected = metrics(run), metrics(reference)
+    assert got.keys() == expected.keys(), sorted(got.keys() ^ expected.keys())[:10]
+    for key in expected:
+        assert float(got[key]) == pytest.approx(float(expected[key]), rel=1e-5, abs=1e-6, nan_ok=True), key
+    ours, theirs = (torch.load(r / "checkpoints" / "last.ckpt", weights_only=False) for r in (run, reference))
+    assert ours["global_step"] == theirs["global_step"]
+    for name, tensor in theirs["state_dict"].items():
+        torch.testing.assert_close(ours["state_dict"][name], tensor, rtol=1e-5, atol=1e-6)
+    assert not list(run.rglob("*.tmp-*")), "temp files left behind"
+
+
+def _close(a, b) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return a == pytest.approx(b, rel=1e-5, abs=1e-6, nan_ok=True)
+    return a == b
+
+
+# --- 1. ten random kill points lose nothing ---------------------------------------------------------------
+
+KILL_EVENTS = {"batch_end": 6, "validation_end": 2, "checkpoint_write": 2, "jsonl_append": 3, "csv_append": 4}
+
+
+def test_ten_random_kills_lose_no_record_metric_or_step(forked, reference, tmp_path):
+    rng = random.Random(0)
+    events = rng.sample(sorted(KILL_EVENTS) * 2, k=10)  # each kind of point twice, in random order
+    kills = [(event, rng.randint(1, KILL_EVENTS[event])) for event in events]
+    out = tmp_path / "run"
+    codes = [forked(out, "ckpt_path=auto", kill=kill) for kill in kills]
+    assert set(codes) <= {-signal.SIGKILL, 0}, (kills, codes, _log(out))
+    assert codes.count(-signal.SIGKILL) >= 8, (kills, codes)  # the points fell inside the runs
+    assert forked(out, "ckpt_path=auto") == 0, _log(out)
+    steps = [r["step"] for r in records(out)]
+    assert steps == sorted(set(steps)), "monitor records duplicated or out of step order"
+    assert_same_run(out, reference)
+
+
+def _log(out: Path) -> str:
+    return (out.parent / f"{out.name}.log").read_text()[-3000:]
+
+
+# --- 2. a kill while a checkpoint is written ----------------------------------------------------------------
+
+@pytest.mark.parametrize("write, resumes_from", [(3, "last.ckpt, step 6"), (4, "step000012.ckpt, step 12")])
+def test_a_kill_while_writing_a_checkpoint_resumes_from_the_previous_good_one(forked, reference, tmp_path, write,
+                                                                             resumes_from):
+    # Writes: step000006.ckpt, last.ckpt (step 6), step000012.ckpt, last.ckpt (step 12): kill inside the 3rd or 4th.
+    out = tmp_path / "run"
+    assert forked(out, kill=("checkpoint_write", write)) == -signal.SIGKILL
+    assert list((out / "checkpoints").glob(".*.tmp-*")), "the killed write left its temp file, not a torn target"
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 6
+    assert forked(out, "ckpt_path=auto") == 0, _log(out)
+    assert f"resuming from {out / 'checkpoints'}/{resumes_from}" in _log(out)
+    assert_same_run(out, reference)
+
+
+# --- 3. a corrupt last.ckpt ---------------------------------------------------------------------------------
+
+def test_corrupt_last_checkpoint_falls_back_to_the_newest_loadable_one(forked, reference, tmp_path):
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    (out / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (out / "checkpoints" / "step000024.ckpt").write_bytes(b"PK\x03\x04 truncated")
+    (out / "collapse.jsonl").write_text("".join(line + "\n" for line in (out / "collapse.jsonl").read_text()
+                                                .splitlines()[:-2]))  # the records after step 18 were never written
+    assert forked(out, "ckpt_path=auto") == 0, _log(out)
+    assert (f"resuming from {out / 'checkpoints' / 'step000018.ckpt'}, step 18 (last.ckpt is empty (0 bytes))"
+            in _log(out))
+    assert _close(records(out), records(reference))
+    torch.testing.assert_close(torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"],
+                               torch.load(reference / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"])
+
+
+def test_when_no_checkpoint_loads_auto_names_each_file_in_one_line(forked, reference, tmp_path):
+    out = tmp_path / "run"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "last.ckpt").write_bytes(b"")
+    (out / "checkpoints" / "step000006.ckpt").write_bytes(b"garbage")
+    assert forked(out, "ckpt_path=auto") == 2
+    error = [line for line in _log(out).splitlines() if line.startswith("error:")]
+    assert error == [f"error: ckpt_path=auto: no checkpoint in {out / 'checkpoints'} loads (last.ckpt: empty (0 bytes); "
+                     f"step000006.ckpt: unreadable (RuntimeError)); delete them to train from step 0, or pass "
+                     f"ckpt_path=<a good .ckpt>"]
+
+
+# --- 4. a torn collapse.jsonl line ------------------------------------------------------------------------
+
+def test_a_torn_last_jsonl_line_is_dropped_with_a_warning_and_cut_on_resume(reference, tmp_path, caplog):
+    import shutil
+
+    from analysis.runs import read_run
+    from callbacks.collapse_monitor import read_records
+
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    whole = (out / "collapse.jsonl").read_text()
+    (out / "collapse.jsonl").write_text(whole + whole.splitlines()[-1][:100])  # a kill halfway through an append
+    assert read_records(out) == read_records(reference)
+    assert "dropped a torn last line" in caplog.text
+    assert len(read_run(out).records) == 7  # analysis reads the run as if the torn append never happened
+    read_records(out, repair=True)
+    assert (out / "collapse.jsonl").read_text() == whole  # what a resumed monitor does before appending
+
+
+# --- 5. W&B failing at init or mid-run -----------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["init", "mid-run"])
+def test_a_wandb_failure_turns_wandb_off_with_one_warning_and_training_goes_on(train_here, monkeypatch, caplog,
+                                                                               where):
+    import wandb
+    from wandb.sdk.wandb_run import Run
+
+    def dead(*args, **kwargs):  # what a dead wandb-core service gives at the next call (measured)
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    if where == "init":
+        monkeypatch.setattr(wandb, "init", dead)
+    else:
+        log, calls = Run.log, []
+
+        def dies_after_three(self, *args, **kwargs):
+            calls.append(1)
+            return dead() if len(calls) > 3 else log(self, *args, **kwargs)
+        monkeypatch.setattr(Run, "log", dies_after_three)
+    out = train_here("logger=wandb")
+    assert [r["step"] for r in records(out)] == [0, 4, 8, 12, 16, 20, 24]
+    assert max(step for step, key in metrics(out) if key == "train/loss") == 23
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 24
+    warnings = [r for r in caplog.records if "W&B failed" in r.getMessage()]
+    assert len(warnings) == 1 and "ConnectionResetError" in warnings[0].getMessage()
+    assert not (out / "FAILED").exists()
+    monkeypatch.undo()
+    if wandb.run is not None:  # W&B's run, left open by the simulated outage: later runs must not reuse it
+        wandb.finish(exit_code=1)
+
+
+# --- 6. a non-finite loss or gradient ------------------------------------------------------------------------
+
+class _NaNGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+class NaNGradRouter(Transformer):
+    """After ``nan_after_steps`` training forwards the loss stays finite but its gradient is NaN."""
+
+    def __init__(self, *args, nan_after_steps: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nan_after_steps, self.training_forwards = nan_after_steps, 0
+
+    def forward(self, tokens, return_routing=False):
+        out = super().forward(tokens, return_routing=return_routing)
+        if self.training and not return_routing:
+            self.training_forwards += 1
+            if self.training_forwards > self.nan_after_steps:
+                return _NaNGradient.apply(out)
+        return out
+
+
+def wandb_exit_codes(run: Path) -> list[int]:
+    """Exit codes in the offline W&B run files (LevelDB log records of W&B's protobuf ``Record``)."""
+    from wandb.proto import wandb_internal_pb2
+
+    codes = []
+    for path in run.glob("wandb/offline-run-*/run-*.wandb"):
+        data, pos, chunk, block = path.read_bytes(), 7, b"", 32768  # 7: the ":W&B" file header
+        while pos + 7 <= len(data):
+            if block - pos % block < 7:  # a block's tail too short for a header is padding
+                pos += block - pos % block
+                continue
+            length, kind = struct.unpack("<HB", data[pos + 4:pos + 7])
+            chunk, pos = chunk + data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind in (1, 4):  # a full record, or the last piece of one
+                record = wandb_internal_pb2.Record()
+                record.ParseFromString(chunk)
+                if record.WhichOneof("record_type") == "exit":
+                    codes.append(record.exit.exit_code)
+                chunk = b""
+    return codes
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient"])
+def test_non_finite_training_stops_with_a_message_and_is_recorded_as_failed(train_here, tmp_path, what):
+    from common.errors import UserError
+
+    router = ("tests.nan_router.NaNAfter", "+router.nan_after_steps=9") if what == "loss" else \
+        ("tests.test_reliability.NaNGradRouter", "+router.nan_after_steps=9")
+    with pytest.raises(UserError) as error:
+        train_here("logger=wandb", f"router._target_={router[0]}", router[1])
+    out = tmp_path / "run"
+    message = str(error.value)
+    assert f"{what} became non-finite at step 9" in message and "\n" not in message
+    assert f"last good checkpoint {out / 'checkpoints' / 'last.ckpt'} (step 6)" in message
+    assert "Fix: lower task.lr" in message
+    last = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+    assert all("skipped" not in r for r in records(out))  # the weights stayed finite: every measurement is real
+    failure = (out / "FAILED").read_text()
+    assert "step: 9" in failure and "non-finite" in failure
+    assert wandb_exit_codes(out) == [1]  # W&B records the run as failed, not finished
+
+
+# --- 7. a sweep with a failing job ------------------------------------------------------------------
+
+def cli(script: str, argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run ``train.py`` (Hydra and all) or ``analyze.py`` in this process: (exit code, stdout, stderr)."""
+    from hydra.core.global_hydra import GlobalHydra
+
+    capsys.readouterr()
+    if script == "analyze.py":
+        import analyze
+
+        code = analyze.main(argv)
+    else:
+        import train
+
+        GlobalHydra.instance().clear()
+        # Imported, train.py's relative config_path would be looked up as a package: give the folder itself.
+        argv = [f"--config-path={ROOT / 'conf'}", *argv, "hydra/job_logging=none", "hydra/hydra_logging=none"]
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(sys, "argv", ["train.py", *argv])
+            try:
+                train.main()
+                code = 0
+            except SystemExit as e:
+                code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_failing_sweep_job_leaves_a_marker_and_the_other_jobs_finish(tmp_path, cache, monkeypatch, capsys):
+    monkeypatch.setenv("ROUTECOLLAPSE_DATA", cache)
+    sweep = tmp_path / "sweep"
+    code, _, err = cli("train.py", ["-m", *SMALL, f"hydra.sweep.dir={sweep}", "router.n_head=2,3,1"], capsys)
+    assert code == 1, err[-2000:]  # the sweep ran every job, then reports the failure
+    failure = (sweep / "1" / "FAILED").read_text()
+    assert "n_head" in failure and "step: null" in failure
+    assert "1 job(s) of the sweep failed" in err and "1: " in err
+    for job in ("0", "2"):
+        assert [r["step"] for r in records(sweep / job)][-1] == 24
+        assert not (sweep / job / "FAILED").exists()
+
+    import shutil
+
+    shutil.rmtree(sweep / "2" / "checkpoints")  # its config now comes from .hydra/config.yaml, ${data_seed} and all
+    code, out, err = cli("analyze.py", [f"sweep={sweep}"], capsys)
+    assert code == 0, err
+    assert "1 job(s) left out, not results" in out and "n_head" in out
+    rows = list(csv.DictReader(open(sweep / "analysis" / "sweep.csv")))
+    assert [row["run"] for row in rows] == ["0", "2"]
+    assert "axes router.n_head\n" in (sweep / "analysis" / "sweep.md").read_text()  # no fake data_seed axis
+    failed = list(csv.DictReader(open(sweep / "analysis" / "failed_jobs.csv")))
+    assert [row["job"] for row in failed] == ["1"]
