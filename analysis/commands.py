@@ -6,16 +6,18 @@ Every command writes its tables (CSV + markdown) and figures (PNG) into one fold
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 from analysis import figures
 from analysis.runs import (SEED_KEYS, checkpoint_path, factors, failed_jobs, find_runs, load_router, read_run,
                            val_loss)
-from analysis.tables import markdown, onset_step, run_statistics, table1_row, write_csv
+from analysis.tables import markdown, number, onset_step, run_statistics, table1_row, write_csv
 from common import atomic
 from common.errors import UserError
 
+HEATMAP_RUNS = 8  # panels of the sweep's layer x step figure
 STUDIES = ("seed_direction", "brake_ordering", "alibi_slope", "metric")
 CURVE_KEYS = [("peak_max_share", "peak max share"), ("area_above_baseline", "area above baseline"),
               ("ve@8", "VE@8 (depth mean)"), ("onset_depth", "onset depth")]
@@ -181,8 +183,11 @@ def _sweep_table(cfg, runs, out: Path):
         stats = run_statistics(run.final, cfg.threshold, cfg.completion)
         row = {"run": run.name, **{a: run.get(a) for a in axes}}
         row.update(table1_row(run.name, run.final, cfg.threshold, cfg.completion))
+        summary = run.final["summary"]
         row.update({"step": stats["step"], "onset step": onset_step(run.records, cfg.threshold),
-                    "area": stats["area_above_baseline"], "val loss": val_loss(run)})
+                    "sink": summary.get("peak_sink_source"), "sink %": _percent(summary.get("peak_sink_fraction")),
+                    "area": stats["area_above_baseline"], "train loss": number(run.final.get("train_loss")),
+                    "val loss": val_loss(run)})
         row.pop("model")
         rows.append(row)
     write_csv(rows, out / "sweep.csv")
@@ -197,8 +202,16 @@ def _sweep_table(cfg, runs, out: Path):
         series.append(_series(arm, [r["step"] for r in run.records], run.records, cfg.threshold) | {"color": colors[arm]})
     image = _save(figures.curves_figure(series, CURVE_KEYS, f"{cfg.sweep}: collapse over training"),
                   out / "collapse_over_training.png")
+    panels = [(run.name, run.records) for run in runs[:HEATMAP_RUNS]]
+    heatmaps = _save(figures.max_share_heatmaps(panels, cfg.threshold, f"{cfg.sweep}: max share by layer and step"
+                                                + (f" (first {HEATMAP_RUNS} runs)" if len(runs) > HEATMAP_RUNS else "")),
+                     out / "max_share_heatmaps.png")
     print(f"sweep table: {out / 'sweep.md'}")
-    return {"sweep": rows}, [image]
+    return {"sweep": rows}, [image, heatmaps]
+
+
+def _percent(fraction) -> float:
+    return math.nan if fraction is None else 100 * fraction
 
 
 def _brake(cfg, runs, out: Path, factor: str):

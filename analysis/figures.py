@@ -154,3 +154,33 @@ def seed_direction_figure(profiles: dict[str, list[dict]], rank: int = 8, title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def max_share_heatmaps(panels: list[tuple[str, list[dict]]], threshold: float = 0.2, title: str = "") -> Figure:
+    """Collapse as it forms: per run, mean max share by layer (rows) and measured step (columns), on one
+    colour scale shared by the panels; cells past the onset threshold are outlined, the step of first onset
+    is marked. ``panels``: (label, monitor records in step order)."""
+    grids = [[_column(r["layers"], "max_share") for r in records] for _, records in panels]
+    top = max([threshold] + [v for grid in grids for col in grid for v in col if not math.isnan(v)])
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1.2, 3.4), squeeze=False,
+                             layout="constrained")
+    for ax, (label, records), grid in zip(axes[0], panels, grids):
+        steps = [r["step"] for r in records]
+        values = [[col[i] for col in grid] for i in range(len(grid[0]))]  # layers x steps
+        image = ax.imshow(values, aspect="auto", origin="lower", cmap="magma", vmin=0, vmax=top,
+                          interpolation="nearest")
+        for layer, row in enumerate(values):
+            for j, value in enumerate(row):
+                if value > threshold:
+                    ax.add_patch(plt.Rectangle((j - 0.5, layer - 0.5), 1, 1, fill=False, ec="cyan", lw=1))
+        onset = next((j for j, col in enumerate(grid) if any(v > threshold for v in col)), None)
+        where = "no onset" if onset is None else f"onset first at step {steps[onset]}"
+        ax.set_title(f"{label}\n{where}", fontsize=8)
+        ticks = list(range(0, len(steps), max(1, len(steps) // 6)))
+        ax.set_xticks(ticks, [str(steps[j]) for j in ticks])
+        ax.set(xlabel="training step", ylabel="layer")
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.colorbar(image, ax=list(axes[0]), label=f"mean max share (cyan: > {threshold})")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    return fig
