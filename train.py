@@ -42,7 +42,8 @@ def train(cfg: DictConfig) -> None:
         trainer, task, datamodule, loggers, ckpt_path = setup(cfg, out)
         fit(trainer, task, datamodule, loggers, ckpt_path, out)
     except Preempted as p:
-        print(f"preempted: {p}; {requeue(trainer.checkpoint_callback, p)}", file=sys.stderr)
+        print(f"preempted: {p}", file=sys.stderr, flush=True)
+        print(requeue(trainer.checkpoint_callback, p), file=sys.stderr)  # under submitit, this exits
         sys.exit(128 + p.signum)  # what a shell reports for a process ended by that signal
     except BaseException as e:
         runner.failed(out, e, None if trainer is None else trainer.global_step)

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning.pytorch import Callback
+
 from routers.transformer import Transformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +47,7 @@ def _kill_self() -> None:
 def _arm(event: str, n: int) -> None:
     """SIGKILL this process at the ``n``-th ``event``: after the monitor's work at the end of a training step or
     a validation (before the checkpoint), halfway through writing a checkpoint, or halfway through an append
-    to collapse.jsonl or metrics.csv. ``slow``: sleep ``n`` ms per step instead (to signal a running job)."""
+    to collapse.jsonl or metrics.csv."""
     from callbacks.collapse_monitor import CollapseMonitor
     from common import atomic
 
@@ -63,9 +65,7 @@ def _arm(event: str, n: int) -> None:
             act()
         setattr(CollapseMonitor, method_name, wrapped)
 
-    if event == "slow":
-        after("on_train_batch_end", lambda: time.sleep(n / 1000))
-    elif event in ("batch_end", "validation_end"):
+    if event in ("batch_end", "validation_end"):
         after(f"on_{event.replace('batch_end', 'train_batch_end')}", lambda: hit() and _kill_self())
     elif event == "checkpoint_write":
         write_bytes = atomic.write_bytes
@@ -89,6 +89,16 @@ def _arm(event: str, n: int) -> None:
         atomic.append_lines = torn_append
     else:
         raise ValueError(event)
+
+
+class Sleep(Callback):
+    """``+callbacks.sleep._target_=tests.test_reliability.Sleep``: slow steps, to signal a job mid-run."""
+
+    def __init__(self, ms: int):
+        self.ms = ms
+
+    def on_train_batch_end(self, *args) -> None:
+        time.sleep(self.ms / 1000)
 
 
 def _train_in_child(out: str, overrides: list[str], cache: str, kill: tuple[str, int] | None) -> None:
@@ -438,3 +448,57 @@ def test_a_failing_sweep_job_leaves_a_marker_and_the_other_jobs_finish(tmp_path,
     assert "axes router.n_head\n" in (sweep / "analysis" / "sweep.md").read_text()  # no fake data_seed axis
     failed = list(csv.DictReader(open(sweep / "analysis" / "failed_jobs.csv")))
     assert [row["job"] for row in failed] == ["1"]
+
+
+# --- 8. preemption: a signal to a running job ------------------------------------------------------------
+
+SLOW = ["+callbacks.sleep._target_=tests.test_reliability.Sleep", "+callbacks.sleep.ms=40"]  # time to signal it
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
+def test_a_preemption_signal_checkpoints_at_once_and_the_resume_is_exact(forked, reference, tmp_path, signum):
+    out = tmp_path / "run"
+    job = forked(out, *SLOW, wait=False)
+    deadline = time.monotonic() + 60
+    while not any(r["step"] >= 8 for r in (records(out) if (out / "collapse.jsonl").exists() else [])):
+        assert time.monotonic() < deadline and job.is_alive(), _log(out)
+        time.sleep(0.02)
+    os.kill(job.pid, signum)
+    job.join(timeout=60)
+    assert job.exitcode == 128 + signum, _log(out)  # what a shell shows for a job ended by that signal
+    stopped = int(re.search(rf"preempted: {signum.name} at step (\d+)", _log(out)).group(1))
+    assert 8 <= stopped < 24
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == stopped  # no step lost
+    assert not (out / "FAILED").exists()
+    assert forked(out, "ckpt_path=auto") == 0, _log(out)
+    assert f"resuming from {out / 'checkpoints' / 'last.ckpt'}, step {stopped}" in _log(out)
+    assert_same_run(out, reference)
+
+
+def test_requeue_hands_the_job_to_submitit_or_slurm_or_says_how_to_continue(tmp_path, monkeypatch):
+    from callbacks.checkpointing import Checkpoint, Preempted, requeue
+
+    preempted = Preempted(signal.SIGUSR2, 9, "last.ckpt")
+    for key in ("SUBMITIT_EXECUTOR", "SLURM_JOB_ID", "SLURM_RESTART_COUNT"):
+        monkeypatch.delenv(key, raising=False)
+    assert "ckpt_path=auto" in requeue(Checkpoint(dirpath=tmp_path), preempted)
+
+    # Under submitit, its own handler (in place before training) dumps the job, requeues it and exits.
+    calls = []
+    monkeypatch.setattr(signal, "getsignal", lambda s: lambda *args: calls.append(s))
+    submitit_job = Checkpoint(dirpath=tmp_path)
+    monkeypatch.undo()
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "slurm")
+    requeue(submitit_job, preempted)
+    assert calls == [signal.SIGUSR2]  # submitit's preemption signal
+
+    monkeypatch.delenv("SUBMITIT_EXECUTOR")
+    monkeypatch.setenv("SLURM_JOB_ID", "1234")
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.parent.mkdir()
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'scontrol.args'}\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{scontrol.parent}:{os.environ['PATH']}")
+    assert requeue(Checkpoint(dirpath=tmp_path), preempted) == "requeued SLURM job 1234"
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "1234"]
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "10")
+    assert "max_requeues" in requeue(Checkpoint(dirpath=tmp_path, max_requeues=10), preempted)
