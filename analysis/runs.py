@@ -127,7 +127,7 @@ def find_runs(sweep: str | Path) -> list[Run]:
     jobs = _jobs(sweep)
     finished = [job for job in jobs if job_failure(Path(sweep) / job) is None]
     if not finished:
-        raise UserError(f"no finished runs under {sweep}: all {len(jobs)} jobs failed or are unfinished (each one's "
+        raise UserError(f"no finished runs under {sweep}: all {len(jobs)} jobs failed or are unfinished (a job's "
                         f"{FAILED} file says why); fix them and resume with ckpt_path=auto")
     runs = [read_run(Path(sweep) / job) for job in finished]
     for run, job in zip(runs, finished):

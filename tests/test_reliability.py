@@ -502,3 +502,117 @@ def test_requeue_hands_the_job_to_submitit_or_slurm_or_says_how_to_continue(tmp_
     assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "1234"]
     monkeypatch.setenv("SLURM_RESTART_COUNT", "10")
     assert "max_requeues" in requeue(Checkpoint(dirpath=tmp_path, max_requeues=10), preempted)
+
+
+# --- 9. every bad input in docs/errors.md: one line naming the fix -------------------------------------------
+
+def _bad_input(case: str, tmp: Path, reference: Path) -> tuple[str, list[str]]:
+    """(script, arguments) of each docs/errors.md row; files the case needs are made in ``tmp``."""
+    import shutil
+
+    copy = tmp / "copy"
+    if case in ("ckpt-corrupt", "analyze-corrupt-checkpoint"):
+        shutil.copytree(reference, copy)
+        (copy / "checkpoints" / ("step000024.ckpt" if case == "ckpt-corrupt" else "last.ckpt")).write_bytes(b"")
+    (tmp / "a-file").write_text("")
+    if case == "analyze-sweep-all-failed":
+        (tmp / "sweep" / "0").mkdir(parents=True)
+        (tmp / "sweep" / "0" / "FAILED").write_text('reason: "ValueError: boom"\nstep: 3\n')
+    if case == "ckpt-auto-none-loads":
+        (tmp / "run" / "checkpoints").mkdir(parents=True)
+        (tmp / "run" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    train = {
+        "unknown-group": ["router/position=spiral"],
+        "unknown-choice": ["router.position=spiral"],
+        "heads": ["router.n_head=3"],
+        "context": ["data.context_length=32"],
+        "config-key": ["+router.colour=red"],
+        "data-path": ["data=text_files", f"data.path={tmp}/nowhere"],
+        "offline-download": ["data=wikitext103"],
+        "ckpt-missing": [f"ckpt_path={tmp}/nowhere.ckpt"],
+        "ckpt-corrupt": [f"ckpt_path={copy}/checkpoints/step000024.ckpt"],
+        "ckpt-auto-none-loads": ["ckpt_path=auto"],
+        "ckpt-architecture": [f"ckpt_path={reference}/checkpoints/last.ckpt", "router.d_model=32"],
+        "run-dir-unwritable": [f"hydra.run.dir={tmp}/a-file/run"],
+        "checkpoint-dir-unwritable": [f"callbacks.checkpoint.dirpath={tmp}/a-file/checkpoints"],
+        "monitor-interval": ["callbacks.collapse_monitor.every_n_steps=0"],
+        "max-steps": ["trainer.max_steps=0"],
+        "non-finite": ["router._target_=tests.nan_router.NaNAfter", "+router.nan_after_steps=2"],
+    }
+    if case in train:
+        args = train[case]
+        base = [a for a in SMALL if not (args[0].startswith("data=") and a.startswith(("data=", "data.synthetic.")))]
+        return "train.py", [*base, f"hydra.run.dir={tmp}/run", *args]
+    return "analyze.py", {
+        "analyze-target": [],
+        "analyze-study-needs-sweep": [f"run={reference}", "study=brake_ordering"],
+        "analyze-unknown-study": [f"sweep={reference.parent}", "study=brakes"],
+        "analyze-not-hf": ["model=gpt2"],
+        "analyze-hf-missing": ["model=hf:/no/such/model"],
+        "analyze-hf-not-cached": ["model=hf:EleutherAI/no-such-model"],
+        "analyze-sweep-missing": ["sweep=/no/such/sweep"],
+        "analyze-sweep-is-a-run": [f"sweep={reference}"],
+        "analyze-sweep-all-failed": [f"sweep={tmp}/sweep"],
+        "analyze-run-missing": ["run=/no/such/run"],
+        "analyze-corrupt-checkpoint": [f"run={copy}"],
+        "analyze-unknown-probe": [f"run={reference}", "probe=nonsense"],
+        "analyze-bad-argument": ["colour=blue"],
+    }[case]
+
+
+def error_rows() -> dict[str, tuple[str, int]]:
+    """docs/errors.md's bad-input table: case -> (message, exit code)."""
+    rows = {}
+    for line in (ROOT / "docs" / "errors.md").read_text().splitlines():
+        if match := re.match(r"^\| `([a-z-]+)` \|[^|]*\| (.*) \| (\d) \|$", line):
+            rows[match.group(1)] = (match.group(2).replace("`", "").replace("\\|", "|"), int(match.group(3)))
+    return rows
+
+
+@pytest.mark.parametrize("case", sorted(error_rows()))
+def test_every_documented_bad_input_ends_with_its_message_and_exit_code(case, reference, tmp_path, cache, monkeypatch,
+                                                                        capsys):
+    message, expected_code = error_rows()[case]
+    monkeypatch.setenv("ROUTECOLLAPSE_DATA", str(tmp_path / "cache") if case == "offline-download" else cache)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    code, _, err = cli(*_bad_input(case, tmp_path, reference), capsys)
+    assert code == expected_code, err[-2000:]
+    if expected_code == 2:
+        errors = [line for line in err.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1, err[-2000:]
+        pattern = re.escape(message).replace(re.escape("..."), ".*")
+        assert re.search(pattern, errors[0]), (errors[0], message)
+    else:  # Hydra's own config errors: its message, several lines
+        assert all(part in err for part in message.split("..."))
+
+
+def test_submitit_requeues_a_preempted_sweep_job_which_resumes_exactly(reference, tmp_path, cache, monkeypatch,
+                                                                        capsys):
+    """The whole SLURM recipe on the local executor: the job gets submitit's preemption signal mid-run, checkpoints,
+    submitit requeues it, and the same job folder resumes with ckpt_path=auto."""
+    import threading
+
+    import psutil
+
+    monkeypatch.setenv("ROUTECOLLAPSE_DATA", cache)
+    sweep, signalled = tmp_path / "sweep", []
+
+    def preempt_at_step_8():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not signalled:
+            if (sweep / "0" / "collapse.jsonl").exists() and any(r["step"] >= 8 for r in records(sweep / "0")):
+                for process in psutil.Process().children(recursive=True):
+                    if "submitit.core._submit" in " ".join(process.cmdline()):
+                        process.send_signal(signal.SIGUSR2)  # submitit's signal before a time limit
+                        signalled.append(process.pid)
+            time.sleep(0.05)
+
+    threading.Thread(target=preempt_at_step_8, daemon=True).start()
+    code, _, err = cli("train.py", ["-m", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}", "ckpt_path=auto",
+                                    *SMALL, *SLOW], capsys)
+    assert code == 0 and signalled, err[-2000:]
+    log = "".join(p.read_text() for p in sweep.glob(".submitit/*/*_log.*"))
+    stopped = int(re.search(r"preempted: SIGUSR2 at step (\d+)", log).group(1))
+    assert f"resuming from {sweep / '0' / 'checkpoints' / 'last.ckpt'}, step {stopped}" in log
+    assert_same_run(sweep / "0", reference)
