@@ -616,3 +616,16 @@ def test_submitit_requeues_a_preempted_sweep_job_which_resumes_exactly(reference
     stopped = int(re.search(r"preempted: SIGUSR2 at step (\d+)", log).group(1))
     assert f"resuming from {sweep / '0' / 'checkpoints' / 'last.ckpt'}, step {stopped}" in log
     assert_same_run(sweep / "0", reference)
+
+
+def test_slurm_launcher_presets_requeue_on_time_outs_and_the_cpu_one_asks_for_no_gpu():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    for name in ("slurm", "slurm_cpu"):
+        GlobalHydra.instance().clear()
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            launcher = compose("train", [f"hydra/launcher={name}"], return_hydra_config=True).hydra.launcher
+        assert launcher.max_num_timeout > 0 and launcher.signal_delay_s >= 60
+        if name == "slurm_cpu":
+            assert launcher.gpus_per_node is None and launcher.gres is None and launcher.tasks_per_node == 1
