@@ -397,6 +397,24 @@ def test_non_finite_training_stops_with_a_message_and_is_recorded_as_failed(trai
     assert wandb_exit_codes(out) == [1]  # W&B records the run as failed, not finished
 
 
+
+def test_the_monitor_records_a_skipped_measurement_instead_of_measuring_non_finite_weights(tmp_path, caplog):
+    from types import SimpleNamespace
+
+    from callbacks.collapse_monitor import CollapseMonitor, read_records
+
+    monitor = CollapseMonitor(every_n_steps=4)
+    trainer = SimpleNamespace(global_step=8, is_global_zero=True, default_root_dir=str(tmp_path), loggers=[])
+    module = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        module.weight[0, 0] = float("nan")
+    monitor._measure(trainer, module)  # would crash in the metrics (eigvalsh) if it measured
+    assert read_records(tmp_path) == []  # analysis sees measurements only
+    assert read_records(tmp_path, skipped=True) == [{"step": 8, "skipped": "non-finite weights"}]
+    assert "weights are not finite" in caplog.text
+    monitor._measure(trainer, module)
+    assert len(read_records(tmp_path, skipped=True)) == 1  # once per step, like a measurement
+
 # --- 7. a sweep with a failing job ------------------------------------------------------------------
 
 def cli(script: str, argv: list[str], capsys) -> tuple[int, str, str]:
