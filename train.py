@@ -46,7 +46,7 @@ def train(cfg: DictConfig) -> None:
         print(requeue(trainer.checkpoint_callback, p), file=sys.stderr)  # under submitit, this exits
         sys.exit(128 + p.signum)  # what a shell reports for a process ended by that signal
     except BaseException as e:
-        runner.failed(out, e, None if trainer is None else trainer.global_step)
+        runner.record_failure(out, e, None if trainer is None else trainer.global_step)
         raise
     if trainer.is_global_zero:
         runner.report(out, print_table=cfg.print_table)

@@ -21,6 +21,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -86,8 +87,8 @@ class Checkpoint(ModelCheckpoint):
         super().__init__(*args, **kwargs)
         self.preempt_signals = [signal.Signals[name] for name in preempt_signals]
         self.max_requeues = max_requeues
-        # Handlers in place before training (submitit's requeue handler among them): requeue() calls them.
-        self.handlers_before = {s: signal.getsignal(s) for s in self.preempt_signals}
+        # Handlers in place before training (submitit's requeue handler, on USR2 or USR1): requeue() calls them.
+        self.handlers_before = {s: signal.getsignal(s) for s in {*self.preempt_signals, signal.SIGUSR1, signal.SIGUSR2}}
         self._signal: int | None = None
         self._held_paths: list[str] = []  # checkpoints taken but not yet written (the same list on every rank)
         self._preempt_path: str | None = None
@@ -165,9 +166,11 @@ class Checkpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
-        # After Lightning's own handlers (set when fit starts), which it restores when fit ends.
-        for s in self.preempt_signals:
-            signal.signal(s, self._on_signal)
+        # After Lightning's own handlers (set when fit starts), which it restores when fit ends. Python takes
+        # signal handlers in the main thread only.
+        if threading.current_thread() is threading.main_thread():
+            for s in self.preempt_signals:
+                signal.signal(s, self._on_signal)
 
     def _on_signal(self, signum: int, frame) -> None:
         if self._signal is None:

@@ -63,7 +63,7 @@ def prepare_run_dir(out: Path) -> None:
         clear_failure(out)
 
 
-def failed(out: Path, error: BaseException, step: int | None) -> None:
+def record_failure(out: Path, error: BaseException, step: int | None) -> None:
     """Write the run's ``FAILED`` marker: why (the one-line message, or the exception) and at which step."""
     if isinstance(error, (KeyboardInterrupt, SystemExit)):
         reason = "interrupted"
