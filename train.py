@@ -58,6 +58,7 @@ def setup(cfg: DictConfig, out):
 
     from tasks import runner
 
+    runner.print_config(cfg)
     runner.check_training_length(cfg.trainer)
     if cfg.threads:  # e.g. threads=1 on a shared machine, where OpenMP threads thrash on tiny ops
         torch.set_num_threads(cfg.threads)
@@ -68,8 +69,8 @@ def setup(cfg: DictConfig, out):
     model = runner.build(cfg.router, **datamodule.model_kwargs())
     runner.check_compatible(model, datamodule)
     task = runner.build(cfg.task, model=model, config=runner.plain(cfg))
-    loggers = runner.build_loggers(cfg.logger, out)
-    callbacks = [runner.build(c) for c in cfg.callbacks.values()]
+    loggers = runner.build_loggers(cfg.logger, out, cfg)
+    callbacks = [runner.build(c) for c in cfg.callbacks.values()] + runner.builtin_callbacks(cfg.trainer)
     trainer = runner.build(cfg.trainer, logger=loggers, callbacks=callbacks)
     ckpt_path = runner.resolve_checkpoint(cfg.ckpt_path, checkpoint_folder(trainer, out), task)
     return trainer, task, datamodule, loggers, ckpt_path

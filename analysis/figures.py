@@ -21,34 +21,70 @@ def _has(values: list[float]) -> bool:
     return any(not math.isnan(v) for v in values)
 
 
+def _top(values) -> float:
+    finite = [v for v in values if not math.isnan(v)]
+    return max(finite, default=0.0)
+
+
+def mark_threshold(ax, threshold: float, values) -> None:
+    """The onset threshold as a line when it lies near the data, else as a note in the corner: a line at
+    0.2 over max shares of 0.03-0.07 would flatten the data against the bottom of the panel."""
+    top = _top(values)
+    if threshold <= 1.3 * top:
+        ax.axhline(threshold, ls="--", lw=1, color="crimson", label=f"onset threshold {threshold}", zorder=1)
+    else:
+        ax.annotate(f"onset threshold {threshold} is off the scale (max {top:.3f})", xy=(0.99, 0.98),
+                    xycoords="axes fraction", ha="right", va="top", fontsize=7, color="crimson",
+                    bbox={"fc": "white", "ec": "none", "alpha": 0.8})
+
+
+def write_in_panel(ax, text: str) -> None:
+    """A panel with nothing to draw says why instead of showing empty axes."""
+    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9, color="dimgrey", wrap=True)
+    ax.set_yticks([])
+
+
+def figure_legend(fig: Figure, axes) -> None:
+    """One legend for the figure, right of the panels, one entry per label across all panels."""
+    entries: dict = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if entries:
+        fig.legend(list(entries.values()), list(entries), loc="outside right upper", fontsize=7, frameon=False)
+
+
 def signature_figure(layers: list[dict], rank: int = 8, threshold: float = 0.2, title: str = "") -> Figure:
     """One model's signature by depth: max share (mean and per head) against the uniform baseline and the
     onset threshold; VE@rank pre/post-RoPE against the shuffle and Gaussian nulls; norm-CV against its
-    Gaussian value; norm-CV vs max share over (layer, head), the pairs behind r_cv,sh."""
-    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    Gaussian value; norm-CV vs max share per (layer, head), the pairs behind r_cv,sh."""
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8), layout="constrained")
     x = list(range(len(layers)))
     ax = axes[0]
+    units = []
     for i, row in enumerate(layers):
-        units = row.get("max_share_units") or []
-        ax.scatter([i] * len(units), units, s=6, color="tab:blue", alpha=0.35, lw=0)
-    ax.plot(x, _column(layers, "max_share"), "o-", color="tab:blue", label="mean over heads")
-    ax.plot(x, _column(layers, "baseline"), ":", color="grey", label="uniform (causal) baseline")
-    ax.axhline(threshold, ls="--", lw=1, color="crimson", label=f"onset threshold {threshold}")
+        heads = row.get("max_share_units") or []
+        units += heads
+        ax.scatter([i] * len(heads), heads, s=6, color="tab:blue", alpha=0.35, lw=0, label="per head" if i == 0 else None)
+    ax.plot(x, _column(layers, "baseline"), ":", color="grey", label="uniform (causal) baseline", zorder=1)
+    ax.plot(x, _column(layers, "max_share"), "o-", color="tab:blue", label="mean over heads", zorder=3)
+    mark_threshold(ax, threshold, units + _column(layers, "max_share"))
     ax.set(xlabel="layer", ylabel="max share", title="concentration")
     ax = axes[1]
-    ax.plot(x, _column(layers, f"ve@{rank}"), "o-", label="real (pre-RoPE)")
-    post = _column(layers, f"ve@{rank}_post")
-    if _has(post):
-        ax.plot(x, post, "s-", ms=3, label="real post-RoPE")
     shuffle = _column(layers, f"ve@{rank}_shuffle")
     if _has(shuffle):
-        ax.plot(x, shuffle, "-.", color="black", label="shuffle null")
-    ax.plot(x, _column(layers, f"ve@{rank}_gauss"), "--", color="grey", label="Gaussian null")
+        ax.plot(x, shuffle, "-.", color="black", label="shuffle null", zorder=1)
+    ax.plot(x, _column(layers, f"ve@{rank}_gauss"), "--", color="grey", label="Gaussian null", zorder=1)
+    ax.plot(x, _column(layers, f"ve@{rank}"), "o-", label="real (pre-RoPE)", zorder=3)
+    post = _column(layers, f"ve@{rank}_post")
+    if _has(post):
+        ax.plot(x, post, "s-", ms=3, label="real post-RoPE", zorder=3)
     ax.set(xlabel="layer", ylabel=f"VE@{rank}", title="key geometry", ylim=(0, 1))
     ax = axes[2]
-    ax.plot(x, _column(layers, "norm_cv"), "o-", label="norm-CV")
-    ax.plot(x, _column(layers, "norm_cv_gauss"), "--", color="grey", label="Gaussian 1/sqrt(2d)")
+    ax.plot(x, _column(layers, "norm_cv_gauss"), "--", color="grey", label="Gaussian 1/sqrt(2d)", zorder=1)
+    ax.plot(x, _column(layers, "norm_cv"), "o-", label="norm-CV", zorder=3)
     ax.set(xlabel="layer", ylabel="norm-CV", title="norm stratification")
+    ax.set_ylim(bottom=0)
     ax = axes[3]
     cmap = plt.get_cmap("viridis")
     for i, row in enumerate(layers):
@@ -64,64 +100,80 @@ def signature_figure(layers: list[dict], rank: int = 8, threshold: float = 0.2, 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     return fig
 
 
-def curves_figure(series: list[dict], keys: list[tuple[str, str]], title: str = "", log_steps: bool = False) -> Figure:
-    """Collapse over training: one panel per statistic, one line per series.
+SHARE_PANELS = ("peak_max_share", "max_share")  # panels of max shares: the onset threshold applies there
 
-    ``series``: ``{"label" (None: not in the legend), "steps", "values": {key: [...]}, "color"?, "style"?,
-    "alpha"?}``; ``keys``: (key, axis label). ``log_steps`` puts steps on a symlog axis, so a pretrained
-    model's 143k steps and a CPU run's 2k sit side by side.
+
+def curves_figure(series: list[dict], keys: list[tuple[str, str]], title: str = "", log_steps: bool = False,
+                  nulls: dict | None = None, threshold: float | None = None, empty: dict | None = None) -> Figure:
+    """Collapse over training: one panel per statistic, one line per series, one legend entry per label.
+
+    ``series``: ``{"label" (None: a faint line outside the legend), "steps", "values": {key: [...]}, "color"?,
+    "style"?, "alpha"?}``; ``keys``: (key, axis label). ``nulls``: per panel key, ``[(label, values key, line
+    style)]`` that the first series of each label draws from its own values in its colour, under the data
+    (baseline, shuffle null, Gaussian null). ``threshold``: the onset threshold, on the max-share panel.
+    ``empty``: per panel key, what to write when no series has a value there (e.g. "no onset").
+    ``log_steps`` puts steps on a symlog axis, so a pretrained model's 143k steps and a CPU run's 2k sit side
+    by side.
     """
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.6 * len(keys), 3.8), squeeze=False)
-    for ax, (key, label) in zip(axes[0], keys):
-        drawn = False
-        for s in series:
-            values = s["values"][key]
-            drawn |= _has(values)
-            ax.plot(s["steps"], values, s.get("style", "o-"), ms=3, color=s.get("color"),
-                    label=s["label"] if s["label"] is not None else "_nolegend_", alpha=s.get("alpha", 1.0))
-        if not drawn:
-            ax.text(0.5, 0.5, "never (no layer above the threshold)", ha="center", va="center",
-                    transform=ax.transAxes, fontsize=8, color="grey")
-        ax.set(xlabel="training step", ylabel=label)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.4 * len(keys) + 1.6, 3.6), squeeze=False,
+                             layout="constrained")
+    for ax, (key, axis_label) in zip(axes[0], keys):
+        ax.set(xlabel="training step", ylabel=axis_label)
         if log_steps:
             ax.set_xscale("symlog", linthresh=100)
-    axes[0][-1].legend(fontsize=6)
+        if not any(_has(s["values"][key]) for s in series):
+            write_in_panel(ax, (empty or {}).get(key, "no data"))
+            continue
+        drawn: set = set()
+        for s in series:
+            if s["label"] is not None and s["label"] not in drawn:
+                drawn.add(s["label"])
+                for null_label, null_key, style in (nulls or {}).get(key, []):
+                    ax.plot(s["steps"], s["values"][null_key], style, lw=1, color=s.get("color", "grey"), zorder=1)
+                    ax.plot([], [], style, lw=1, color="grey", label=null_label)  # one grey legend entry
+            ax.plot(s["steps"], s["values"][key], s.get("style", "o-"), ms=3, color=s.get("color"),
+                    label=s["label"] if s["label"] is not None else "_nolegend_", alpha=s.get("alpha", 1.0),
+                    zorder=3 if s["label"] is not None else 2)
+        if threshold is not None and key in SHARE_PANELS:
+            mark_threshold(ax, threshold, [v for s in series for v in s["values"][key]])
+    figure_legend(fig, axes[0])
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     return fig
 
 
 def arm_profiles_figure(arms: list[dict], panels: list[tuple[str, str]], references: dict | None = None,
-                        title: str = "") -> Figure:
+                        title: str = "", threshold: float | None = None) -> Figure:
     """Depth profiles per arm (mean across seeds with the bootstrap band): one panel per statistic.
 
     ``arms``: ``{"label", "profiles": {key: (mean, low, high) lists per layer}}``; ``references``: per panel
-    key, ``[(label, values per layer or a scalar)]`` drawn grey (nulls, baselines, the onset threshold).
+    key, ``[(label, values per layer)]`` drawn grey under the data (baseline, nulls); ``threshold``: the
+    onset threshold, on the max-share panel. Norm-CV panels start at 0, where their Gaussian value is read.
     """
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
-    for ax, (key, label) in zip(axes[0], panels):
-        for arm in arms:
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 1.6, 3.6), squeeze=False,
+                             layout="constrained")
+    styles = [":", "--", "-."]
+    for ax, (key, axis_label) in zip(axes[0], panels):
+        for (ref_label, values), style in zip((references or {}).get(key, []), styles):
+            ax.plot([(i + 0.5) / len(values) for i in range(len(values))], [number(v) for v in values], style,
+                    color="grey", label=ref_label, zorder=1)
+        for i, arm in enumerate(arms):
             mean, low, high = arm["profiles"][key]
-            depth = [(i + 0.5) / len(mean) for i in range(len(mean))]
-            line, = ax.plot(depth, mean, "o-", ms=3, label=arm["label"])
+            depth = [(j + 0.5) / len(mean) for j in range(len(mean))]
+            line, = ax.plot(depth, mean, "o-", ms=3, color=arm.get("color", f"C{i}"), label=arm["label"], zorder=3)
             if _has(low):
-                ax.fill_between(depth, low, high, color=line.get_color(), alpha=0.2, lw=0)
-        for ref_label, values in (references or {}).get(key, []):
-            if isinstance(values, (int, float)):
-                ax.axhline(values, ls="--", lw=1, color="crimson", label=ref_label)
-            else:
-                ax.plot([(i + 0.5) / len(values) for i in range(len(values))], values, ":", color="grey",
-                        label=ref_label)
-        ax.set(xlabel="depth (layer / L)", ylabel=label, xlim=(0, 1))
-        ax.legend(fontsize=6)
+                ax.fill_between(depth, low, high, color=line.get_color(), alpha=0.2, lw=0, zorder=2)
+        if threshold is not None and key in SHARE_PANELS:
+            mark_threshold(ax, threshold, [v for arm in arms for band in arm["profiles"][key] for v in band])
+        if key.startswith("norm_cv"):
+            ax.set_ylim(bottom=0)
+        ax.set(xlabel="depth (layer / L)", ylabel=axis_label, xlim=(0, 1))
+    figure_legend(fig, axes[0])
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     return fig
 
 
@@ -158,16 +210,20 @@ def seed_direction_figure(profiles: dict[str, list[dict]], rank: int = 8, title:
 
 def max_share_heatmaps(panels: list[tuple[str, list[dict]]], threshold: float = 0.2, title: str = "") -> Figure:
     """Collapse as it forms: per run, mean max share by layer (rows) and measured step (columns), on one
-    colour scale shared by the panels; cells past the onset threshold are outlined, the step of first onset
-    is marked. ``panels``: (label, monitor records in step order)."""
+    colour scale shared by the panels and set by the data (it reaches the threshold only when the data come
+    near it); cells past the onset threshold are outlined, the step of first onset is marked.
+    ``panels``: (label, monitor records in step order)."""
     grids = [[_column(r["layers"], "max_share") for r in records] for _, records in panels]
-    top = max([threshold] + [v for grid in grids for col in grid for v in col if not math.isnan(v)])
+    finite = [v for grid in grids for col in grid for v in col if not math.isnan(v)]
+    low, top = min(finite, default=0.0), _top(finite)
+    if threshold <= 1.3 * top:
+        top = max(top, threshold)
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1.2, 3.4), squeeze=False,
                              layout="constrained")
     for ax, (label, records), grid in zip(axes[0], panels, grids):
         steps = [r["step"] for r in records]
         values = [[col[i] for col in grid] for i in range(len(grid[0]))]  # layers x steps
-        image = ax.imshow(values, aspect="auto", origin="lower", cmap="magma", vmin=0, vmax=top,
+        image = ax.imshow(values, aspect="auto", origin="lower", cmap="magma", vmin=low, vmax=top,
                           interpolation="nearest")
         for layer, row in enumerate(values):
             for j, value in enumerate(row):
@@ -180,7 +236,8 @@ def max_share_heatmaps(panels: list[tuple[str, list[dict]]], threshold: float = 
         ax.set_xticks(ticks, [str(steps[j]) for j in ticks])
         ax.set(xlabel="training step", ylabel="layer")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.colorbar(image, ax=list(axes[0]), label=f"mean max share (cyan: > {threshold})")
+    scale = f"cyan: > {threshold}" if top >= threshold else f"onset threshold {threshold} is off the scale"
+    fig.colorbar(image, ax=list(axes[0]), label=f"mean max share ({scale})")
     if title:
         fig.suptitle(title, fontsize=9)
     return fig

@@ -14,11 +14,13 @@ from lightning.pytorch.loggers import WandbLogger
 from collapse import SignatureAccumulator
 from common import atomic
 from common.errors import UserError
+from common.run_names import run_label
 
 log = logging.getLogger(__name__)
 
 JSONL = "collapse.jsonl"
 PROFILE_PNG = "collapse_profile.png"
+HEATMAP_PNG = "max_share_heatmap.png"
 
 
 def read_records(run_dir: str | Path, skipped: bool = False, repair: bool = False) -> list[dict]:
@@ -173,15 +175,20 @@ class CollapseMonitor(pl.Callback):
     def _plot(self, trainer: pl.Trainer) -> None:
         import matplotlib.pyplot as plt
 
-        from analysis.plots import depth_profile_figure  # matplotlib only when a plot is drawn
+        from analysis.figures import max_share_heatmaps  # matplotlib only when a plot is drawn
+        from analysis.plots import depth_profile_figure
 
-        records = read_records(self.run_dir(trainer))
+        run_dir = self.run_dir(trainer)
+        records = read_records(run_dir)
         if not records:
             return
-        path = self.run_dir(trainer) / PROFILE_PNG
-        figure = depth_profile_figure(records, title=self.run_dir(trainer).name)
-        atomic.save_figure(figure, path, dpi=120)
-        plt.close(figure)
+        name = run_label(run_dir)  # the arm, as W&B names the run (nope·s0), not the job number
+        figures = {PROFILE_PNG: depth_profile_figure(records, threshold=self.onset_threshold, title=name),
+                   HEATMAP_PNG: max_share_heatmaps([(name, records)], self.onset_threshold)}
+        for filename, figure in figures.items():
+            atomic.save_figure(figure, run_dir / filename, dpi=120)
+            plt.close(figure)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key="collapse/depth_profile", images=[str(path)])
+                logger.log_image(key="collapse/depth_profile", images=[str(run_dir / PROFILE_PNG)])
+                logger.log_image(key="collapse/max_share_heatmap", images=[str(run_dir / HEATMAP_PNG)])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -13,8 +14,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from callbacks.checkpointing import LAST, inspect, newest_loadable
-from callbacks.collapse_monitor import JSONL, PROFILE_PNG, read_records
-from common import atomic
+from callbacks.collapse_monitor import HEATMAP_PNG, JSONL, PROFILE_PNG, read_records
+from common import atomic, run_names
 from common.errors import UserError
 from common.failed import clear_failure, mark_failed
 from common.loggers import WandbLogger
@@ -114,22 +115,45 @@ def check_compatible(model, datamodule) -> None:
                         f"lower data.context_length or raise router.context_length")
 
 
-def build_loggers(logger_cfg: DictConfig, out: Path) -> list:
-    """Instantiate the configured loggers; W&B gets a sweep group, a readable name and a stable id."""
+def build_loggers(logger_cfg: DictConfig, out: Path, run_cfg: DictConfig | None = None) -> list:
+    """Instantiate the configured loggers; W&B gets a group per sweep, a name from the swept values, tags,
+    job type "train" and a stable id (common.run_names)."""
     hydra_cfg = HydraConfig.get()
-    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    sweep = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    choices = dict(hydra_cfg.runtime.choices)
+    router, extra_tags = (plain(run_cfg.router), run_cfg.get("tags") or []) if run_cfg else ({}, [])
     loggers = []
     for key, node in logger_cfg.items():
         overrides = {}
         if node._target_.endswith("WandbLogger"):
+            swept = run_names.swept_keys(sweep) if sweep else None
             overrides = {
-                "group": node.group or (Path(hydra_cfg.sweep.dir).name if multirun else None),
-                "name": node.name or (hydra_cfg.job.override_dirname or out.name if multirun else out.name),
+                "group": node.group or (run_names.group(choices.get("experiment"), sweep) if sweep else None),
+                "name": node.name or run_names.run_name(list(hydra_cfg.overrides.task), swept, out.name),
                 # A fixed id per run dir: re-syncing an offline run updates it instead of duplicating it.
                 "id": node.id or hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16],
+                "tags": run_names.tags(router, choices, extra_tags),
+                "job_type": "train",
             }
         loggers.append(build(node, **overrides))
     return loggers
+
+
+def builtin_callbacks(trainer_cfg: DictConfig) -> list:
+    """Callbacks every run gets, whatever conf/callbacks holds: validation at the last step and, when stdout
+    is not a terminal, a progress bar that writes lines (Lightning's rich bar shows nothing in a log)."""
+    from callbacks.final_validation import ValidateAtEnd
+    from callbacks.progress import LogProgressBar
+    from common.progress import is_terminal
+
+    log_bar = trainer_cfg.get("enable_progress_bar", True) and not is_terminal(sys.stdout)
+    return [ValidateAtEnd()] + ([LogProgressBar()] if log_bar else [])
+
+
+def print_config(cfg: DictConfig) -> None:
+    """``extras.print_config=true``: the composed config, resolved, before anything is built."""
+    if (cfg.get("extras") or {}).get("print_config"):
+        print(OmegaConf.to_yaml(cfg, resolve=True), flush=True)
 
 
 def finish_loggers(loggers: list, status: str) -> None:
@@ -225,7 +249,8 @@ def report(out: Path, print_table: bool = True) -> None:
     if print_table and records:
         print(training_table(records[0], records[-1]))
     print(f"\nrun directory: {out}")
-    for name in (JSONL, PROFILE_PNG, "probe.pt", "checkpoints/last.ckpt", ".hydra/config.yaml", "csv/metrics.csv"):
+    for name in (JSONL, PROFILE_PNG, HEATMAP_PNG, "probe.pt", "checkpoints/last.ckpt", ".hydra/config.yaml",
+                 "csv/metrics.csv", "profiler"):
         if (out / name).exists():
             print(f"  {name}")
     for wandb_run in sorted((out / "wandb").glob("offline-run-*")):

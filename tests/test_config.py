@@ -13,7 +13,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 
-from tests.conftest import CONF
+from tests.conftest import CONF, compose_train as compose_run
 
 ROOT = Path(CONF).parent
 ROUTERS = sorted(p.stem for p in (ROOT / "conf" / "router").glob("*.yaml"))
@@ -68,33 +68,52 @@ def test_multirun_sweep_makes_one_dir_per_job_and_one_wandb_group(tmp_path):
         assert any(run.rglob("*.wandb"))
 
 
-def test_wandb_logger_gets_the_sweep_as_group_and_a_stable_id_per_run_dir(tmp_path):
+def test_wandb_runs_are_named_by_the_swept_values_grouped_by_experiment_and_date_and_tagged(tmp_path):
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
     from omegaconf import OmegaConf, open_dict
 
     from tasks.runner import build_loggers
 
+    sweep = tmp_path / "multirun" / "2026-11-28" / "10-00-31"
+    sweep.mkdir(parents=True)  # what Hydra records at the start of `train.py -m experiment=brake_ordering ...`
+    OmegaConf.save({"hydra": {"sweeper": {"params": {"router/position": "nope,rope,alibi,learned", "seed": "0,1,2"}},
+                              "overrides": {"task": ["experiment=brake_ordering", "trainer.max_steps=60", "threads=1"]},
+                              "runtime": {"choices": {"experiment": "brake_ordering"}}}}, sweep / "multirun.yaml")
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
-        cfg = compose("train", overrides=["seed=1"], return_hydra_config=True)
-    loggers = {}
-    for job in ("0_seed=1", "1_seed=2"):
+        cfg = compose("train", overrides=["experiment=brake_ordering", "tags=[pilot]"], return_hydra_config=True)
+    inits = {}
+    for job, (position, seed) in enumerate([("nope", 0), ("alibi", 2)]):
         OmegaConf.set_readonly(cfg.hydra, False)
         with open_dict(cfg):
             cfg.hydra.mode = RunMode.MULTIRUN
-            cfg.hydra.sweep.dir = str(tmp_path / "brake_sweep")
-            cfg.hydra.runtime.output_dir = str(tmp_path / "brake_sweep" / job)
-            cfg.hydra.job.override_dirname = job
+            cfg.hydra.sweep.dir = str(sweep)
+            cfg.hydra.runtime.output_dir = str(sweep / str(job))
+            cfg.hydra.overrides.task = [f"router/position={position}", f"seed={seed}", "experiment=brake_ordering",
+                                        "trainer.max_steps=60", "threads=1"]
+            cfg.router.position = position
         HydraConfig.instance().set_config(cfg)
-        wandb_logger = build_loggers(cfg.logger, Path(cfg.hydra.runtime.output_dir))[0]
-        loggers[job] = wandb_logger._wandb_init
-    first, second = loggers.values()
-    assert first["group"] == second["group"] == "brake_sweep"
-    assert (first["name"], second["name"]) == ("0_seed=1", "1_seed=2")
+        inits[job] = build_loggers(cfg.logger, sweep / str(job), cfg)[0]._wandb_init
+    first, second = inits.values()
+    assert (first["name"], second["name"]) == ("nope·s0", "alibi·s2")
+    assert first["group"] == second["group"] == "brake_ordering_2026-11-28_10-00-31"
+    assert first["job_type"] == "train"
+    assert first["tags"] == ["experiment:brake_ordering", "router:pythia", "family:transformer", "position:nope",
+                             "score:dot", "data:shakespeare", "pilot"]
     assert first["id"] != second["id"] and len(first["id"]) == 16
-    again = build_loggers(cfg.logger, Path(cfg.hydra.runtime.output_dir))[0]._wandb_init
-    assert again["id"] == second["id"]
+    again = build_loggers(cfg.logger, sweep / "1", cfg)[0]._wandb_init
+    assert again["id"] == second["id"]  # stable per run dir: a re-sync updates the run
+
+
+def test_a_single_run_is_named_by_its_overrides_less_housekeeping(tmp_path):
+    from tasks.runner import build_loggers
+
+    cfg = compose_run(tmp_path / "10-00-31", ["router/position=alibi", "seed=3", "threads=1", "trainer.max_steps=500"])
+    init = build_loggers(cfg.logger, tmp_path / "10-00-31", cfg)[0]._wandb_init
+    assert init["name"] == "alibi·s3" and init["group"] is None
+    plain_run = compose_run(tmp_path / "10-05-00", ["threads=1"])
+    assert build_loggers(plain_run.logger, tmp_path / "10-05-00", plain_run)[0]._wandb_init["name"] == "10-05-00"
 
 
 @pytest.mark.parametrize("data", ["shakespeare", "synthetic", "text_files", "wikitext103"])
