@@ -470,21 +470,21 @@ def test_a_failing_sweep_job_leaves_a_marker_and_the_other_jobs_finish(tmp_path,
 
 # --- 8. preemption: a signal to a running job ------------------------------------------------------------
 
-SLOW = ["+callbacks.sleep._target_=tests.test_reliability.Sleep", "+callbacks.sleep.ms=40"]  # time to signal it
+SLOW = ["+callbacks.sleep._target_=tests.test_reliability.Sleep", "+callbacks.sleep.ms=50"]  # time to signal it
 
 @pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGTERM])
 def test_a_preemption_signal_checkpoints_at_once_and_the_resume_is_exact(forked, reference, tmp_path, signum):
     out = tmp_path / "run"
     job = forked(out, *SLOW, wait=False)
     deadline = time.monotonic() + 60
-    while not any(r["step"] >= 8 for r in (records(out) if (out / "collapse.jsonl").exists() else [])):
+    while not any(r["step"] >= 4 for r in (records(out) if (out / "collapse.jsonl").exists() else [])):
         assert time.monotonic() < deadline and job.is_alive(), _log(out)
         time.sleep(0.02)
     os.kill(job.pid, signum)
     job.join(timeout=60)
     assert job.exitcode == 128 + signum, _log(out)  # what a shell shows for a job ended by that signal
     stopped = int(re.search(rf"preempted: {signum.name} at step (\d+)", _log(out)).group(1))
-    assert 8 <= stopped < 24
+    assert 4 <= stopped < 24
     assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == stopped  # no step lost
     assert not (out / "FAILED").exists()
     assert forked(out, "ckpt_path=auto") == 0, _log(out)
@@ -616,17 +616,17 @@ def test_submitit_requeues_a_preempted_sweep_job_which_resumes_exactly(reference
     monkeypatch.setenv("ROUTECOLLAPSE_DATA", cache)
     sweep, signalled = tmp_path / "sweep", []
 
-    def preempt_at_step_8():
+    def preempt_at_step_4():
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not signalled:
-            if (sweep / "0" / "collapse.jsonl").exists() and any(r["step"] >= 8 for r in records(sweep / "0")):
+            if (sweep / "0" / "collapse.jsonl").exists() and any(r["step"] >= 4 for r in records(sweep / "0")):
                 for process in psutil.Process().children(recursive=True):
                     if "submitit.core._submit" in " ".join(process.cmdline()):
                         process.send_signal(signal.SIGUSR2)  # submitit's signal before a time limit
                         signalled.append(process.pid)
             time.sleep(0.05)
 
-    threading.Thread(target=preempt_at_step_8, daemon=True).start()
+    threading.Thread(target=preempt_at_step_4, daemon=True).start()
     code, _, err = cli("train.py", ["-m", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}", "ckpt_path=auto",
                                     *SMALL, *SLOW], capsys)
     assert code == 0 and signalled, err[-2000:]
