@@ -4,7 +4,8 @@
     python analyze.py model=hf:EleutherAI/pythia-160m[@step4000] [revisions=[step0,step1000]] [compare=<run dir>]
     python analyze.py sweep=<multirun dir or wandb:entity/project/group> [study=brake_ordering|alibi_slope|seed_direction|metric]
 
-Arguments are Hydra overrides of conf/analyze.yaml, composed in-process (no output dir of its own).
+Arguments are Hydra overrides of conf/analyze.yaml, composed in-process (no output dir of its own);
+--help lists them.
 """
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 CONF = str(Path(__file__).resolve().parent / "conf")
 
 
-PATHS = ("run", "model", "sweep", "probe", "probe_path", "compare", "out")
+PATHS = ("run", "model", "sweep", "probe", "probe_path", "compare", "out", "tokenizer")
 
 
 def _quote_path(arg: str) -> str:
@@ -39,7 +40,8 @@ def compose(argv: list[str]):
             return hydra_compose("analyze", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{first}; arguments are key=value overrides of conf/analyze.yaml") from None
+        raise UserError(f"{first}; arguments are key=value overrides of conf/analyze.yaml "
+                        "(python analyze.py --help lists them)") from None
 
 
 def analyze(cfg):
@@ -55,9 +57,18 @@ def analyze(cfg):
     return {"run": commands.analyse_run, "model": commands.analyse_hf, "sweep": commands.analyse_sweep}[targets[0]](cfg)
 
 
+def usage() -> str:
+    """The module's usage lines, then every key of conf/analyze.yaml with its comment (the file is the spec)."""
+    keys = (Path(CONF) / "analyze.yaml").read_text()
+    return f"{__doc__.strip()}\n\nKeys (key=value; defaults from conf/analyze.yaml):\n\n{keys}"
+
+
 def main(argv: list[str]) -> int:
     from common.errors import UserError
 
+    if {"-h", "--help"} & set(argv):  # before Hydra, whose override parser would reject them
+        print(usage())
+        return 0
     try:
         out = analyze(compose(argv))
     except UserError as e:

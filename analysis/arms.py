@@ -13,6 +13,9 @@ from analysis.runs import SEED_KEYS, Run, factors, val_loss
 from analysis.stats import bootstrap_ci
 from analysis.tables import number, onset_step, run_statistics
 from common.errors import UserError
+from common.run_names import alias
+
+MIN_SEEDS = 3  # runs per arm below which no study gives a verdict: two seeds cannot show their own spread
 
 # (key, label) of the per-run statistics tabulated per arm.
 STATISTICS = [
@@ -111,7 +114,12 @@ def arm_summary(arm_rows: dict, level: float = 0.95) -> list[dict]:
     return out
 
 
-def profiles(runs_by_arm: dict[str, list[Run]], keys: list[str], level: float = 0.95) -> list[dict]:
+def arm_label(factor: str, arm) -> str:
+    """An arm as every figure and W&B run name writes it (``nope``, ``slope0.5``: common.run_names)."""
+    return alias(factor, arm)
+
+
+def profiles(runs_by_arm: dict[str, list[Run]], keys: list[str], level: float = 0.95, factor: str = "") -> list[dict]:
     """Per arm, per layer: mean and bootstrap band across seeds of each per-layer column (final records)."""
     arms = []
     for arm, runs in runs_by_arm.items():
@@ -123,14 +131,17 @@ def profiles(runs_by_arm: dict[str, list[Run]], keys: list[str], level: float = 
             per_layer = [bootstrap_ci([number(r.final["layers"][i].get(key)) for r in runs], level)
                          for i in range(depth)]
             curves[key] = tuple(list(v) for v in zip(*per_layer))
-        arms.append({"label": str(arm), "profiles": curves})
+        arms.append({"label": arm_label(factor, arm), "profiles": curves})
     return arms
 
 
 def trajectory(run: Run, threshold: float, rank: int = 8) -> dict:
     """A run's collapse over training: per measured step, peak max share, area above baseline, depth-mean
-    VE@rank and onset depth at ``threshold`` (nan = not yet)."""
-    steps, values = [], {"peak_max_share": [], "area_above_baseline": [], f"ve@{rank}": [], "onset_depth": []}
+    VE@rank and onset depth at ``threshold`` (nan = not yet), and the references they are read against
+    (the causal-uniform baseline, the shuffle and Gaussian nulls of VE@rank)."""
+    keys = ["peak_max_share", "area_above_baseline", f"ve@{rank}", "onset_depth", "baseline", f"ve@{rank}_shuffle",
+            f"ve@{rank}_gauss"]
+    steps, values = [], {key: [] for key in keys}
     for record in run.records:
         stats = run_statistics(record, threshold, rank=rank)
         steps.append(record["step"])

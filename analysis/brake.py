@@ -8,15 +8,19 @@ statistic separately, with the threshold-free ones beside onset. Within one sche
 is a continuous brake: onset should move later and the peak fall as the scale grows (a trend, Spearman).
 
 Confidence = the share of bootstrap resamples (seeds resampled within each arm) in which the arm means fall
-in the predicted order. ``learned`` positions are tabulated but the paper makes no prediction for them.
+in the predicted order; effect sizes = the differences between neighbouring arms (a trend: Spearman's rho),
+each with its bootstrap interval. A verdict needs MIN_SEEDS runs per arm and every interval on one side of
+zero; otherwise the study says "no verdict" and why. ``learned`` positions are tabulated but the paper makes
+no prediction for them.
 """
 from __future__ import annotations
 
 import math
 
-from analysis.arms import add_matched_loss, arm_summary, group, mean_curve, profiles, run_row, trajectory
+from analysis.arms import (MIN_SEEDS, add_matched_loss, arm_label, arm_summary, group, mean_curve, profiles, run_row,
+                           trajectory)
 from analysis.runs import Run
-from analysis.stats import order_probability, spearman
+from analysis.stats import bootstrap_difference_ci, order_probability, spearman, spearman_ci
 from analysis.tables import cell
 from common.errors import UserError
 
@@ -32,19 +36,29 @@ CHECKS = [("onset_depth_censored", +1, "onset depth (never = 1)"),
           ("peak_max_share_matched", -1, "peak max share at matched training loss"),
           ("area_above_baseline_matched", -1, "area above baseline at matched training loss")]
 AT_STEP = {"onset_depth_censored", "onset_step_censored", "peak_max_share", "peak_gain", "area_above_baseline"}
-SUPPORTED, LEANING = 0.95, 0.80
+SUPPORTED = 0.95
+NO_INTERVAL = "no verdict: an interval includes zero"
 
 
-def classify(p: float, p_reverse: float) -> str:
+def too_few_seeds(counts: dict[str, int]) -> str | None:
+    """The refusal when an arm (by label) has fewer than MIN_SEEDS runs with a value (None when all have enough)."""
+    if min(counts.values()) >= MIN_SEEDS:
+        return None
+    found = ", ".join(f"{n} x {arm}" for arm, n in counts.items())
+    return f"no verdict: too few seeds (runs per arm: {found}; need >= {MIN_SEEDS})"
+
+
+def classify(p: float, p_reverse: float, differences: list[tuple[float, float, float]]) -> str:
+    """``differences``: (mean, low, high) of each neighbouring pair of arms in the predicted order, signed so
+    that the prediction says positive. Supported or contradicted only when P says so and no interval
+    includes zero."""
     if math.isnan(p):
         return "undetermined"
-    if p >= SUPPORTED:
+    if p >= SUPPORTED and all(low > 0 for _, low, _ in differences):
         return "supported"
-    if p_reverse >= SUPPORTED:
+    if p_reverse >= SUPPORTED and all(high < 0 for _, _, high in differences):
         return "contradicted (reverse order)"
-    if p >= LEANING:
-        return "leaning toward the prediction"
-    return "inconclusive"
+    return NO_INTERVAL
 
 
 def _label(arm) -> str:
@@ -66,43 +80,69 @@ def _mean(values) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
-def ordering_checks(arm_rows: dict, order: list, threshold: float) -> list[dict]:
-    """One verdict per statistic: observed order, P(predicted order), P(reverse), and its classification."""
+def ordering_checks(arm_rows: dict, order: list, threshold: float, level: float = 0.95) -> list[dict]:
+    """One verdict per statistic: observed order, the differences between neighbouring arms with their
+    intervals, P(predicted order), P(reverse), and its classification."""
     crossed = any(not math.isnan(r["onset_depth"]) for rows in arm_rows.values() for r in rows)
     checks = []
     for key, sign, label in CHECKS:
         groups = [[sign * r[key] for r in arm_rows[a]] for a in order]
         p, p_rev = order_probability(groups), order_probability(groups[::-1])
-        verdict = classify(p, p_rev)
+        differences = [bootstrap_difference_ci(a, b, level) for a, b in zip(groups, groups[1:])]
+        verdict = classify(p, p_rev, differences)
+        refusal = too_few_seeds({_label(a): sum(not math.isnan(v) for v in g) for a, g in zip(order, groups)})
         if math.isnan(p) and key.endswith(("_matched", "onset_loss_censored")):
             verdict = "undetermined: the records carry no training loss (runs older than the loss field)"
         elif key.startswith("onset") and not crossed:
             verdict = f"undetermined: no run's max share exceeded threshold {threshold}"
+        elif refusal and not verdict.startswith("undetermined"):
+            verdict = refusal
         names = [_label(a) for a in order]
+        effects = [f"{_label(b)} - {_label(a)} {_effect(sign, d)}" for a, b, d in zip(order, order[1:], differences)]
         checks.append({"statistic": label, "key": key, "predicted": (" < " if sign > 0 else " > ").join(names),
                        "observed": observed_order({a: arm_rows[a] for a in order}, key, descending=sign < 0),
-                       "p_predicted": p, "p_reverse": p_rev, "verdict": verdict})
+                       "effects": "; ".join(effects), "p_predicted": p, "p_reverse": p_rev, "verdict": verdict})
     return checks
 
 
-def trend_checks(rows: list[dict]) -> list[dict]:
-    """Along a numeric brake (ALiBi slope scale): Spearman rho of each statistic against the scale, per run."""
+def _effect(sign: int, difference: tuple[float, float, float]) -> str:
+    """A difference of signed values back in the statistic's own units: ``+0.012 [0.004, 0.020]``."""
+    mean, low, high = (sign * v for v in difference)
+    low, high = min(low, high), max(low, high)
+    return f"{mean:+.3g} [{cell(low)}, {cell(high)}]"
+
+
+def trend_checks(rows: list[dict], level: float = 0.95, factor: str = "") -> list[dict]:
+    """Along a numeric brake (ALiBi slope scale): Spearman rho of each statistic against the scale, per run,
+    with its bootstrap interval (runs resampled within each scale)."""
     scales = [float(r["arm"]) for r in rows]
     checks = []
     for key, sign, label in CHECKS:
-        rho, p = spearman(scales, [r[key] for r in rows])
+        values = [r[key] for r in rows]
+        rho, p = spearman(scales, values)
+        low, high = spearman_ci(scales, values, level)
+        counts: dict = {}
+        for row, value in zip(rows, values):
+            arm = arm_label(factor, row["arm"])
+            counts[arm] = counts.get(arm, 0) + (not math.isnan(value))
         if math.isnan(rho):
             verdict = "undetermined (constant or too few runs)"
-        elif p < 0.05:
+        elif refusal := too_few_seeds(counts):
+            verdict = refusal
+        elif p < 0.05 and (low > 0 or high < 0):
             verdict = "supported" if rho * sign > 0 else "contradicted (opposite trend)"
         else:
-            verdict = "inconclusive"
+            verdict = NO_INTERVAL if low <= 0 <= high else f"no verdict: p = {p:.2g} >= 0.05"
         checks.append({"statistic": label, "key": key, "predicted": "rises with scale" if sign > 0 else
-                       "falls with scale", "spearman_rho": rho, "p": p, "verdict": verdict})
+                       "falls with scale", "spearman_rho": rho, "rho_low": low, "rho_high": high, "p": p,
+                       "verdict": verdict})
     return checks
 
 
 def overall(checks: list[dict]) -> str:
+    refused = [c["verdict"] for c in checks if c["verdict"].startswith("no verdict: too few seeds")]
+    if refused:
+        return refused[0]
     decided = [c for c in checks if not c["verdict"].startswith("undetermined")]
     if not decided:
         return "undetermined"
@@ -121,25 +161,26 @@ def brake_study(runs: list[Run], factor: str = "router.position", threshold: flo
     numeric = all(isinstance(r["arm"], (int, float)) and not isinstance(r["arm"], bool) for r in rows)
     arm_rows = group(rows, sorted({r["arm"] for r in rows}) if numeric else ORDER + ["learned"])
     if numeric:
-        checks = trend_checks(rows)
+        checks = trend_checks(rows, level, factor)
     else:
         order = [a for a in ORDER if a in arm_rows]
         if len(order) < 2:
             raise UserError(f"the brake ordering needs at least two of {', '.join(ORDER)} in {factor}; the sweep has "
                             f"{', '.join(map(str, arm_rows))}. For a numeric brake pass factor=router.alibi_slope_scale")
-        checks = ordering_checks(arm_rows, order, threshold)
+        checks = ordering_checks(arm_rows, order, threshold, level)
     runs_by_arm = {arm: [run for run, row in zip(runs, rows) if row["arm"] == arm] for arm in arm_rows}
     curves = []
     for i, (arm, arm_runs) in enumerate(runs_by_arm.items()):
         per_run = [trajectory(run, threshold, rank) for run in arm_runs]
-        curves.append({"label": f"{_label(arm)} (mean)", "color": f"C{i}", **mean_curve(per_run)})
+        curves.append({"label": arm_label(factor, arm), "color": f"C{i}", **mean_curve(per_run)})
         curves += [{"label": None, "color": f"C{i}", **c, "style": "-", "alpha": 0.3} for c in per_run]
     step_checks = [c for c in checks if c["key"] in AT_STEP]
     loss_checks = [c for c in checks if c["key"] not in AT_STEP]
     return {"factor": factor, "threshold": threshold, "numeric": numeric, "rows": rows, "matched_loss": matched,
             "verdict_step": overall(step_checks), "verdict_loss": overall(loss_checks),
             "arms": arm_summary(arm_rows, level), "checks": checks, "verdict": overall(checks),
-            "profiles": profiles(runs_by_arm, ["max_share", f"ve@{rank}", "norm_cv"], level), "curves": curves,
+            "profiles": profiles(runs_by_arm, ["max_share", f"ve@{rank}", f"ve@{rank}_shuffle", "norm_cv"], level,
+                                 factor), "curves": curves,
             "level": level, "rank": rank}
 
 
@@ -156,15 +197,17 @@ def verdict_text(result: dict) -> str:
     for c in result["checks"]:
         if result["numeric"]:
             lines.append(f"- {c['statistic']}: {c['predicted']}; Spearman rho = {cell(c['spearman_rho'])} "
-                         f"(p = {cell(c['p'])}) -> **{c['verdict']}**")
+                         f"[{cell(c['rho_low'])}, {cell(c['rho_high'])}] (p = {cell(c['p'])}) -> **{c['verdict']}**")
         else:
             lines.append(f"- {c['statistic']}: predicted {c['predicted']}; observed {c['observed']}; "
-                         f"P(predicted order) = {cell(c['p_predicted'], 2)}, P(reverse) = {cell(c['p_reverse'], 2)} "
-                         f"-> **{c['verdict']}**")
+                         f"differences {c['effects']}; P(predicted order) = {cell(c['p_predicted'], 2)}, "
+                         f"P(reverse) = {cell(c['p_reverse'], 2)} -> **{c['verdict']}**")
     if not result["numeric"]:
         lines += ["", f"At matched step (the final records): **{result['verdict_step']}**.",
                   f"At matched training loss ({cell(result['matched_loss'])}, the slowest arm's best; each run read at "
                   f"its first record at or under it): **{result['verdict_loss']}**."]
-    lines += ["", f"**Verdict: {result['verdict']}.** Confidence is the bootstrap share of seed resamples "
-              f"in the predicted order (supported >= {SUPPORTED}); with few seeds per arm it is coarse."]
+    level = int(100 * result["level"])
+    lines += ["", f"**Verdict: {result['verdict']}.** Intervals are {level}% bootstrap intervals over seeds; a "
+              f"statistic supports the prediction when P(predicted order) >= {SUPPORTED} and no interval includes "
+              f"zero, with at least {MIN_SEEDS} seeds per arm."]
     return "\n".join(lines)

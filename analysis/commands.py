@@ -14,13 +14,36 @@ from analysis import figures
 from analysis.runs import (SEED_KEYS, checkpoint_path, factors, failed_jobs, find_runs, load_router, read_run,
                            val_loss)
 from analysis.tables import markdown, number, onset_step, run_statistics, table1_row, write_csv
-from common import atomic
+from common import atomic, run_names
 from common.errors import UserError
 
 HEATMAP_RUNS = 8  # panels of the sweep's layer x step figure
 STUDIES = ("seed_direction", "brake_ordering", "alibi_slope", "metric")
-CURVE_KEYS = [("peak_max_share", "peak max share"), ("area_above_baseline", "area above baseline"),
-              ("ve@8", "VE@8 (depth mean)"), ("onset_depth", "onset depth")]
+
+
+def curve_keys(rank: int = 8) -> list[tuple[str, str]]:
+    """The panels of every collapse-over-training figure: (statistic, axis label)."""
+    return [("peak_max_share", "peak max share"), ("area_above_baseline", "area above baseline"),
+            (f"ve@{rank}", f"VE@{rank} (depth mean)"), ("onset_depth", "onset depth")]
+
+
+def curves_figure(series: list[dict], title: str, threshold: float, rank: int = 8, log_steps: bool = False):
+    """Collapse over training with what each panel is read against: the causal-uniform baseline and the onset
+    threshold under peak max share, the shuffle and Gaussian nulls under VE, "no onset" when none."""
+    nulls = {"peak_max_share": [("causal-uniform baseline", "baseline", ":")],
+             f"ve@{rank}": [("shuffle null", f"ve@{rank}_shuffle", "-."), ("Gaussian null", f"ve@{rank}_gauss", "--")]}
+    empty = {"onset_depth": f"no onset: no layer's mean max share\nexceeded {threshold} at any measured step"}
+    return figures.curves_figure(series, curve_keys(rank), title, log_steps, nulls, threshold, empty)
+
+
+def profiles_figure(arms: list[dict], runs, rank: int, threshold: float, title: str):
+    """Depth profiles per arm at the last step, each panel with its baseline or nulls."""
+    panels = [("max_share", "max share"), (f"ve@{rank}", f"VE@{rank}"), ("norm_cv", "norm-CV")]
+    references = {"max_share": [("causal-uniform baseline", _final_column(runs, "baseline"))],
+                  f"ve@{rank}": [("Gaussian null", _final_column(runs, f"ve@{rank}_gauss"))],
+                  "norm_cv": [("Gaussian 1/sqrt(2d)", _final_column(runs, "norm_cv_gauss"))]}
+    nulls = {f"ve@{rank}": [("shuffle null (arm colour)", f"ve@{rank}_shuffle", "-.")]}
+    return figures.arm_profiles_figure(arms, panels, references, title, threshold, nulls)
 
 
 def _save(fig, path: Path) -> Path:
@@ -46,27 +69,36 @@ def _router_tokenizer(config: dict):
     """The tokenizer a run was trained with (None for the synthetic language), for corpus probes."""
     from hydra.utils import instantiate
 
-    return instantiate(config["data"]).tokenizer
+    try:
+        return instantiate(config["data"]).tokenizer
+    except UserError:  # its fix names train.py's keys (tokenizer.name, data.path), which analyze.py does not take
+        spec = (config["data"].get("tokenizer") or {})
+        raise UserError(f"cannot rebuild the tokenizer this run was trained with ({spec.get('kind')} "
+                        f"{spec.get('name') or spec.get('vocab_size')}); pass tokenizer=<Hub name or folder with "
+                        "tokenizer files>, or probe=<probe.pt>") from None
 
 
 # --- one model ---------------------------------------------------------------------------------------------
 
 def analyse_run(cfg) -> Path:
     """``run=<run dir or .ckpt>``: the full signature of that checkpoint on the run's probe (or ``probe=``)."""
+    from analysis.hf import load_hf_tokenizer
     from analysis.model import measure, resolve_probe, write_report
 
     ckpt = checkpoint_path(cfg.run)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     router, config, step = load_router(ckpt)
-    probe, about = resolve_probe(cfg.probe, run_dir / "probe.pt", _lazy(lambda: _router_tokenizer(config)),
-                                 cfg.probe_sequences, cfg.probe_length, cfg.probe_path)
+    tokenizer = _lazy(lambda: load_hf_tokenizer(cfg.tokenizer) if cfg.tokenizer else _router_tokenizer(config))
+    probe, about = resolve_probe(cfg.probe, run_dir / "probe.pt", tokenizer, cfg.probe_sequences, cfg.probe_length,
+                                 cfg.probe_path)
     default = run_dir / "analysis" if ckpt.name == "last.ckpt" else run_dir / "analysis" / ckpt.stem
     out = Path(cfg.out) if cfg.out else default
-    sweep = run_dir.parent.name if (run_dir.parent / "multirun.yaml").exists() else None  # training's W&B group
-    name = f"{sweep}/{run_dir.name}" if sweep else run_dir.name
-    signature = measure(router, probe, tuple(cfg.ranks), cfg.batch_size, cfg.threshold, cfg.completion)
+    sweep_dir = run_names.sweep_dir_of(run_dir)
+    group = run_names.sweep_group(sweep_dir) if sweep_dir else None  # the W&B group training gave it
+    name = run_names.run_label(run_dir)
+    signature = measure(router, probe, tuple(cfg.ranks), cfg.batch_size, cfg.threshold, cfg.completion, name)
     record = write_report(signature, out, f"{name} step {step}", about, step, cfg.threshold, cfg.completion)
-    _wandb(cfg, out, config, sweep, f"{name}-analysis",
+    _wandb(cfg, out, config, group, f"{name}-analysis",
            {"signature": [table1_row(name, record, cfg.threshold, cfg.completion)]}, [out / "signature.png"])
     return out
 
@@ -99,12 +131,14 @@ def analyse_hf(cfg) -> Path:
     if cfg.revisions and revision:
         raise UserError("give the revision either in model=hf:<name>@<rev> or in revisions=[...], not both")
     out = Path(cfg.out) if cfg.out else Path("outputs") / "analysis" / name.strip("/").replace("/", "--")
-    probe, about = resolve_probe(cfg.probe or "wikitext103", None, _lazy(lambda: load_hf_tokenizer(cfg.model)),
-                                 cfg.probe_sequences, cfg.probe_length, cfg.probe_path)
+    first = load_hf(specs[0])  # before the probe: a model that cannot load is the error to report
+    tokenizer = _lazy(lambda: load_hf_tokenizer(cfg.tokenizer or cfg.model))
+    probe, about = resolve_probe(cfg.probe or "wikitext103", None, tokenizer, cfg.probe_sequences, cfg.probe_length,
+                                 cfg.probe_path)
     records, rows = [], []
-    for spec in specs:
-        router, where = load_hf(spec)
-        signature = measure(router, probe, tuple(cfg.ranks), cfg.batch_size, cfg.threshold, cfg.completion)
+    for i, spec in enumerate(specs):
+        router, where = first if i == 0 else load_hf(spec)
+        signature = measure(router, probe, tuple(cfg.ranks), cfg.batch_size, cfg.threshold, cfg.completion, where)
         folder = out / (spec.partition("@")[2] or "final")
         record = write_report(signature, folder, where, about, _revision_step(spec), cfg.threshold, cfg.completion)
         records.append(record)
@@ -115,12 +149,12 @@ def analyse_hf(cfg) -> Path:
     images = [out / (spec.partition("@")[2] or "final") / "signature.png" for spec in specs]
     steps = [r["step"] for r in records]
     if len(records) > 1 and all(s is not None for s in steps):
-        series = [_series(name, steps, records, cfg.threshold)]
+        series = [_series(name, steps, records, cfg.threshold) | {"color": "C0"}]
         if cfg.compare:
             ours = read_run(cfg.compare)
-            series.append(_series(f"ours: {ours.name}", [r["step"] for r in ours.records], ours.records,
-                                  cfg.threshold, style="s--"))
-        images.append(_save(figures.curves_figure(series, CURVE_KEYS, f"collapse over training ({about})", log_steps=True),
+            series.append(_series(f"ours: {run_names.run_label(ours.path)}", [r["step"] for r in ours.records],
+                                  ours.records, cfg.threshold, style="s--") | {"color": "C1"})
+        images.append(_save(curves_figure(series, f"collapse over training ({about})", cfg.threshold, log_steps=True),
                             out / "collapse_over_training.png"))
     _wandb(cfg, out, None, None, f"{name}-analysis", {"models": rows}, images)
     return out
@@ -128,8 +162,8 @@ def analyse_hf(cfg) -> Path:
 
 def _series(label: str, steps: list, records: list[dict], threshold: float, style: str = "o-") -> dict:
     stats = [run_statistics(r, threshold) for r in records]
-    return {"label": label, "steps": steps, "style": style,
-            "values": {key: [s[key] for s in stats] for key, _ in CURVE_KEYS}}
+    keys = [key for key, _ in curve_keys()] + ["baseline", "ve@8_shuffle", "ve@8_gauss"]
+    return {"label": label, "steps": steps, "style": style, "values": {key: [s[key] for s in stats] for key in keys}}
 
 
 # --- sweeps and studies --------------------------------------------------------------------------------------
@@ -150,7 +184,7 @@ def analyse_sweep(cfg) -> Path:
         print(f"{len(failed)} job(s) left out, not results ({out / 'failed_jobs.csv'}):")
         for job, failure in failed:
             print(f"  {job}: {failure['reason']}")
-    group = Path(str(cfg.sweep)).name
+    group = run_names.sweep_group(Path(cfg.sweep)) if local else Path(str(cfg.sweep)).name
     if cfg.study == "seed_direction":
         tables, images = _seed_direction(cfg, runs, out)
     elif cfg.study in ("brake_ordering", "alibi_slope"):
@@ -196,14 +230,15 @@ def _sweep_table(cfg, runs, out: Path):
     arm_keys = [a for a in axes if a not in SEED_KEYS]
     colors = {}
     series = []
-    for run in runs:
-        arm = ", ".join(f"{a}={run.get(a)}" for a in arm_keys) or "run"
+    for run in runs:  # one colour and one legend entry per arm, labelled as W&B names the runs
+        arm = run_names.label([(a, run.get(a)) for a in arm_keys]) or "all runs"
         colors.setdefault(arm, f"C{len(colors) % 10}")
         series.append(_series(arm, [r["step"] for r in run.records], run.records, cfg.threshold) | {"color": colors[arm]})
-    image = _save(figures.curves_figure(series, CURVE_KEYS, f"{cfg.sweep}: collapse over training"),
+    name = run_names.sweep_group(Path(cfg.sweep)) if Path(cfg.sweep).is_dir() else str(cfg.sweep)
+    image = _save(curves_figure(series, f"{name}: collapse over training", cfg.threshold),
                   out / "collapse_over_training.png")
-    panels = [(run.name, run.records) for run in runs[:HEATMAP_RUNS]]
-    heatmaps = _save(figures.max_share_heatmaps(panels, cfg.threshold, f"{cfg.sweep}: max share by layer and step"
+    panels = [(run_names.label([(a, run.get(a)) for a in axes]) or run.name, run.records) for run in runs[:HEATMAP_RUNS]]
+    heatmaps = _save(figures.max_share_heatmaps(panels, cfg.threshold, f"{name}: max share by layer and step"
                                                 + (f" (first {HEATMAP_RUNS} runs)" if len(runs) > HEATMAP_RUNS else "")),
                      out / "max_share_heatmaps.png")
     print(f"sweep table: {out / 'sweep.md'}")
@@ -223,20 +258,17 @@ def _brake(cfg, runs, out: Path, factor: str):
     write_csv(result["checks"], out / "checks.csv")
     verdict = verdict_text(result)
     columns = ["arm", "runs", "never", "onset_depth", "onset_step", "peak_max_share", "peak_max_share_low",
-               "peak_max_share_high", "peak_depth", "area_above_baseline", "ve@8", "norm_cv", "val_loss"]
+               "peak_max_share_high", "peak_depth", "area_above_baseline", "area_above_baseline_low",
+               "area_above_baseline_high", "ve@8", "norm_cv", "val_loss"]
     atomic.write_text(out / "verdict.md", f"# Brake study: {cfg.sweep}\n\n{verdict}\n\n## Arms (mean, {cfg.level:.0%} "
                                     f"bootstrap over seeds)\n\n{markdown(result['arms'], columns)}\n")
     atomic.write_text(out / "result.json", json.dumps({k: result[k] for k in ("factor", "threshold", "verdict", "checks")},
                                                 indent=1))
-    rank = cfg.rank
-    references = {"max_share": [(f"onset threshold {cfg.threshold}", cfg.threshold),
-                                ("causal-uniform baseline", _final_column(runs, "baseline"))],
-                  f"ve@{rank}": [("Gaussian null", _final_column(runs, f"ve@{rank}_gauss"))]}
-    images = [_save(figures.arm_profiles_figure(result["profiles"], [("max_share", "max share"), (f"ve@{rank}", f"VE@{rank}"),
-                                                                     ("norm_cv", "norm-CV")], references,
-                                                f"{factor}: depth profiles at the last step"), out / "profiles.png"),
-              _save(figures.curves_figure(result["curves"], CURVE_KEYS, f"{factor}: collapse over training "
-                                          f"(onset at {cfg.threshold})"), out / "trajectories.png")]
+    images = [_save(profiles_figure(result["profiles"], runs, cfg.rank, cfg.threshold,
+                                    f"{factor}: depth profiles at the last step (mean and band over seeds)"),
+                    out / "profiles.png"),
+              _save(curves_figure(result["curves"], f"{factor}: collapse over training (mean per arm, faint: seeds)",
+                                  cfg.threshold, cfg.rank), out / "trajectories.png")]
     print(verdict)
     print(f"brake study: {out / 'verdict.md'}")
     return {"runs": result["rows"], "arms": result["arms"], "checks": result["checks"]}, images
@@ -260,14 +292,11 @@ def _metric(cfg, runs, out: Path, factor: str):
                "val_loss_low", "val_loss_high"]
     atomic.write_text(out / "statement.md", f"# Metric study: {cfg.sweep}\n\n{text}\n\n## Arms\n\n"
                                       f"{markdown(result['arms'], columns)}\n")
-    rank = cfg.rank
-    images = [_save(figures.arm_profiles_figure(result["profiles"], [("max_share", "max share"), (f"ve@{rank}", f"VE@{rank}"),
-                                                                     ("norm_cv", "norm-CV")],
-                                                {f"ve@{rank}": [("Gaussian null", _final_column(runs, f"ve@{rank}_gauss"))],
-                                                 "max_share": [("causal-uniform baseline", _final_column(runs, "baseline"))]},
-                                                "score: depth profiles at the last step"), out / "profiles.png"),
-              _save(figures.curves_figure(result["curves"], CURVE_KEYS, "score: collapse over training"),
-                    out / "trajectories.png")]
+    images = [_save(profiles_figure(result["profiles"], runs, cfg.rank, cfg.threshold,
+                                    f"{factor}: depth profiles at the last step (mean and band over seeds)"),
+                    out / "profiles.png"),
+              _save(curves_figure(result["curves"], f"{factor}: collapse over training (mean per arm, faint: seeds)",
+                                  cfg.threshold, cfg.rank), out / "trajectories.png")]
     print(text)
     print(f"metric study: {out / 'statement.md'}")
     return {"runs": result["rows"], "arms": result["arms"], "comparisons": result["comparisons"]}, images

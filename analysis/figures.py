@@ -146,12 +146,14 @@ def curves_figure(series: list[dict], keys: list[tuple[str, str]], title: str = 
 
 
 def arm_profiles_figure(arms: list[dict], panels: list[tuple[str, str]], references: dict | None = None,
-                        title: str = "", threshold: float | None = None) -> Figure:
+                        title: str = "", threshold: float | None = None, nulls: dict | None = None) -> Figure:
     """Depth profiles per arm (mean across seeds with the bootstrap band): one panel per statistic.
 
     ``arms``: ``{"label", "profiles": {key: (mean, low, high) lists per layer}}``; ``references``: per panel
-    key, ``[(label, values per layer)]`` drawn grey under the data (baseline, nulls); ``threshold``: the
-    onset threshold, on the max-share panel. Norm-CV panels start at 0, where their Gaussian value is read.
+    key, ``[(label, values per layer)]`` drawn grey under the data (baseline, Gaussian nulls); ``nulls``: per
+    panel key, ``[(label, profile key, line style)]`` each arm draws from its own profile in its colour (the
+    shuffle null); ``threshold``: the onset threshold, on the max-share panel. Norm-CV panels start at 0, where
+    their Gaussian value is read.
     """
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 1.6, 3.6), squeeze=False,
                              layout="constrained")
@@ -163,7 +165,11 @@ def arm_profiles_figure(arms: list[dict], panels: list[tuple[str, str]], referen
         for i, arm in enumerate(arms):
             mean, low, high = arm["profiles"][key]
             depth = [(j + 0.5) / len(mean) for j in range(len(mean))]
-            line, = ax.plot(depth, mean, "o-", ms=3, color=arm.get("color", f"C{i}"), label=arm["label"], zorder=3)
+            color = arm.get("color", f"C{i}")
+            for null_label, null_key, style in (nulls or {}).get(key, []):
+                ax.plot(depth, arm["profiles"][null_key][0], style, lw=1, color=color, zorder=1)
+                ax.plot([], [], style, lw=1, color="grey", label=null_label)
+            line, = ax.plot(depth, mean, "o-", ms=3, color=color, label=arm["label"], zorder=3)
             if _has(low):
                 ax.fill_between(depth, low, high, color=line.get_color(), alpha=0.2, lw=0, zorder=2)
         if threshold is not None and key in SHARE_PANELS:

@@ -9,12 +9,18 @@ Families (paper Table 1 and Section 5), each giving the same record as our own r
   (``from_hf``), whose explicit-softmax path gives attention and keys pre- and post-rotary.
 * Mamba (``mamba``) and RWKV-4 (``rwkv``): through the reconstructed operators of ``routers.ssm`` and
   ``routers.rwkv`` (their ``from_hf`` copies the weights; we do not write the operators again).
+* Llama-family decoders (``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``gemma``, ``olmo``, ``olmo2``): one
+  attention design (RMSNorm, rotary on the whole head, grouped-query attention), wrapped like GPT-2: eager
+  attention weights per query head; keys recomputed from each layer's input through its own ``k_proj`` (and
+  ``k_norm`` / ``clip_qkv`` where the family has them), pre-RoPE (what VE reads) and post-RoPE (as scored),
+  one per key head: the signature shares each key head's norm-CV across the query heads that read it.
 
 Pythia's per-step revisions (``@step4000``) give a real pretraining trajectory. Offline, a name that is not
 in the local cache fails with one line.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -23,7 +29,9 @@ from torch import Tensor, nn
 from common.errors import UserError
 from routers.routing import Routing, RoutingLayer, causal_mask
 
-FAMILIES = ("gpt2", "gpt_neox", "mamba", "rwkv")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "olmo2")
+FAMILIES = ("gpt2", "gpt_neox", "mamba", "rwkv") + LLAMA_LIKE
+EAGER = ("gpt2", "gpt_neox") + LLAMA_LIKE  # families whose attention weights come from HF's forward pass
 
 
 def parse_spec(spec: str) -> tuple[str, str | None]:
@@ -68,10 +76,65 @@ class GPT2Router(nn.Module):
         return out.logits, Routing(layers=layers, axis="token")
 
 
+class DecoderRouter(nn.Module):
+    """A Llama-family ``*ForCausalLM`` that returns our routing record; the model is wrapped, not copied."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.context_length = model.config.max_position_embeddings
+
+    def forward(self, tokens: Tensor, return_routing: bool = False):
+        if tokens.shape[-1] > self.context_length:
+            raise UserError(f"sequence length {tokens.shape[-1]} exceeds the model's {self.context_length} "
+                            "positions; use a shorter probe_length")
+        out = self.model(tokens, output_attentions=return_routing, output_hidden_states=return_routing)
+        if not return_routing:
+            return out.logits
+        decoder = self.model.model
+        if len(out.attentions or ()) != len(decoder.layers):
+            raise UserError(f"{self.model.config.model_type} returned no attention weights; load it with "
+                            "attn_implementation='eager'")
+        T = tokens.shape[-1]
+        positions = torch.arange(T, device=tokens.device)[None]
+        cos, sin = decoder.rotary_emb(out.hidden_states[0], positions)
+        layers = []
+        for i, layer in enumerate(decoder.layers):
+            attention = layer.self_attn
+            # hidden_states[i] is layer i's input; OLMo-2 normalises after its sublayers, so its attention reads
+            # the residual stream as it is. Each family's module carries its own rotary function.
+            norm = getattr(layer, "input_layernorm", None)
+            content = _content_keys(attention, norm(out.hidden_states[i]) if norm else out.hidden_states[i])
+            _, rotated = sys.modules[type(attention).__module__].apply_rotary_pos_emb(content, content, cos, sin)
+            layers.append(RoutingLayer(keys=rotated, content_keys=content, weights=out.attentions[i],
+                                       mask=causal_mask(T, tokens.device), name=f"L{i}"))
+        return out.logits, Routing(layers=layers, axis="token")
+
+
+def _content_keys(attention: nn.Module, x: Tensor) -> Tensor:
+    """[batch, key heads, T, d_head] keys before rotary, as the family's attention computes them: OLMo clips
+    the projection, OLMo-2 normalises it across all key heads, Qwen3 per head."""
+    B, T, _ = x.shape
+    d_head = attention.head_dim
+    keys = attention.k_proj(x)
+    clip = getattr(attention.config, "clip_qkv", None)
+    if clip is not None:
+        keys = keys.clamp(-clip, clip)
+    norm = getattr(attention, "k_norm", None)
+    if norm is not None and norm.weight.shape[-1] != d_head:
+        keys = norm(keys)
+    keys = keys.view(B, T, -1, d_head)
+    if norm is not None and norm.weight.shape[-1] == d_head:
+        keys = norm(keys)
+    return keys.transpose(1, 2)
+
+
 def _wrap(model: nn.Module) -> nn.Module:
     family = model.config.model_type
     if family == "gpt2":
         return GPT2Router(model)
+    if family in LLAMA_LIKE:
+        return DecoderRouter(model)
     if family == "gpt_neox":
         from routers.transformer import Transformer
 
@@ -102,7 +165,7 @@ def load_hf(spec: str) -> tuple[nn.Module, str]:
     where = f"{name}@{revision}" if revision else name
     try:
         config = AutoConfig.from_pretrained(name, revision=revision, local_files_only=local_only)
-        kwargs = {"attn_implementation": "eager"} if config.model_type in ("gpt2", "gpt_neox") else {}
+        kwargs = {"attn_implementation": "eager"} if config.model_type in EAGER else {}
         model = AutoModelForCausalLM.from_pretrained(name, revision=revision, local_files_only=local_only,
                                                      dtype=torch.float32, **kwargs)
     except (OSError, ValueError) as e:
@@ -112,14 +175,22 @@ def load_hf(spec: str) -> tuple[nn.Module, str]:
     return _wrap(model.eval()).eval(), where
 
 
-def load_hf_tokenizer(spec: str):
-    """The checkpoint's tokenizer (revisions of one model share it), for building a probe from a corpus."""
+def load_hf_tokenizer(source: str):
+    """The tokenizer of ``source``: ``hf:<model>[@rev]`` (the model's own; revisions share it) or, from
+    ``tokenizer=``, a Hub name or a folder. A folder without tokenizer files is an error, not the
+    two-token tokenizer transformers 5 builds from its config."""
     from datamodules.tokenizer import TextTokenizer, pretrained
 
-    name, _ = parse_spec(spec)
+    name = parse_spec(source)[0] if source.startswith("hf:") else source
+    fix = ("pass tokenizer=<the Hub name of the base model, or a folder with its tokenizer files>, or probe=<probe.pt>")
     try:
         tokenizer = pretrained(name)
-    except UserError:  # its message is about training's tokenizer.name; here the model itself is missing
-        raise UserError(f"cannot load model=hf:{name} (no tokenizer found for it); download the model online "
-                        "once, or pass model=hf:<a local folder with its tokenizer files>") from None
+    except UserError:  # its message is about training's tokenizer.name; here it is analyze.py's tokenizer=
+        why = ("the folder has no tokenizer files it can build one from" if Path(name).expanduser().is_dir() else
+               "not in the local cache, and the Hub is unreachable")
+        raise UserError(f"cannot load a tokenizer from {name} ({why}); {fix}") from None
+    probe = tokenizer("The quick brown fox jumps over the lazy dog.", add_special_tokens=False)["input_ids"]
+    if len(tokenizer) < 256 or not probe:
+        raise UserError(f"the tokenizer in {name} is empty or degenerate ({len(tokenizer)} tokens; a sentence "
+                        f"encodes to {len(probe)}): that folder has no tokenizer files; {fix}")
     return TextTokenizer(tokenizer, "hf-" + name.strip("/").replace("/", "--"))

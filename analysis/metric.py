@@ -5,7 +5,8 @@ Euclidean router plus a key-norm bonus, so norm stratification is one way a norm
 Each norm-aware score (``euclidean``, ``learned_metric``, ``normalized``) is compared with ``dot`` on the
 same seeds: the difference of arm means with a bootstrap interval, for norm-CV (stratification), peak max
 share and area above baseline (concentration), VE@8 (geometry) and validation loss (cost).
-A difference "counts" only when its whole interval lies on one side of zero. ``normalized`` keys have
+A difference "counts" only when its whole interval lies on one side of zero, and only with at least
+``MIN_SEEDS`` runs in each of the two arms (fewer: "too few seeds"). ``normalized`` keys have
 constant norm by construction, so its lower norm-CV is design, not evidence; its concentration is the test
 of the paper's claim that concentration does not need stratification.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import math
 
-from analysis.arms import arm_summary, group, mean_curve, profiles, run_row, trajectory
+from analysis.arms import MIN_SEEDS, arm_label, arm_summary, group, mean_curve, profiles, run_row, trajectory
 from analysis.runs import Run
 from analysis.stats import bootstrap_difference_ci
 from analysis.tables import cell
@@ -30,7 +31,10 @@ COMPARISONS = [("norm_cv", "norm-CV", "less norm stratification"),
                ("val_loss", "val loss", "better loss")]
 
 
-def direction(low: float, high: float) -> str:
+def direction(low: float, high: float, seeds: tuple[int, int] = (MIN_SEEDS, MIN_SEEDS)) -> str:
+    """lower / higher when the interval excludes zero; ``seeds``: the runs with a value in the two arms."""
+    if min(seeds) < MIN_SEEDS:
+        return f"too few seeds ({seeds[0]} and {seeds[1]} runs; need >= {MIN_SEEDS} per arm)"
     if math.isnan(low) or math.isnan(high):
         return "undetermined"
     if high < 0:
@@ -53,18 +57,21 @@ def metric_study(runs: list[Run], factor: str = "router.score", threshold: float
         if arm == REFERENCE:
             continue
         for key, label, meaning in COMPARISONS:
-            diff, low, high = bootstrap_difference_ci([r[key] for r in reference], [r[key] for r in arm_runs], level)
+            a, b = [r[key] for r in reference], [r[key] for r in arm_runs]
+            diff, low, high = bootstrap_difference_ci(a, b, level)
+            seeds = (sum(not math.isnan(v) for v in a), sum(not math.isnan(v) for v in b))
             comparisons.append({"score": arm, "statistic": label, "key": key, "difference": diff, "low": low,
-                                "high": high, "direction": direction(low, high), "meaning": meaning})
+                                "high": high, "direction": direction(low, high, seeds), "meaning": meaning})
     runs_by_arm = {arm: [run for run, row in zip(runs, rows) if row["arm"] == arm] for arm in arm_rows}
     curves = []
     for i, (arm, arm_runs) in enumerate(runs_by_arm.items()):
         per_run = [trajectory(run, threshold, rank) for run in arm_runs]
-        curves.append({"label": f"{arm} (mean)", "color": f"C{i}", **mean_curve(per_run)})
+        curves.append({"label": arm_label(factor, arm), "color": f"C{i}", **mean_curve(per_run)})
         curves += [{"label": None, "color": f"C{i}", **c, "style": "-", "alpha": 0.3} for c in per_run]
     return {"factor": factor, "threshold": threshold, "rows": rows, "arms": arm_summary(arm_rows, level),
             "comparisons": comparisons, "level": level, "rank": rank, "curves": curves,
-            "profiles": profiles(runs_by_arm, ["max_share", f"ve@{rank}", "norm_cv"], level)}
+            "profiles": profiles(runs_by_arm, ["max_share", f"ve@{rank}", f"ve@{rank}_shuffle", "norm_cv"], level,
+                                 factor)}
 
 
 def statement(result: dict) -> str:
@@ -83,8 +90,10 @@ def statement(result: dict) -> str:
                     "higher": "the opposite" if key != "val_loss" else "a loss cost"}.get(c["direction"], c["direction"])
             parts.append(f"{label} {cell(c['difference'])} [{cell(c['low'])}, {cell(c['high'])}] ({says})")
         removes = cs["norm_cv"]["direction"] == "lower" and cs["peak_max_share"]["direction"] == "lower"
+        few = cs["norm_cv"]["direction"].startswith("too few")
         lines.append(f"- **{score}**: " + "; ".join(parts) + ". " +
-                     ("Removes both stratification and concentration." if removes else
+                     (f"No verdict: {cs['norm_cv']['direction']}." if few else
+                      "Removes both stratification and concentration." if removes else
                       "Does not remove the compensation (stratification and concentration not both lower)."))
     if "normalized" in by_score:
         lines += ["", "`normalized` keys all have norm sqrt(d_head) by construction: its norm-CV is ~0 by design; "

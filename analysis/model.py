@@ -36,15 +36,29 @@ class _Probed(nn.Module):
         return self.router(inputs, return_routing=True)[1]
 
 
+class _WithProgress:
+    """A probe whose batches show a progress bar: a big model's pass over 150 + 150 sequences takes minutes."""
+
+    def __init__(self, probe: TokenProbe, desc: str):
+        self.probe, self.desc = probe, desc
+
+    def batches(self, batch_size: int):
+        from common.progress import progress
+
+        total = -(-len(self.probe.tokens) // batch_size)
+        return progress(self.probe.batches(batch_size), self.desc, total)
+
+
 def measure(router: nn.Module, probe: TokenProbe, ranks=(1, 4, 8), batch_size: int = 16, threshold: float = 0.2,
-            completion: float = 0.5):
+            completion: float = 0.5, name: str = "model"):
     from callbacks.collapse_monitor import measure_signature
 
     limit = getattr(router, "context_length", None)
     if limit is not None and probe.tokens.shape[1] > limit:
         raise UserError(f"probe windows of {probe.tokens.shape[1]} tokens exceed the model's context of {limit}; "
                         "pass probe_length=<= that with a corpus probe")
-    return measure_signature(_Probed(router), probe, ranks, batch_size, threshold, completion)
+    return measure_signature(_Probed(router), _WithProgress(probe, f"{name}: probe"), ranks, batch_size, threshold,
+                             completion)
 
 
 def probe_from_corpus(corpus: str, tokenizer, sequences: int, length: int, path: str | None = None) -> TokenProbe:
@@ -57,8 +71,11 @@ def probe_from_corpus(corpus: str, tokenizer, sequences: int, length: int, path:
         raise UserError("this model has no text tokenizer (trained on the synthetic language); pass probe=<probe.pt>")
     try:
         text = documents(corpus, "val", path, default_cache_dir())
-    except UserError as e:  # the data module's fix names train.py's keys; say analyze.py's too
-        raise UserError(f"{e} (analyze.py: probe_path=<local copy>, or probe=<probe.pt>)") from None
+    except UserError as e:  # its fix names train.py's keys (data.path, data=): keep the reason, name ours
+        key = "probe" if corpus == "text_files" else "probe_path"
+        reason = str(e).split(";")[0].replace("data.path", key)
+        raise UserError(f"cannot read the probe text: {reason}; pass probe_path=<a local copy of the corpus>, "
+                        "probe=<folder of .txt files> or probe=<probe.pt>") from None
     tokens = windows(tokenizer.encode_documents(text), length)
     if len(tokens) < sequences:
         raise UserError(f"{corpus} validation gives {len(tokens)} windows of {length} tokens, fewer than "

@@ -6,7 +6,9 @@ equal except for ``seed`` form a *weight* pair, except for ``data_seed`` a *data
 *both* pair. Each pair's final checkpoints are run on the identical probe (the first run's), and per layer
 we record VE@r of each model, |dVE@r| (paper: max 0.016, always < 0.1), and the mean canonical angle
 between their attractor subspaces in key space (the paper's) and in token space (basis-free), each beside
-its random-subspace null (``analysis.subspaces``).
+its random-subspace null (``analysis.subspaces``). Pairs are the replicates: each kind's effect (the
+token-space angle minus the untrained pair's, |dVE|) is a mean over its pairs with a bootstrap interval, and
+with fewer than ``MIN_SEEDS`` pairs of a kind no verdict is given.
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import math
 
 import torch
 
+from analysis.arms import MIN_SEEDS
 from analysis.runs import SEED_KEYS, Run, factors, load_router
+from analysis.stats import bootstrap_ci
 from analysis.subspaces import PairAccumulator
 from collapse import gaussian_null
 from common.errors import UserError
@@ -45,9 +49,11 @@ def find_pairs(runs: list[Run]) -> list[tuple[str, Run, Run]]:
 UNTRAINED_SEEDS = (1_000_003, 2_000_003)  # any two seeds: only "independently initialised" matters
 
 
-def _angles(router_a, router_b, probe: TokenProbe, rank: int, batch_size: int) -> list[dict]:
+def _angles(router_a, router_b, probe: TokenProbe, rank: int, batch_size: int, desc: str) -> list[dict]:
+    from common.progress import progress
+
     accumulator = PairAccumulator(rank)
-    for tokens, _ in probe.batches(batch_size):
+    for tokens, _ in progress(probe.batches(batch_size), desc, total=-(-len(probe.tokens) // batch_size)):
         accumulator.update(router_a(tokens, return_routing=True)[1], router_b(tokens, return_routing=True)[1])
     return accumulator.compute()
 
@@ -66,8 +72,9 @@ def compare_pair(a: Run, b: Run, rank: int = 8, batch_size: int = 16) -> list[di
     if other.exists() and not torch.equal(TokenProbe.load(other).tokens, probe.tokens):
         raise UserError(f"{a.name} and {b.name} saved different probes; the study needs runs on the same data "
                         "(data_seed changes only the batch order, never the probe)")
-    rows = _angles(load_router(a.path)[0], load_router(b.path)[0], probe, rank, batch_size)
-    untrained = _angles(*(load_router(a.path, untrained_seed=s)[0] for s in UNTRAINED_SEEDS), probe, rank, batch_size)
+    rows = _angles(load_router(a.path)[0], load_router(b.path)[0], probe, rank, batch_size, f"{a.name} ~ {b.name}")
+    untrained = _angles(*(load_router(a.path, untrained_seed=s)[0] for s in UNTRAINED_SEEDS), probe, rank, batch_size,
+                        f"{a.name} ~ {b.name}, untrained")
     dims = [layer["dim"] for layer in a.final["layers"]]
     for row, base, dim in zip(rows, untrained, dims):
         row.update({"token_angle_untrained": base["token_angle"], "key_angle_untrained": base["key_angle"],
@@ -97,13 +104,29 @@ def _mean(values) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
-def summary_rows(result: dict) -> list[dict]:
-    """One row per reseed kind: pairs, max |dVE@r|, and depth-mean angles against their baselines."""
+def _per_pair(rows: list[dict], value) -> list[float]:
+    """One number per pair: the depth mean of ``value(row)`` over that pair's layers."""
+    pairs: dict = {}
+    for r in rows:
+        pairs.setdefault((r["run_a"], r["run_b"]), []).append(value(r))
+    return [_mean(v) for v in pairs.values()]
+
+
+def summary_rows(result: dict, level: float = 0.95) -> list[dict]:
+    """One row per reseed kind: pairs, max |dVE@r|, depth-mean angles against their baselines, and the effects
+    (mean over pairs with a bootstrap interval): |dVE@r| and the token-space angle minus the untrained pair's."""
     rank, out = result["rank"], []
     for kind, layers in result["profiles"].items():
-        pairs = len({(r["run_a"], r["run_b"]) for r in result["rows"] if r["kind"] == kind})
-        delta = [r[f"delta_ve@{rank}"] for r in result["rows"] if r["kind"] == kind]
-        row = {"reseed": kind, "pairs": pairs, f"max |dVE@{rank}|": max(delta), f"mean |dVE@{rank}|": _mean(delta)}
+        rows = [r for r in result["rows"] if r["kind"] == kind]
+        pairs = len({(r["run_a"], r["run_b"]) for r in rows})
+        delta = [r[f"delta_ve@{rank}"] for r in rows]
+        dve, dve_low, dve_high = bootstrap_ci(_per_pair(rows, lambda r: r[f"delta_ve@{rank}"]), level)
+        gap, gap_low, gap_high = bootstrap_ci(_per_pair(rows, lambda r: r["token_angle"] - r["token_angle_untrained"]),
+                                              level)
+        row = {"reseed": kind, "pairs": pairs, f"max |dVE@{rank}|": max(delta), f"mean |dVE@{rank}|": dve,
+               f"mean |dVE@{rank}| low": dve_low, f"mean |dVE@{rank}| high": dve_high,
+               "token angle - untrained": gap, "token angle - untrained low": gap_low,
+               "token angle - untrained high": gap_high}
         for space in ("key", "token"):
             row.update({f"{space} angle": _mean([r[f"{space}_angle"] for r in layers]),
                         f"{space} untrained": _mean([r[f"{space}_angle_untrained"] for r in layers]),
@@ -116,15 +139,22 @@ def statement(result: dict) -> str:
     """What the numbers say, claim by claim (docs/analysis.md: which angle supports which claim)."""
     rank, lines = result["rank"], []
     for s in summary_rows(result):
-        geometry = "reproducible (< 0.1)" if s[f"max |dVE@{rank}|"] < 0.1 else "NOT reproducible (>= 0.1)"
         trained, untrained, null = s["token angle"], s["token untrained"], s["token null"]
-        verdict = ("shared beyond what the input imposes" if trained < untrained - 5 else
-                   "no more shared than in two untrained models (the input's structure only)"
-                   if trained <= untrained + 5 else "less shared than in two untrained models")
+        gap, low, high = s["token angle - untrained"], s["token angle - untrained low"], s["token angle - untrained high"]
+        effect = f"trained - untrained {gap:+.1f} deg [{low:.1f}, {high:.1f}] over pairs"
+        if s["pairs"] < MIN_SEEDS:
+            geometry = verdict = f"no verdict, too few pairs ({s['pairs']}; need >= {MIN_SEEDS})"
+        else:
+            geometry = "reproducible (< 0.1)" if s[f"max |dVE@{rank}|"] < 0.1 else "NOT reproducible (>= 0.1)"
+            verdict = ("shared beyond what the input imposes" if high < 0 else
+                       "less shared than in two untrained models" if low > 0 else
+                       "no more shared than in two untrained models (the interval includes zero)")
         key = f"key-space angle {s['key angle']:.1f} deg (untrained {s['key untrained']:.1f}, chance {s['key null']:.1f})"
         key += ("; the pair shares its initial basis, so this angle is how far training rotated the attractor"
                 if s["reseed"] == "data" else "; different initial bases: near chance by construction, no evidence")
         lines.append(f"- **{s['reseed']}** ({s['pairs']} pair(s)): geometry {geometry}, max |dVE@{rank}| = "
-                     f"{s[f'max |dVE@{rank}|']:.3f}; token-space angle {trained:.1f} deg (untrained pair "
-                     f"{untrained:.1f}, chance {null:.1f}): direction {verdict}; {key}.")
+                     f"{s[f'max |dVE@{rank}|']:.3f}, mean {s[f'mean |dVE@{rank}|']:.3f} "
+                     f"[{s[f'mean |dVE@{rank}| low']:.3f}, {s[f'mean |dVE@{rank}| high']:.3f}]; token-space angle "
+                     f"{trained:.1f} deg (untrained pair {untrained:.1f}, chance {null:.1f}; {effect}): direction "
+                     f"{verdict}; {key}.")
     return "\n".join(lines)

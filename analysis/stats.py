@@ -66,6 +66,34 @@ def bootstrap_difference_ci(a: Sequence[float], b: Sequence[float], level: float
     return float(y.mean() - x.mean()), float(low), float(high)
 
 
+def spearman_ci(x: Sequence[float], y: Sequence[float], level: float = 0.95, n_boot: int = N_BOOT,
+                seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of Spearman's rho between ``x`` (an arm's value, e.g. the ALiBi slope
+    scale) and ``y``, resampling the runs within each value of ``x``, as every interval here resamples seeds
+    within arms. (nan, nan) with fewer than 3 finite pairs."""
+    from scipy.stats import rankdata
+
+    _check_level(level)
+    x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
+    keep = np.isfinite(x) & np.isfinite(y)
+    x, y = x[keep], y[keep]
+    if x.size < 3:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    index = np.concatenate([rng.choice(np.flatnonzero(x == v), size=(n_boot, int((x == v).sum())))
+                            for v in np.unique(x)], axis=1)
+    rx, ry = rankdata(x[index], axis=1), rankdata(y[index], axis=1)
+    rx, ry = rx - rx.mean(1, keepdims=True), ry - ry.mean(1, keepdims=True)
+    norm = np.sqrt((rx ** 2).sum(1) * (ry ** 2).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rho = np.where(norm > 0, (rx * ry).sum(1) / norm, np.nan)  # a resample with constant y has no rho
+    if np.isnan(rho).all():
+        return math.nan, math.nan
+    alpha = (1 - level) / 2
+    low, high = np.nanquantile(rho, [alpha, 1 - alpha])
+    return float(low), float(high)
+
+
 def order_probability(groups: Sequence[Sequence[float]], n_boot: int = N_BOOT, seed: int = 0) -> float:
     """Share of bootstrap resamples in which the group means are strictly increasing in the given order.
 

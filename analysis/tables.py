@@ -44,12 +44,19 @@ def run_statistics(record: dict, threshold: float = 0.2, completion: float = 0.5
         "peak_depth": peak / n_layers, "peak_max_share_ratio": number(summary.get("peak_max_share_ratio")),
         "area_above_baseline": number(summary.get("area_above_baseline")),
         "max_share": number(summary.get("max_share")),
+        "baseline": _depth_mean(record["layers"], "baseline"),  # the causal-uniform max share
     }
     for key in ("norm_cv", "norm_cv_min", "norm_cv_gauss", f"ve@{rank}", f"ve@{rank}_post", f"ve@{rank}_shuffle",
                 f"ve@{rank}_gauss", f"content@{rank}", f"marginal@{rank}", "ve@1", "ve@1_post",
                 "r_cv_share", "r_cv_share_p"):
         stats[key] = number(summary.get(key))
     return stats
+
+
+def _depth_mean(layers: list[dict], key: str) -> float:
+    values = [number(layer.get(key)) for layer in layers]
+    finite_values = [v for v in values if not math.isnan(v)]
+    return sum(finite_values) / len(finite_values) if finite_values else math.nan
 
 
 def onset_step(records: list[dict], threshold: float = 0.2) -> float:

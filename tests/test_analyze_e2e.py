@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -121,6 +122,14 @@ def test_bad_arguments_exit_2_with_one_line_naming_the_fix(args, message, capsys
     assert analyze.main(args) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
+
+
+def test_help_lists_every_key_of_the_analysis_config_with_its_comment(capsys):
+    assert analyze.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for line in (Path(analyze.CONF) / "analyze.yaml").read_text().splitlines():
+        if line and not line.startswith((" ", "#")):
+            assert line in out  # e.g. "tokenizer: null       # a Hub name or folder ..."
 
 
 def test_a_corpus_probe_for_a_run_without_tokenizer_fails_with_one_line(sweep, capsys):

@@ -137,18 +137,35 @@ def test_without_any_crossing_onset_is_undetermined_and_peak_still_decides(tmp_p
     assert lowered["onset_depth_censored"] != verdicts["onset_depth_censored"]  # the knob makes onset measurable
 
 
-def test_alibi_slope_scale_is_judged_as_a_monotone_trend(tmp_path):
+def slope_sweep(tmp_path, seeds):
     job = 0
     for scale, (onset, peak) in {0.0: (1, 0.7), 0.5: (3, 0.5), 2.0: (5, 0.35), 8.0: (7, 0.25)}.items():
-        for seed in range(2):
+        for seed in range(seeds):
             records = [record(0, [0.06] * 8), record(100, onset_profile(onset, peak + 0.004 * seed))]
             write_run(tmp_path / f"{job}_s={scale},seed={seed}",
                       {"seed": seed, "router": {"position": "alibi", "alibi_slope_scale": scale}}, records)
             job += 1
-    result = brake_study(find_runs(tmp_path), factor="router.alibi_slope_scale")
+    return find_runs(tmp_path)
+
+
+def test_alibi_slope_scale_is_judged_as_a_monotone_trend_with_an_interval_on_rho(tmp_path):
+    result = brake_study(slope_sweep(tmp_path, seeds=3), factor="router.alibi_slope_scale")
     checks = {c["key"]: c for c in result["checks"]}
-    assert checks["onset_depth_censored"]["spearman_rho"] > 0.9 and checks["onset_depth_censored"]["verdict"] == "supported"
-    assert checks["peak_max_share"]["spearman_rho"] < -0.9 and checks["peak_max_share"]["verdict"] == "supported"
+    onset, peak = checks["onset_depth_censored"], checks["peak_max_share"]
+    assert onset["spearman_rho"] > 0.9 and onset["rho_low"] > 0 and onset["verdict"] == "supported"
+    assert peak["spearman_rho"] < -0.9 and peak["rho_high"] < 0 and peak["verdict"] == "supported"
+
+
+def test_two_seeds_per_arm_give_effect_sizes_but_no_verdict(tmp_path):
+    # The case: NoPE 0.0451 vs RoPE 0.0447 from two seeds each must not read "supported, P = 1.00".
+    slope = brake_study(slope_sweep(tmp_path / "slope", seeds=2), factor="router.alibi_slope_scale")
+    assert slope["verdict"].startswith("no verdict: too few seeds (runs per arm: 2 x slope0.0")
+    runs = brake_sweep(tmp_path / "brake", {"nope": (1, 0.7, 100), "rope": (3, 0.5, 200)}, seeds=2)
+    result = brake_study(runs)
+    peak = next(c for c in result["checks"] if c["key"] == "peak_max_share")
+    assert peak["p_predicted"] == 1.0 and peak["verdict"] == "no verdict: too few seeds (runs per arm: 2 x NoPE, 2 x RoPE; need >= 3)"
+    assert peak["effects"].startswith("RoPE - NoPE -0.2 [")  # the effect size is still stated, with its interval
+    assert result["verdict"].startswith("no verdict: too few seeds") and "**Verdict: no verdict" in verdict_text(result)
 
 
 def metric_sweep(tmp_path):

@@ -146,3 +146,136 @@ def test_a_missing_checkpoint_offline_fails_with_one_line(monkeypatch):
     with pytest.raises(UserError, match="cannot load nobody/no-such-model@step1") as info:
         load_hf("hf:nobody/no-such-model@step1")
     assert "\n" not in str(info.value)
+
+
+# --- Llama-family decoders: grouped-query attention, rotary on the whole head ------------------------------
+
+DECODERS = {  # family: (config class, extra config) -- each exercises its own way to its keys
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {}),
+    "qwen2": ("Qwen2Config", {}),                     # k_proj with a bias
+    "qwen3": ("Qwen3Config", {}),                     # k_norm per head, before rotary
+    "gemma": ("GemmaConfig", {}),                     # scaled embeddings, (1 + w) RMSNorm
+    "olmo": ("OlmoConfig", {"clip_qkv": 0.05}),       # the key projection clipped
+    "olmo2": ("Olmo2Config", {}),                     # k_norm across all key heads
+}
+HEADS, KV_HEADS, D_HEAD = 4, 2, 8
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory):
+    import transformers
+
+    root = tmp_path_factory.mktemp("decoders")
+    for family, (config_class, extra) in DECODERS.items():
+        torch.manual_seed(0)
+        config = getattr(transformers, config_class)(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=HEADS,
+            num_key_value_heads=KV_HEADS, head_dim=D_HEAD, max_position_embeddings=64, bos_token_id=0,
+            eos_token_id=0, pad_token_id=0, **extra)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(root / family)
+    return root
+
+
+def rotary(x, theta=10000.0):
+    """Rotary embedding on the whole head, rotate-half convention, positions 0..T-1 (written out here)."""
+    d, T = x.shape[-1], x.shape[-2]
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    angles = torch.arange(T, dtype=torch.float32)[:, None] * inv_freq[None]
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    half = torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1)
+    return x * cos + half * sin
+
+
+def heads(x, n):
+    return x.view(2, T, n, D_HEAD).transpose(1, 2)
+
+
+@pytest.mark.parametrize("family", DECODERS)
+def test_llama_family_routing_holds_pre_rope_grouped_keys_and_the_attention_they_produce(decoders, family):
+    from transformers import AutoModelForCausalLM
+
+    router, _ = load_hf(f"hf:{decoders / family}")
+    hf = AutoModelForCausalLM.from_pretrained(decoders / family).eval()  # default attention: logits only
+    attentions = [layer.self_attn for layer in router.model.model.layers]
+    # The keys and queries HF's own forward scores: after k_norm / q_norm where the family has them.
+    key_modules = [getattr(a, "k_norm", None) or a.k_proj for a in attentions]
+    query_modules = [getattr(a, "q_norm", None) or a.q_proj for a in attentions]
+    keys, key_hooks = capture_outputs(key_modules)
+    queries, query_hooks = capture_outputs(query_modules)
+    tokens = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        logits, routing = router(tokens, return_routing=True)
+        reference = hf(tokens).logits
+    for h in key_hooks + query_hooks:
+        h.remove()
+    assert routing.axis == "token" and len(routing) == 2
+    assert torch.allclose(logits, reference, atol=1e-5)
+    clip = DECODERS[family][1].get("clip_qkv")
+    for layer, k, q in zip(routing, keys, queries):
+        k, q = (x.clamp(-clip, clip) if clip else x for x in (k, q))  # OLMo clamps after the projection
+        k, q = heads(k.reshape(2, T, -1), KV_HEADS), heads(q.reshape(2, T, -1), HEADS)
+        assert layer.content_keys.shape == (2, KV_HEADS, T, D_HEAD) and layer.weights.shape == (2, HEADS, T, T)
+        assert torch.allclose(layer.content_keys, k, atol=1e-5)  # pre-RoPE: what VE measures
+        assert torch.allclose(layer.keys, rotary(k), atol=1e-5)  # as scored
+        shared = rotary(k).repeat_interleave(HEADS // KV_HEADS, dim=1)  # each key head serves 2 query heads
+        assert torch.allclose(layer.weights, causal_softmax(rotary(q), shared), atol=1e-5)
+
+
+def test_a_grouped_query_model_gets_a_full_signature_through_analyze(decoders, tmp_path):
+    import csv
+
+    import analyze
+    from datamodules.probe import TokenProbe
+
+    TokenProbe.from_tokens(torch.randint(0, 64, (6, 32))).save(tmp_path / "probe.pt")
+    assert analyze.main([f"model=hf:{decoders / 'qwen3'}", f"probe={tmp_path / 'probe.pt'}", f"out={tmp_path / 'out'}",
+                         "batch_size=3"]) == 0
+    heads_rows = list(csv.DictReader(open(tmp_path / "out" / "final" / "heads.csv")))
+    assert len(heads_rows) == 2 * HEADS  # max share per query head, norm-CV of the key head each one reads
+    assert [r["norm_cv"] for r in heads_rows[:HEADS]] == [heads_rows[0]["norm_cv"]] * 2 + [heads_rows[2]["norm_cv"]] * 2
+    layers = list(csv.DictReader(open(tmp_path / "out" / "final" / "signature.csv")))
+    assert all(float(r["ve@4_post"]) != float(r["ve@4"]) for r in layers)  # d_head 8: VE@8 would be 1 either way
+
+
+def test_a_checkpoint_folder_without_tokenizer_files_is_an_error_naming_it(saved, decoders, capsys):
+    import analyze
+
+    # transformers 5 builds a 2-token tokenizer from a GPT-NeoX config alone, and raises for Llama's
+    for folder, says in ((saved["gpt_neox"], "is empty or degenerate"), (decoders / "llama", "has no tokenizer files")):
+        assert analyze.main([f"model=hf:{folder}", "probe=wikitext103"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("error: ") and str(folder) in err and says in err and "tokenizer=<" in err
+
+
+def test_tokenizer_key_tokenises_a_corpus_probe_for_a_folder_saved_without_one(tmp_path, capsys):
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM, PreTrainedTokenizerFast
+
+    import analyze
+    from datamodules.tokenizer import train_bpe
+
+    texts = tmp_path / "texts"
+    texts.mkdir()
+    for i in range(4):  # the text_files corpus holds out every other work as validation
+        (texts / f"work{i}.txt").write_text(" ".join(f"the quick brown fox {i} jumps over the lazy dog" for _ in range(60)))
+    PreTrainedTokenizerFast(tokenizer_object=train_bpe([(texts / "work0.txt").read_text()], 300)).save_pretrained(
+        tmp_path / "tokenizer")
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=320, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)).save_pretrained(tmp_path / "model")
+    assert analyze.main([f"model=hf:{tmp_path / 'model'}", f"probe={texts}", f"tokenizer={tmp_path / 'tokenizer'}",
+                         "probe_sequences=2", "probe_length=16", f"out={tmp_path / 'out'}"]) == 0
+    assert "text files in" in (tmp_path / "out" / "final" / "summary.md").read_text()
+    (tmp_path / "empty").mkdir()
+    assert analyze.main([f"model=hf:{tmp_path / 'model'}", f"probe={tmp_path / 'empty'}",
+                         f"tokenizer={tmp_path / 'tokenizer'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"probe={tmp_path / 'empty'} has no .txt files" in err and "data." not in err  # analyze.py's keys only
+
+
+def test_the_model_is_loaded_before_the_probe_so_its_error_comes_first(capsys, monkeypatch):
+    import analyze
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert analyze.main(["model=hf:nobody/no-such-model", "probe=wikitext103"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load nobody/no-such-model" in err and "model=hf:<local folder>" in err
