@@ -99,10 +99,11 @@ class Checkpoint(ModelCheckpoint):
         super().setup(trainer, pl_module, stage)
         if not isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        if trainer.is_global_zero and (problem := atomic.check_writable(self.dirpath)):
-            raise UserError(f"cannot write checkpoints to {self.dirpath} ({problem}); make it writable or set "
-                            f"callbacks.checkpoint.dirpath=<a writable folder>")
-        atomic.remove_stale_temps(self.dirpath)
+        if trainer.is_global_zero:
+            if problem := atomic.check_writable(self.dirpath):
+                raise UserError(f"cannot write checkpoints to {self.dirpath} ({problem}); make it writable or set "
+                                f"callbacks.checkpoint.dirpath=<a writable folder>")
+            atomic.remove_stale_temps(self.dirpath)
 
     def _io(self, trainer: pl.Trainer) -> AtomicCheckpointIO:
         return trainer.strategy.checkpoint_io
@@ -119,7 +120,8 @@ class Checkpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if trainer.strategy.reduce_boolean_decision(self._signal is not None, all=False):
             self._preempt_path = os.path.join(self.dirpath, LAST)
-            self._save_checkpoint(trainer, self._preempt_path)
+            if self._preempt_path not in self._held_paths:  # unless this step's last.ckpt is taken already
+                self._save_checkpoint(trainer, self._preempt_path)
         if not self._held_paths:
             self._io(trainer).held = None
 
