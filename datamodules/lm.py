@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from common.atomic import atomic_path
 from common.errors import UserError
 from datamodules.corpora import CORPORA, corpus_key, default_cache_dir, documents
 from datamodules.probe import TokenProbe
@@ -34,9 +35,10 @@ ALIGN = ("none", "document", "paragraph")
 
 
 def _save_atomic(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)  # atomic: a killed run never leaves a truncated cache behind
+    # A per-process temp file beside the cache: two jobs filling one cache never collide, and a killed run
+    # never leaves a truncated cache behind.
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def windows(tokens: Tensor, length: int, bos: int | None = None, starts: Tensor | None = None) -> Tensor:

@@ -17,6 +17,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import Tensor
 
+from common.atomic import atomic_path
 from common.errors import UserError
 from datamodules.corpora import hub_reachable
 
@@ -125,9 +126,8 @@ def load_tokenizer(spec: Mapping, cache_dir: Path, train_documents: Callable[[],
             return TextTokenizer(Tokenizer.from_file(str(path)), path.stem)
         tokenizer = train_bpe(train_documents(), vocab_size)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tokenizer.save(str(tmp))
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            tokenizer.save(str(tmp))
         return TextTokenizer(tokenizer, path.stem)
     if kind == "pretrained":
         return TextTokenizer(pretrained(spec.get("name")), "hf-" + str(spec.get("name")).strip("/").replace("/", "--"))
