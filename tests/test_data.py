@@ -117,7 +117,7 @@ def test_wikitext_offline_fails_at_once_with_one_line(tmp_path, monkeypatch):
     start = time.monotonic()
     with pytest.raises(UserError, match="data.path=.*data=shakespeare") as err:
         LMDataModule(corpus="wikitext103", cache_dir=tmp_path).prepare_data()
-    assert time.monotonic() - start < 10  # the Hub client's retries alone take ~25 s
+    assert time.monotonic() - start < 20  # fails fast: the Hub client's retries alone take ~25 s
     assert "\n" not in str(err.value)
 
 
