@@ -106,10 +106,10 @@ def ordering_checks(arm_rows: dict, order: list, threshold: float, level: float 
 
 
 def _effect(sign: int, difference: tuple[float, float, float]) -> str:
-    """A difference of signed values back in the statistic's own units: ``+0.012 [0.004, 0.020]``."""
+    """A difference of signed values back in the statistic's own units: ``+0.012 [0.0041, 0.02]``."""
     mean, low, high = (sign * v for v in difference)
     low, high = min(low, high), max(low, high)
-    return f"{mean:+.3g} [{cell(low)}, {cell(high)}]"
+    return f"{mean:+.3g} [{low:.3g}, {high:.3g}]"  # significant digits: small effects keep their sign
 
 
 def trend_checks(rows: list[dict], level: float = 0.95, factor: str = "") -> list[dict]:

@@ -30,18 +30,19 @@ def curve_keys(rank: int = 8) -> list[tuple[str, str]]:
 def curves_figure(series: list[dict], title: str, threshold: float, rank: int = 8, log_steps: bool = False):
     """Collapse over training with what each panel is read against: the causal-uniform baseline and the onset
     threshold under peak max share, the shuffle and Gaussian nulls under VE, "no onset" when none."""
-    nulls = {"peak_max_share": [("causal-uniform baseline", "baseline", ":")],
-             f"ve@{rank}": [("shuffle null", f"ve@{rank}_shuffle", "-."), ("Gaussian null", f"ve@{rank}_gauss", "--")]}
+    references = {"peak_max_share": [("causal-uniform baseline", "baseline", ":")],
+                  f"ve@{rank}": [("Gaussian null", f"ve@{rank}_gauss", "--")]}
+    nulls = {f"ve@{rank}": [("shuffle null (arm colour)", f"ve@{rank}_shuffle", "-.")]}
     empty = {"onset_depth": f"no onset: no layer's mean max share\nexceeded {threshold} at any measured step"}
-    return figures.curves_figure(series, curve_keys(rank), title, log_steps, nulls, threshold, empty)
+    return figures.curves_figure(series, curve_keys(rank), title, log_steps, nulls, threshold, empty, references)
 
 
 def profiles_figure(arms: list[dict], runs, rank: int, threshold: float, title: str):
     """Depth profiles per arm at the last step, each panel with its baseline or nulls."""
     panels = [("max_share", "max share"), (f"ve@{rank}", f"VE@{rank}"), ("norm_cv", "norm-CV")]
-    references = {"max_share": [("causal-uniform baseline", _final_column(runs, "baseline"))],
-                  f"ve@{rank}": [("Gaussian null", _final_column(runs, f"ve@{rank}_gauss"))],
-                  "norm_cv": [("Gaussian 1/sqrt(2d)", _final_column(runs, "norm_cv_gauss"))]}
+    references = {"max_share": [("causal-uniform baseline", _final_column(runs, "baseline"), ":")],
+                  f"ve@{rank}": [("Gaussian null", _final_column(runs, f"ve@{rank}_gauss"), "--")],
+                  "norm_cv": [("Gaussian norm-CV 1/sqrt(2d)", _final_column(runs, "norm_cv_gauss"), "--")]}
     nulls = {f"ve@{rank}": [("shuffle null (arm colour)", f"ve@{rank}_shuffle", "-.")]}
     return figures.arm_profiles_figure(arms, panels, references, title, threshold, nulls)
 
@@ -315,7 +316,8 @@ def _seed_direction(cfg, runs, out: Path):
     atomic.write_text(out / "summary.md", f"# Seed-direction control: {cfg.sweep}\n\n{markdown(summary)}\n\n{text}\n\n"
                                     "Key-space angles compare coordinates, which two weight seeds do not share; "
                                     "token-space angles are basis-free (docs/analysis.md).\n")
-    image = _save(figures.seed_direction_figure(result["profiles"], cfg.rank, f"{cfg.sweep}: direction vs geometry"),
+    image = _save(figures.seed_direction_figure(result["profiles"], cfg.rank,
+                                                f"{run_names.sweep_group(Path(cfg.sweep))}: direction vs geometry"),
                   out / "seed_direction.png")
     print(markdown(summary))
     print(text)

@@ -32,15 +32,14 @@ def mark_threshold(ax, threshold: float, values) -> None:
     top = _top(values)
     if threshold <= 1.3 * top:
         ax.axhline(threshold, ls="--", lw=1, color="crimson", label=f"onset threshold {threshold}", zorder=1)
-    else:
-        ax.annotate(f"onset threshold {threshold} is off the scale (max {top:.3f})", xy=(0.99, 0.98),
-                    xycoords="axes fraction", ha="right", va="top", fontsize=7, color="crimson",
-                    bbox={"fc": "white", "ec": "none", "alpha": 0.8})
+    else:  # above the panel, where it hides no data
+        ax.set_title(f"onset threshold {threshold}: off scale", loc="right", fontsize=7, color="crimson")
 
 
 def write_in_panel(ax, text: str) -> None:
     """A panel with nothing to draw says why instead of showing empty axes."""
     ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9, color="dimgrey", wrap=True)
+    ax.set_xticks([])
     ax.set_yticks([])
 
 
@@ -69,7 +68,8 @@ def signature_figure(layers: list[dict], rank: int = 8, threshold: float = 0.2, 
     ax.plot(x, _column(layers, "baseline"), ":", color="grey", label="uniform (causal) baseline", zorder=1)
     ax.plot(x, _column(layers, "max_share"), "o-", color="tab:blue", label="mean over heads", zorder=3)
     mark_threshold(ax, threshold, units + _column(layers, "max_share"))
-    ax.set(xlabel="layer", ylabel="max share", title="concentration")
+    ax.set(xlabel="layer", ylabel="max share")
+    ax.set_title("concentration", loc="left")  # the right is kept for the threshold note
     ax = axes[1]
     shuffle = _column(layers, f"ve@{rank}_shuffle")
     if _has(shuffle):
@@ -79,11 +79,13 @@ def signature_figure(layers: list[dict], rank: int = 8, threshold: float = 0.2, 
     post = _column(layers, f"ve@{rank}_post")
     if _has(post):
         ax.plot(x, post, "s-", ms=3, label="real post-RoPE", zorder=3)
-    ax.set(xlabel="layer", ylabel=f"VE@{rank}", title="key geometry", ylim=(0, 1))
+    ax.set(xlabel="layer", ylabel=f"VE@{rank}", ylim=(0, 1))
+    ax.set_title("key geometry", loc="left")
     ax = axes[2]
     ax.plot(x, _column(layers, "norm_cv_gauss"), "--", color="grey", label="Gaussian 1/sqrt(2d)", zorder=1)
     ax.plot(x, _column(layers, "norm_cv"), "o-", label="norm-CV", zorder=3)
-    ax.set(xlabel="layer", ylabel="norm-CV", title="norm stratification")
+    ax.set(xlabel="layer", ylabel="norm-CV")
+    ax.set_title("norm stratification", loc="left")
     ax.set_ylim(bottom=0)
     ax = axes[3]
     cmap = plt.get_cmap("viridis")
@@ -93,7 +95,8 @@ def signature_figure(layers: list[dict], rank: int = 8, threshold: float = 0.2, 
             repeat = len(share) // len(cv)
             ax.scatter([c for c in cv for _ in range(repeat)], share, s=10,
                        color=cmap(i / max(1, len(layers) - 1)), label=f"L{i}" if len(layers) <= 12 else None)
-    ax.set(xlabel="norm-CV (layer, head)", ylabel="max share", title="r(norm-CV, max share)")
+    ax.set(xlabel="norm-CV (layer, head)", ylabel="max share")
+    ax.set_title("r(norm-CV, max share)", loc="left")
     for ax in axes:
         ax.legend(fontsize=6)
     for ax in axes[:3]:
@@ -107,13 +110,15 @@ SHARE_PANELS = ("peak_max_share", "max_share")  # panels of max shares: the onse
 
 
 def curves_figure(series: list[dict], keys: list[tuple[str, str]], title: str = "", log_steps: bool = False,
-                  nulls: dict | None = None, threshold: float | None = None, empty: dict | None = None) -> Figure:
+                  nulls: dict | None = None, threshold: float | None = None, empty: dict | None = None,
+                  references: dict | None = None) -> Figure:
     """Collapse over training: one panel per statistic, one line per series, one legend entry per label.
 
     ``series``: ``{"label" (None: a faint line outside the legend), "steps", "values": {key: [...]}, "color"?,
-    "style"?, "alpha"?}``; ``keys``: (key, axis label). ``nulls``: per panel key, ``[(label, values key, line
-    style)]`` that the first series of each label draws from its own values in its colour, under the data
-    (baseline, shuffle null, Gaussian null). ``threshold``: the onset threshold, on the max-share panel.
+    "style"?, "alpha"?}``; ``keys``: (key, axis label). Under the data, per panel key, ``[(label, values key,
+    line style)]``: ``references`` are drawn once, grey, from the first series (what every arm shares: the
+    causal-uniform baseline, the Gaussian null); ``nulls`` by the first series of each label from its own
+    values, in its colour (the shuffle null). ``threshold``: the onset threshold, on the max-share panel.
     ``empty``: per panel key, what to write when no series has a value there (e.g. "no onset").
     ``log_steps`` puts steps on a symlog axis, so a pretrained model's 143k steps and a CPU run's 2k sit side
     by side.
@@ -127,6 +132,9 @@ def curves_figure(series: list[dict], keys: list[tuple[str, str]], title: str = 
         if not any(_has(s["values"][key]) for s in series):
             write_in_panel(ax, (empty or {}).get(key, "no data"))
             continue
+        for ref_label, ref_key, style in (references or {}).get(key, []):
+            ax.plot(series[0]["steps"], series[0]["values"][ref_key], style, lw=1, color="grey", label=ref_label,
+                    zorder=1)
         drawn: set = set()
         for s in series:
             if s["label"] is not None and s["label"] not in drawn:
@@ -150,16 +158,15 @@ def arm_profiles_figure(arms: list[dict], panels: list[tuple[str, str]], referen
     """Depth profiles per arm (mean across seeds with the bootstrap band): one panel per statistic.
 
     ``arms``: ``{"label", "profiles": {key: (mean, low, high) lists per layer}}``; ``references``: per panel
-    key, ``[(label, values per layer)]`` drawn grey under the data (baseline, Gaussian nulls); ``nulls``: per
+    key, ``[(label, values per layer, line style)]`` drawn grey under the data (baseline, Gaussian nulls); ``nulls``: per
     panel key, ``[(label, profile key, line style)]`` each arm draws from its own profile in its colour (the
     shuffle null); ``threshold``: the onset threshold, on the max-share panel. Norm-CV panels start at 0, where
     their Gaussian value is read.
     """
     fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels) + 1.6, 3.6), squeeze=False,
                              layout="constrained")
-    styles = [":", "--", "-."]
     for ax, (key, axis_label) in zip(axes[0], panels):
-        for (ref_label, values), style in zip((references or {}).get(key, []), styles):
+        for ref_label, values, style in (references or {}).get(key, []):
             ax.plot([(i + 0.5) / len(values) for i in range(len(values))], [number(v) for v in values], style,
                     color="grey", label=ref_label, zorder=1)
         for i, arm in enumerate(arms):
@@ -198,12 +205,12 @@ def seed_direction_figure(profiles: dict[str, list[dict]], rank: int = 8, title:
                 title=f"geometry: |dVE@{rank}| (pair mean) <= {max(_column(first, f'delta_ve@{rank}')):.3f}")
     for ax, key, name in ((axes[1], "key_angle", "key space (paper)"), (axes[2], "token_angle", "token space (basis-free)")):
         for kind, rows in profiles.items():
-            ax.plot(x, _column(rows, key), "o-", ms=3, label=f"{kind} reseed")
+            ax.plot(x, _column(rows, key), "o-", ms=3, label=f"{kind} reseed", zorder=3)
         null, untrained = _column(first, f"{key}_null"), _column(first, f"{key}_untrained")
         if _has(null):
-            ax.plot(x, null, "--", color="grey", label="random-subspace null")
+            ax.plot(x, null, "--", color="grey", label="random-subspace null", zorder=1)
         if _has(untrained):
-            ax.plot(x, untrained, ":", color="black", label="untrained pair, same probe")
+            ax.plot(x, untrained, ":", color="black", label="untrained pair, same probe", zorder=1)
         ax.set(xlabel="layer", ylabel="mean canonical angle (deg)", ylim=(0, 92), title=f"direction: {name}")
     for ax in axes:
         ax.legend(fontsize=6)
@@ -212,6 +219,9 @@ def seed_direction_figure(profiles: dict[str, list[dict]], rank: int = 8, title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return fig
+
+
+HEATMAP_COLUMNS = 4
 
 
 def max_share_heatmaps(panels: list[tuple[str, list[dict]]], threshold: float = 0.2, title: str = "") -> Figure:
@@ -224,9 +234,13 @@ def max_share_heatmaps(panels: list[tuple[str, list[dict]]], threshold: float = 
     low, top = min(finite, default=0.0), _top(finite)
     if threshold <= 1.3 * top:
         top = max(top, threshold)
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels) + 1.2, 3.4), squeeze=False,
+    cols = min(HEATMAP_COLUMNS, len(panels))
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols + 1.2, 3.0 * rows + 0.4), squeeze=False,
                              layout="constrained")
-    for ax, (label, records), grid in zip(axes[0], panels, grids):
+    for ax in axes.flat[len(panels):]:
+        ax.set_axis_off()
+    for ax, (label, records), grid in zip(axes.flat, panels, grids):
         steps = [r["step"] for r in records]
         values = [[col[i] for col in grid] for i in range(len(grid[0]))]  # layers x steps
         image = ax.imshow(values, aspect="auto", origin="lower", cmap="magma", vmin=low, vmax=top,
@@ -242,8 +256,8 @@ def max_share_heatmaps(panels: list[tuple[str, list[dict]]], threshold: float = 
         ax.set_xticks(ticks, [str(steps[j]) for j in ticks])
         ax.set(xlabel="training step", ylabel="layer")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-    scale = f"cyan: > {threshold}" if top >= threshold else f"onset threshold {threshold} is off the scale"
-    fig.colorbar(image, ax=list(axes[0]), label=f"mean max share ({scale})")
+    scale = f"cyan: > {threshold}" if top >= threshold else f"threshold {threshold}: off scale"
+    fig.colorbar(image, ax=list(axes.flat), label=f"mean max share\n({scale})")
     if title:
         fig.suptitle(title, fontsize=9)
     return fig

@@ -8,10 +8,11 @@ import matplotlib
 matplotlib.use("Agg")  # headless: runs on clusters and CI
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from analysis.figures import mark_threshold  # noqa: E402
 
-LABELLED_STEPS = 6  # legend entries for the measured steps; the colour order carries the rest
+LABELLED_STEPS = 8  # legend entries for the measured steps; the colour order carries the rest
 
 
 def _column(layers: list[dict], key: str) -> list[float]:
@@ -25,7 +26,8 @@ def depth_profile_figure(records: list[dict], rank: int = 8, threshold: float = 
     fig, (ax_share, ax_ve) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
     cmap = plt.get_cmap("viridis")
     n = len(records)
-    labelled = {round(i * (n - 1) / (LABELLED_STEPS - 1)) for i in range(LABELLED_STEPS)} if n > LABELLED_STEPS else set(range(n))
+    spacing = max(1.0, (n - 1) / (LABELLED_STEPS - 1))
+    labelled = {round(i * spacing) for i in range(LABELLED_STEPS)} | {n - 1}
     shares = []
     for i, record in enumerate(records):
         layers = record["layers"]
@@ -47,8 +49,12 @@ def depth_profile_figure(records: list[dict], rank: int = 8, threshold: float = 
     shuffle = _column(last, f"ve@{rank}_shuffle")
     if not all(math.isnan(v) for v in shuffle):
         ax_ve.plot(x, shuffle, ls="-.", color="black", lw=1, label="shuffle null (last step)", zorder=2)
-    ax_share.set(xlabel="layer", ylabel="mean max share", title="concentration")
-    ax_ve.set(xlabel="layer", ylabel=f"VE@{rank}", title="key geometry", ylim=(0, 1))
+    ax_share.set(xlabel="layer", ylabel="mean max share")
+    ax_share.set_title("concentration", loc="left")  # the right is kept for the threshold note
+    ax_ve.set(xlabel="layer", ylabel=f"VE@{rank}", ylim=(0, 1))
+    ax_ve.set_title("key geometry", loc="left")
+    for ax in (ax_share, ax_ve):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax_share.legend(fontsize=7, ncol=2)
     ax_ve.legend(fontsize=7)
     if title:

@@ -35,8 +35,8 @@ class LogProgressBar(TQDMProgressBar):
             self.train_progress_bar.total = trainer.max_steps
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.train_progress_bar.n = trainer.global_step  # current also for the line after a validation
         now = time.monotonic()
         if now - self._last_line >= progress.LOG_INTERVAL or trainer.global_step >= trainer.max_steps:
             self._last_line = now
-            self.train_progress_bar.n = trainer.global_step
             self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))  # redraws: one line

@@ -6,25 +6,29 @@ log shows as one ever-growing line; there each redraw becomes a line of its own 
 """
 from __future__ import annotations
 
+import re
 import sys
 from typing import Iterable
 
 from tqdm import tqdm
 
 LOG_INTERVAL = 30.0  # seconds between progress lines in a log
+_TIMING = re.compile(r"\[[\d:]+<[\d:?]+, [^,\]]+")  # tqdm's "[elapsed<remaining, rate"
 
 
 class LineStream:
-    """A stream for tqdm that writes each redraw of the bar as one plain line (a repeat only once)."""
+    """A stream for tqdm that writes each redraw of the bar as one plain line; a redraw that only updates the
+    timing (tqdm's closing redraw) is not repeated."""
 
     def __init__(self, stream):
         self.stream, self.last = stream, None
 
     def write(self, text: str) -> None:
         text = text.replace("\r", "").strip()  # tqdm writes "\r" + bar + padding
-        if text and text != self.last:
+        progress = _TIMING.sub("[", text)  # what changed apart from the clock: count, bar, postfix metrics
+        if text and progress != self.last:
             self.stream.write(text + "\n")
-            self.last = text
+            self.last = progress
 
     def flush(self) -> None:
         self.stream.flush()

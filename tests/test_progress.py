@@ -57,5 +57,6 @@ def test_debug_smoke_runs_end_to_end_with_progress_in_a_redirected_log(tmp_path)
     bar = [line for line in stdout.splitlines() if line.startswith("Epoch 0:")]
     assert bar and "4/4" in bar[-1] and "\r" not in stdout  # the training bar as plain lines
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file() and not (tmp_path / "run" / "wandb").exists()
+    assert (tmp_path / "run" / "max_share_heatmap.png").is_file()
     rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
     assert any(r.get("val/loss") for r in rows)

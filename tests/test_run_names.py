@@ -55,3 +55,11 @@ def test_tags_name_experiment_router_family_position_score_data_and_the_users():
     router = {"_target_": "routers.ssm.Mamba", "n_layer": 4}
     assert run_names.tags(router, {"router": "mamba", "data": "synthetic", "experiment": None}, ["pilot"]) == [
         "router:mamba", "family:mamba", "data:synthetic", "pilot"]
+
+
+def test_a_wandb_run_ends_with_its_depth_profile_and_layer_by_step_heatmap(tiny_run):
+    out, _ = tiny_run("trainer.max_steps=4", "callbacks.collapse_monitor.every_n_steps=2")
+    assert (out / "max_share_heatmap.png").stat().st_size and (out / "collapse_profile.png").stat().st_size
+    (run,) = (out / "wandb").glob("offline-run-*")
+    logged = {p.name.rsplit("_", 2)[0] for p in (run / "files" / "media" / "images" / "collapse").glob("*.png")}
+    assert logged == {"depth_profile", "max_share_heatmap"}
