@@ -54,8 +54,10 @@ def wandb_runs(path: str):
                         "local multirun folder as sweep=<dir>") from None
     if not found:
         raise UserError(f"W&B group {path} has no runs; check the group name (the multirun folder's name)")
+    from common.progress import progress
+
     runs = []
-    for item in found:
+    for item in progress(found, f"reading W&B group {path}", unit="run"):  # one history download per run
         history = [dict(row) for row in item.scan_history()]
         records = records_from_history(history)
         if records:

@@ -109,6 +109,7 @@ def test_seed_direction_study_pairs_the_weight_seeds_and_reports_angles_against_
         assert float(row["token_angle_null"]) == pytest.approx(random_subspace_angle(31, 4))  # T = 32 tokens
         assert float(row["key_angle_null"]) == pytest.approx(random_subspace_angle(32, 4))  # 2 heads x 16 dims
     assert (out / "seed_direction.png").stat().st_size
+    assert "direction no verdict, too few pairs (2; need >= 3)" in (out / "summary.md").read_text()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -194,6 +194,13 @@ def test_metric_study_states_lower_stratification_and_concentration_and_the_loss
     assert "a loss cost" in text
 
 
+def test_the_metric_study_gives_no_direction_with_two_seeds_per_arm(tmp_path):
+    runs = [run for run in find_runs(metric_sweep(tmp_path)) if run.get("seed") != 2]
+    result = metric_study(runs)
+    assert all(c["direction"].startswith("too few seeds (2 and 2 runs") for c in result["comparisons"])
+    assert "No verdict: too few seeds" in statement(result) and "Removes both" not in statement(result)
+
+
 def test_wandb_history_rows_rebuild_the_monitor_records():
     from collapse import signature
     from routers.routing import Routing, RoutingLayer, causal_mask
