@@ -89,11 +89,12 @@ def group(experiment: str | None, sweep_dir: Path) -> str:
 
 def tags(router: dict, choices: dict, extra=()) -> list[str]:
     """``experiment:``, ``router:`` (the shape chosen), ``family:`` (the router class), ``position:``,
-    ``score:`` and ``data:`` tags, where they apply, then the user's ``tags=[...]``. ``router``: the run's
+    ``score:``, ``data:`` and ``regime:`` tags, where they apply, then the user's ``tags=[...]``. ``router``: the run's
     router config; ``choices``: Hydra's config-group choices."""
     found = {"experiment": choices.get("experiment"), "router": choices.get("router"),
              "family": str(router.get("_target_", "")).rsplit(".", 1)[-1].lower() or None,
-             "position": router.get("position"), "score": router.get("score"), "data": choices.get("data")}
+             "position": router.get("position"), "score": router.get("score"), "data": choices.get("data"),
+             "regime": choices.get("regime")}
     return [f"{k}:{v}" for k, v in found.items() if v] + [str(t) for t in extra]
 
 

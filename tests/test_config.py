@@ -100,7 +100,7 @@ def test_wandb_runs_are_named_by_the_swept_values_grouped_by_experiment_and_date
     assert first["group"] == second["group"] == "brake_ordering_2026-11-28_10-00-31"
     assert first["job_type"] == "train"
     assert first["tags"] == ["experiment:brake_ordering", "router:pythia", "family:transformer", "position:nope",
-                             "score:dot", "data:shakespeare", "pilot"]
+                             "score:dot", "data:repeat", "regime:laptop", "pilot"]
     assert first["id"] != second["id"] and len(first["id"]) == 16
     again = build_loggers(cfg.logger, sweep / "1", cfg)[0]._wandb_init
     assert again["id"] == second["id"]  # stable per run dir: a re-sync updates the run
