@@ -238,12 +238,19 @@ def _sweep_table(cfg, runs, out: Path):
     name = run_names.sweep_group(Path(cfg.sweep)) if Path(cfg.sweep).is_dir() else str(cfg.sweep)
     image = _save(curves_figure(series, f"{name}: collapse over training", cfg.threshold),
                   out / "collapse_over_training.png")
-    panels = [(run_names.label([(a, run.get(a)) for a in axes]) or run.name, run.records) for run in runs[:HEATMAP_RUNS]]
+    panels = [(_panel_label(run, axes), run.records) for run in runs[:HEATMAP_RUNS]]
     heatmaps = _save(figures.max_share_heatmaps(panels, cfg.threshold, f"{name}: max share by layer and step"
                                                 + (f" (first {HEATMAP_RUNS} runs)" if len(runs) > HEATMAP_RUNS else "")),
                      out / "max_share_heatmaps.png")
     print(f"sweep table: {out / 'sweep.md'}")
     return {"sweep": rows}, [image, heatmaps]
+
+
+def _panel_label(run, axes: list[str]) -> str:
+    """The run's swept values (``nope·s0``); its folder name when the runs differ in too many keys for that
+    to read (a hand-made folder of unrelated runs)."""
+    label = run_names.label([(a, run.get(a)) for a in axes])
+    return label if label and len(label) <= 40 else run.name
 
 
 def _percent(fraction) -> float:

@@ -252,7 +252,7 @@ def max_share_heatmaps(panels: list[tuple[str, list[dict]]], threshold: float = 
         onset = next((j for j, col in enumerate(grid) if any(v > threshold for v in col)), None)
         where = "no onset" if onset is None else f"onset first at step {steps[onset]}"
         ax.set_title(f"{label}\n{where}", fontsize=8)
-        ticks = list(range(0, len(steps), max(1, len(steps) // 6)))
+        ticks = list(range(0, len(steps), max(1, math.ceil(len(steps) / 5))))  # at most 5 labels: no overprint
         ax.set_xticks(ticks, [str(steps[j]) for j in ticks])
         ax.set(xlabel="training step", ylabel="layer")
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
