@@ -3,7 +3,7 @@
 Families (paper Table 1 and Section 5), each giving the same record as our own routers:
 
 * GPT-2 (``gpt2``): post-softmax attention read from the forward pass (eager attention: SDPA silently
-  returns no weights, PITFALLS.md), keys = the K slice of ``c_attn`` with its bias, recomputed from each
+  returns no weights, docs/decisions.md), keys = the K slice of ``c_attn`` with its bias, recomputed from each
   block's input hidden state (``output_hidden_states``) rather than captured with hooks.
 * GPT-NeoX / Pythia (``gpt_neox``): the weights copied into our ``routers.transformer.Transformer``
   (``from_hf``), whose explicit-softmax path gives attention and keys pre- and post-rotary.
@@ -46,43 +46,15 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     return name, revision or None
 
 
-class GPT2Router(nn.Module):
-    """A ``GPT2LMHeadModel`` that returns our routing record; weights are not copied, the model is wrapped."""
+class _WrappedDecoder(nn.Module):
+    """A Hugging Face causal LM that returns our routing record; the model is wrapped, not copied.
 
-    def __init__(self, model: nn.Module):
+    One forward pass with eager attention weights and every block's input hidden state; subclasses turn
+    those into routing layers (:meth:`routing_layers`)."""
+
+    def __init__(self, model: nn.Module, context_length: int, blocks: nn.ModuleList):
         super().__init__()
-        self.model = model
-        self.context_length = model.config.n_positions
-
-    def forward(self, tokens: Tensor, return_routing: bool = False):
-        if tokens.shape[-1] > self.context_length:
-            raise UserError(f"sequence length {tokens.shape[-1]} exceeds GPT-2's {self.context_length} positions; "
-                            "use a shorter probe_length")
-        out = self.model(tokens, output_attentions=return_routing, output_hidden_states=return_routing)
-        if not return_routing:
-            return out.logits
-        blocks = self.model.transformer.h
-        if len(out.attentions or ()) != len(blocks):
-            raise UserError("GPT-2 returned no attention weights; load it with attn_implementation='eager'")
-        B, T = tokens.shape
-        n_head, d_model = self.model.config.n_head, self.model.config.n_embd
-        layers = []
-        for i, block in enumerate(blocks):
-            # hidden_states[i] is block i's input; c_attn = [q | k | v] over d_model each, heads contiguous.
-            keys = block.attn.c_attn(block.ln_1(out.hidden_states[i]))[..., d_model:2 * d_model]
-            keys = keys.view(B, T, n_head, d_model // n_head).transpose(1, 2)
-            layers.append(RoutingLayer(keys=keys, weights=out.attentions[i], mask=causal_mask(T, tokens.device),
-                                       name=f"L{i}"))
-        return out.logits, Routing(layers=layers, axis="token")
-
-
-class DecoderRouter(nn.Module):
-    """A Llama-family ``*ForCausalLM`` that returns our routing record; the model is wrapped, not copied."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-        self.context_length = model.config.max_position_embeddings
+        self.model, self.context_length, self.blocks = model, context_length, blocks
 
     def forward(self, tokens: Tensor, return_routing: bool = False):
         if tokens.shape[-1] > self.context_length:
@@ -91,15 +63,47 @@ class DecoderRouter(nn.Module):
         out = self.model(tokens, output_attentions=return_routing, output_hidden_states=return_routing)
         if not return_routing:
             return out.logits
-        decoder = self.model.model
-        if len(out.attentions or ()) != len(decoder.layers):
+        if len(out.attentions or ()) != len(self.blocks):
             raise UserError(f"{self.model.config.model_type} returned no attention weights; load it with "
                             "attn_implementation='eager'")
+        return out.logits, Routing(layers=self.routing_layers(out, tokens), axis="token")
+
+    def routing_layers(self, out, tokens: Tensor) -> list[RoutingLayer]:
+        raise NotImplementedError
+
+
+class GPT2Router(_WrappedDecoder):
+    """GPT-2: keys are the K slice of ``c_attn`` (with its bias) applied to each block's normalised input."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model, model.config.n_positions, model.transformer.h)
+
+    def routing_layers(self, out, tokens: Tensor) -> list[RoutingLayer]:
+        B, T = tokens.shape
+        n_head, d_model = self.model.config.n_head, self.model.config.n_embd
+        layers = []
+        for i, block in enumerate(self.blocks):
+            # hidden_states[i] is block i's input; c_attn = [q | k | v] over d_model each, heads contiguous.
+            keys = block.attn.c_attn(block.ln_1(out.hidden_states[i]))[..., d_model:2 * d_model]
+            keys = keys.view(B, T, n_head, d_model // n_head).transpose(1, 2)
+            layers.append(RoutingLayer(keys=keys, weights=out.attentions[i], mask=causal_mask(T, tokens.device),
+                                       name=f"L{i}"))
+        return layers
+
+
+class DecoderRouter(_WrappedDecoder):
+    """Llama-family decoders: pre-rotary keys from each family's own projection (and norms), rotated with
+    the family's own rotary function; one key per key head under grouped-query attention."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__(model, model.config.max_position_embeddings, model.model.layers)
+
+    def routing_layers(self, out, tokens: Tensor) -> list[RoutingLayer]:
         T = tokens.shape[-1]
         positions = torch.arange(T, device=tokens.device)[None]
-        cos, sin = decoder.rotary_emb(out.hidden_states[0], positions)
+        cos, sin = self.model.model.rotary_emb(out.hidden_states[0], positions)
         layers = []
-        for i, layer in enumerate(decoder.layers):
+        for i, layer in enumerate(self.blocks):
             attention = layer.self_attn
             # hidden_states[i] is layer i's input; OLMo-2 normalises after its sublayers, so its attention reads
             # the residual stream as it is. Each family's module carries its own rotary function.
@@ -108,7 +112,7 @@ class DecoderRouter(nn.Module):
             _, rotated = sys.modules[type(attention).__module__].apply_rotary_pos_emb(content, content, cos, sin)
             layers.append(RoutingLayer(keys=rotated, content_keys=content, weights=out.attentions[i],
                                        mask=causal_mask(T, tokens.device), name=f"L{i}"))
-        return out.logits, Routing(layers=layers, axis="token")
+        return layers
 
 
 def _content_keys(attention: nn.Module, x: Tensor) -> Tensor:
