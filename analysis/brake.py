@@ -3,7 +3,7 @@
 Every position scheme is a brake on the content attractor: NoPE none, RoPE weak, ALiBi (-m|i-j|, RWKV's
 decay x gap) strong. Predicted: onset depth NoPE < RoPE < ALiBi, and strength (peak max share, area of the
 profile above the causal-uniform baseline) in the reverse order; along training, NoPE crosses onset first.
-Small runs may never reach the 0.20 threshold (METHODS.md section 7), so the verdict rests on each
+Small runs may never reach the 0.20 threshold (docs/decisions.md), so the verdict rests on each
 statistic separately, with the threshold-free ones beside onset. Within one scheme, the ALiBi slope scale
 is a continuous brake: onset should move later and the peak fall as the scale grows (a trend, Spearman).
 

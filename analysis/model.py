@@ -63,7 +63,7 @@ def measure(router: nn.Module, probe: TokenProbe, ranks=(1, 4, 8), batch_size: i
 
 def probe_from_corpus(corpus: str, tokenizer, sequences: int, length: int, path: str | None = None) -> TokenProbe:
     """The first ``sequences`` non-overlapping ``length``-token windows of a corpus's validation text
-    (METHODS.md Ambiguity 4: WikiText-103 validation, lines joined, tokenised per model)."""
+    (WikiText-103 validation for the paper's numbers: lines joined, tokenised per model; docs/decisions.md)."""
     from datamodules.corpora import default_cache_dir, documents
     from datamodules.lm import windows
 

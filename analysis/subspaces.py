@@ -1,4 +1,4 @@
-"""Direction versus geometry of two routers on the same probe (paper appendix C.6, METHODS.md Ambiguity 13).
+"""Direction versus geometry of two routers on the same probe (paper appendix C.6; docs/decisions.md).
 
 Two angles between the attractor subspaces of a layer, each with its chance level:
 
