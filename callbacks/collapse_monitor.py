@@ -88,6 +88,7 @@ class CollapseMonitor(pl.Callback):
         self.measured_steps: set[int] = set()
         self.onset_step: int | None = None  # first measured step whose depth profile crossed onset
         self._loss_sum, self._loss_count = 0.0, 0  # training loss since the last measurement
+        self._pending = None  # (sum, count) tensors not yet folded into the floats above
         self._val_loss: float | None = None  # the latest validation loss (kept in checkpoints, like the sums)
 
     def run_dir(self, trainer: pl.Trainer) -> Path:
@@ -109,10 +110,12 @@ class CollapseMonitor(pl.Callback):
 
     def state_dict(self) -> dict:
         # In every checkpoint, so a resumed run's records equal an uninterrupted run's.
+        self._flush()
         return {"loss_sum": self._loss_sum, "loss_count": self._loss_count, "val_loss": self._val_loss}
 
     def load_state_dict(self, state: dict) -> None:
         self._loss_sum, self._loss_count = state["loss_sum"], state["loss_count"]
+        self._pending = None
         self._val_loss = state["val_loss"]
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -120,11 +123,20 @@ class CollapseMonitor(pl.Callback):
         if trainer.global_step % self.every_n_steps == 0:
             self._measure(trainer, pl_module)
 
+    def _flush(self) -> None:
+        if self._pending is not None:
+            total, count = self._pending
+            self._loss_sum += float(total)
+            self._loss_count += int(count)
+            self._pending = None
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if loss is not None and bool(torch.isfinite(loss)):
-            self._loss_sum += float(loss)
-            self._loss_count += 1
+        if loss is not None:
+            # Summed on the loss's device: no host sync per step; folded into floats when read (_flush).
+            finite = torch.isfinite(loss.detach())
+            total, count = self._pending or (0, 0)
+            self._pending = (total + torch.where(finite, loss.detach(), 0.0), count + finite.long())
         if trainer.global_step % self.every_n_steps == 0:
             self._measure(trainer, pl_module)
 
@@ -142,6 +154,7 @@ class CollapseMonitor(pl.Callback):
         step = trainer.global_step
         # Mean training loss since the previous measurement: what the studies match arms on. Reset at every
         # measured step, also one a resumed run finds already measured, so the next mean covers the same steps.
+        self._flush()
         train_loss = self._loss_sum / self._loss_count if self._loss_count else math.nan
         self._loss_sum, self._loss_count = 0.0, 0
         if not trainer.is_global_zero or step in self.measured_steps:
