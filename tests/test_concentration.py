@@ -113,3 +113,18 @@ def test_one_pass_variants_equal_the_separate_definitions():
     torch.testing.assert_close(plain, max_share(weights, mask))
     torch.testing.assert_close(exposed, max_share(weights, mask, exposure=True))
     torch.testing.assert_close(ex0, max_share(weights[..., 1:], mask[..., 1:]))
+
+
+def test_sink_is_the_source_with_the_largest_column_sum_and_causal_uniform_tops_source_0():
+    from collapse.concentration import causal_uniform_share, concentration_pass
+
+    weights = torch.full((2, 3, 4, 4), 0.25)
+    weights[0, 1, :, 2] = 1.0  # unit 1 of sequence 0 routes everything extra to source 2
+    plain, _, _, sink = concentration_pass(weights)
+    assert sink.tolist() == [[0, 2, 0], [0, 0, 0]] and plain[0, 1] == pytest.approx(4 / 7)  # columns 1, 1, 4, 1
+    n = 8
+    causal = torch.tril(torch.ones(n, n)) / torch.arange(1, n + 1)[:, None]  # each query uniform over its past
+    mask = torch.tril(torch.ones(n, n, dtype=torch.bool))
+    plain, exposed, _, sink = concentration_pass(causal[None, None], mask)
+    assert sink.item() == 0 and plain.item() == pytest.approx(causal_uniform_share(n))  # H_n / n
+    assert exposed.item() == pytest.approx(1 / n)
