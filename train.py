@@ -6,7 +6,6 @@
 """
 import logging
 import sys
-from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
@@ -15,7 +14,7 @@ from omegaconf import DictConfig
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     from common.errors import UserError  # heavy imports only after Hydra has parsed the command line
-    from tasks.runner import in_multirun
+    from run import in_multirun
 
     # A failed job of a sweep returns normally, so Hydra runs the other jobs: its FAILED file and the sweep's
     # closing summary (common.hydra_callback) report it. A single run exits 2 on bad input.
@@ -33,10 +32,10 @@ def main(cfg: DictConfig) -> None:
 
 def train(cfg: DictConfig) -> None:
     from callbacks.checkpointing import Preempted, requeue
-    from tasks import runner
+    from run import prepare_run_dir, record_failure, report, run_dir
 
-    out = runner.run_dir()
-    runner.prepare_run_dir(out)
+    out = run_dir()  # the one source of the run directory; everything below is handed it
+    prepare_run_dir(out)
     trainer = None
     try:
         trainer, task, datamodule, loggers, ckpt_path = setup(cfg, out)
@@ -46,44 +45,41 @@ def train(cfg: DictConfig) -> None:
         print(requeue(trainer.checkpoint_callback, p), file=sys.stderr)  # under submitit, this exits
         sys.exit(128 + p.signum)  # what a shell reports for a process ended by that signal
     except BaseException as e:
-        runner.record_failure(out, e, None if trainer is None else trainer.global_step)
+        record_failure(out, e, None if trainer is None else trainer.global_step)
         raise
     if trainer.is_global_zero:
-        runner.report(out, print_table=cfg.print_table)
+        report(out, print_table=cfg.print_table)
 
 
 def setup(cfg: DictConfig, out):
     import lightning.pytorch as pl
     import torch
 
-    from tasks import runner
+    import run
 
-    runner.print_config(cfg)
-    runner.check_training_length(cfg.trainer)
+    run.print_config(cfg)
+    run.check_training_length(cfg.trainer)
     if cfg.threads:  # e.g. threads=1 on a shared machine, where OpenMP threads thrash on tiny ops
         torch.set_num_threads(cfg.threads)
     pl.seed_everything(cfg.seed, workers=True, verbose=False)  # weights; data order follows data_seed alone
-    datamodule = runner.build(cfg.data)
+    datamodule = run.build(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model = runner.build(cfg.router, **datamodule.model_kwargs())
-    runner.check_compatible(model, datamodule)
-    task = runner.build(cfg.task, model=model, config=runner.plain(cfg))
-    loggers = runner.build_loggers(cfg.logger, out, cfg)
-    callbacks = [runner.build(c) for c in cfg.callbacks.values()] + runner.builtin_callbacks(cfg.trainer)
-    trainer = runner.build(cfg.trainer, logger=loggers, callbacks=callbacks)
-    ckpt_path = runner.resolve_checkpoint(cfg.ckpt_path, checkpoint_folder(trainer, out), task)
+    model = run.build(cfg.router, **datamodule.model_kwargs())
+    run.check_compatible(model, datamodule)
+    task = run.build(cfg.task, model=model, config=run.plain(cfg))
+    loggers = run.build_loggers(cfg.logger, out, cfg)
+    callbacks = [run.build(c) for c in cfg.callbacks.values()] + run.builtin_callbacks(cfg.trainer)
+    # The monitor writes its records under default_root_dir: the run directory, not a config key of its own.
+    trainer = run.build(cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=str(out))
+    ckpt_path = run.resolve_checkpoint(cfg.ckpt_path, run.checkpoint_folder(trainer, out), task)
     return trainer, task, datamodule, loggers, ckpt_path
-
-
-def checkpoint_folder(trainer, out) -> Path:
-    return Path(getattr(trainer.checkpoint_callback, "dirpath", None) or out / "checkpoints")
 
 
 def fit(trainer, task, datamodule, loggers: list, ckpt_path, out) -> None:
     from callbacks.checkpointing import Preempted
     from callbacks.nonfinite import NonFiniteGuard
-    from tasks import runner
+    from run import check_finite, checkpoint_folder, finish_loggers
 
     status = "failed"
     try:
@@ -91,13 +87,13 @@ def fit(trainer, task, datamodule, loggers: list, ckpt_path, out) -> None:
         guard = next((c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)), None)
         loss_step = getattr(task, "nonfinite_step", None)
         failure = guard.failure if guard else (None if loss_step is None else (loss_step, "loss"))
-        runner.check_finite(out, failure, checkpoint_folder(trainer, out))
+        check_finite(out, failure, checkpoint_folder(trainer, out))
         status = "success"
     except Preempted:
         status = "preempted"
         raise
     finally:
-        runner.finish_loggers(loggers, status)  # W&B would otherwise record a crashed job as finished
+        finish_loggers(loggers, status)  # W&B would otherwise record a crashed job as finished
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from analysis.runs import (SEED_KEYS, checkpoint_path, factors, failed_jobs, fin
 from analysis.tables import markdown, number, onset_step, run_statistics, table1_row, write_csv
 from common import atomic, run_names
 from common.errors import UserError
+from records import max_share_heatmaps
 
 HEATMAP_RUNS = 8  # panels of the sweep's layer x step figure
 STUDIES = ("seed_direction", "brake_ordering", "alibi_slope", "metric")
@@ -239,8 +240,8 @@ def _sweep_table(cfg, runs, out: Path):
     image = _save(curves_figure(series, f"{name}: collapse over training", cfg.threshold),
                   out / "collapse_over_training.png")
     panels = [(_panel_label(run, axes), run.records) for run in runs[:HEATMAP_RUNS]]
-    heatmaps = _save(figures.max_share_heatmaps(panels, cfg.threshold, f"{name}: max share by layer and step"
-                                                + (f" (first {HEATMAP_RUNS} runs)" if len(runs) > HEATMAP_RUNS else "")),
+    heatmaps = _save(max_share_heatmaps(panels, cfg.threshold, f"{name}: max share by layer and step"
+                                        + (f" (first {HEATMAP_RUNS} runs)" if len(runs) > HEATMAP_RUNS else "")),
                      out / "max_share_heatmaps.png")
     print(f"sweep table: {out / 'sweep.md'}")
     return {"sweep": rows}, [image, heatmaps]

@@ -1,6 +1,6 @@
 """Post-hoc signature of one model (our checkpoint or a Hugging Face one) on a probe, and its report files.
 
-The measurement is the monitor's own (``callbacks.collapse_monitor.measure_signature``), so a post-hoc
+The measurement is the monitor's own (``records.measure.measure_signature``), so a post-hoc
 number equals the number logged during training on the same probe. Reports go to one folder:
 
     signature.json   the full record (per layer, per head, summary), as a collapse.jsonl line
@@ -51,7 +51,7 @@ class _WithProgress:
 
 def measure(router: nn.Module, probe: TokenProbe, ranks=(1, 4, 8), batch_size: int = 16, threshold: float = 0.2,
             completion: float = 0.5, name: str = "model"):
-    from callbacks.collapse_monitor import measure_signature
+    from records.measure import measure_signature
 
     limit = getattr(router, "context_length", None)
     if limit is not None and probe.tokens.shape[1] > limit:

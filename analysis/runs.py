@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from callbacks.checkpointing import newest_loadable
-from callbacks.collapse_monitor import JSONL, read_records
 from common.errors import UserError
 from common.failed import FAILED, read_failure
+from records import JSONL, read_records
 
 # Config keys that name where a run lives or how it resumes, not what was trained: never an arm's identity.
 _NOT_A_FACTOR = ("ckpt_path", "print_table", "hydra", "logger", "callbacks.checkpoint.dirpath",

@@ -2,7 +2,7 @@
 
 Onset and completion are recomputed from each record's per-layer max-share curve at the caller's
 thresholds (``threshold=`` knob, the paper's 0.20 / 0.50 by default), so a study can move the threshold
-without re-measuring. "never" is NaN in numbers and "never" in text (METHODS.md Ambiguity 14).
+without re-measuring. "never" is NaN in numbers and "never" in text.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 
 from collapse import completion_layer, onset_layer
 from common import atomic
+from records import ve_keys
 
 
 def number(value) -> float:
@@ -46,8 +47,7 @@ def run_statistics(record: dict, threshold: float = 0.2, completion: float = 0.5
         "max_share": number(summary.get("max_share")),
         "baseline": _depth_mean(record["layers"], "baseline"),  # the causal-uniform max share
     }
-    for key in ("norm_cv", "norm_cv_min", "norm_cv_gauss", f"ve@{rank}", f"ve@{rank}_post", f"ve@{rank}_shuffle",
-                f"ve@{rank}_gauss", f"content@{rank}", f"marginal@{rank}", "ve@1", "ve@1_post",
+    for key in ("norm_cv", "norm_cv_min", "norm_cv_gauss", *ve_keys(rank).values(), "ve@1", "ve@1_post",
                 "r_cv_share", "r_cv_share_p"):
         stats[key] = number(summary.get(key))
     return stats
@@ -76,11 +76,11 @@ def depth_label(layer: float, n_layers: int) -> str:
 
 def table1_row(name: str, record: dict, threshold: float = 0.2, completion: float = 0.5, rank: int = 8) -> dict:
     """The paper's Table 1 / 4 columns for one measured model (depth means; min = smallest layer norm-CV)."""
-    s = run_statistics(record, threshold, completion, rank)
+    s, ve = run_statistics(record, threshold, completion, rank), ve_keys(rank)
     d_h = record["layers"][0].get("dim")
     return {"model": name, "L": s["n_layers"], "d_h": d_h, "norm-CV": s["norm_cv"], "min": s["norm_cv_min"],
-            f"VE@{rank}": s[f"ve@{rank}"], f"VE@{rank} post": s[f"ve@{rank}_post"], "shuf": s[f"ve@{rank}_shuffle"],
-            "Gauss": s[f"ve@{rank}_gauss"], "cont": s[f"content@{rank}"], "marg": s[f"marginal@{rank}"],
+            f"VE@{rank}": s[ve["ve"]], f"VE@{rank} post": s[ve["post"]], "shuf": s[ve["shuffle"]],
+            "Gauss": s[ve["gauss"]], "cont": s[ve["content"]], "marg": s[ve["marginal"]],
             "onset": depth_label(s["onset_layer"], s["n_layers"]),
             "L*": depth_label(s["completion_layer"], s["n_layers"]),
             "peak": s["peak_max_share"], "peak at": depth_label(s["peak_layer"], s["n_layers"]),

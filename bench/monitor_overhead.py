@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks.runner import compose_run  # noqa: E402  (in-process Hydra composition)
+from run import compose_run  # noqa: E402  (in-process Hydra composition)
 
 
 def timed_run(out: Path, steps: int, monitor: bool, overrides: list[str]) -> float:

@@ -1,7 +1,10 @@
-"""Measure the collapse signature on a fixed probe set while a router trains."""
+"""Measure the collapse signature on a fixed probe set while a router trains.
+
+The record it writes, and how that is read, tabulated and drawn, live in ``records``; this is the Lightning
+glue that decides when to measure and where to log.
+"""
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -11,59 +14,14 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import WandbLogger
 
-from collapse import SignatureAccumulator
 from common import atomic
 from common.errors import UserError
 from common.run_names import run_label
+from records import (HEATMAP_PNG, PROFILE_PNG, append_record, new_record, progress_line, read_records,
+                     save_run_figures, skipped_record)
+from records.measure import measure_signature
 
 log = logging.getLogger(__name__)
-
-JSONL = "collapse.jsonl"
-PROFILE_PNG = "collapse_profile.png"
-HEATMAP_PNG = "max_share_heatmap.png"
-
-
-def read_records(run_dir: str | Path, skipped: bool = False, repair: bool = False) -> list[dict]:
-    """The monitor's measurements of a run, in step order (empty if none were written). A line torn by a kill
-    is dropped with a warning (``repair``: also cut from the file). ``skipped``: also the steps whose
-    measurement was skipped because the weights were not finite (``{"step": s, "skipped": reason}``)."""
-    records = [json.loads(line) for line in atomic.read_lines(Path(run_dir) / JSONL, repair=repair) if line.strip()]
-    return records if skipped else [r for r in records if "skipped" not in r]
-
-
-@torch.no_grad()
-def measure_signature(module, probe, ranks=(1, 4, 8), batch_size: int = 50, onset_threshold: float = 0.2,
-                      completion_threshold: float = 0.5):
-    """The signature of ``module.probe_routing`` on ``probe``, in eval mode, micro-batched; the module's
-    train/eval mode is restored afterwards."""
-    was_training = module.training
-    module.eval()
-    try:
-        accumulator = SignatureAccumulator(ranks=tuple(ranks))
-        for inputs, shuffled in probe.batches(batch_size):
-            routing = module.probe_routing(inputs)
-            null = module.probe_routing(shuffled) if shuffled is not None else None
-            accumulator.update(routing, null)
-        return accumulator.compute(onset_threshold=onset_threshold, completion_threshold=completion_threshold)
-    finally:
-        module.train(was_training)
-
-
-def progress_line(record: dict) -> str:
-    """One line per measurement, readable in a redirected log: step, losses, peak concentration, onset."""
-    s = record["summary"]
-
-    def num(value, digits=3):
-        return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
-
-    peak = "-" if s.get("peak_layer") is None else (
-        f"{num(s.get('peak_max_share'))} at L{s['peak_layer']}"
-        + ("" if s.get("peak_sink_source") is None else f" (source {s['peak_sink_source']})"))
-    onset = "never" if s.get("onset_layer") is None else f"L{s['onset_layer']}"
-    return (f"collapse step {record['step']}: train loss {num(record.get('train_loss'))}, val loss "
-            f"{num(record.get('val_loss'))}, peak max share {peak}, onset {onset}"
-            + ("" if s.get("onset_step") is None else f" (first at step {s['onset_step']})")
-            + f" [{record['seconds']:.1f}s]")
 
 
 class CollapseMonitor(pl.Callback):
@@ -92,6 +50,7 @@ class CollapseMonitor(pl.Callback):
         self._val_loss: float | None = None  # the latest validation loss (kept in checkpoints, like the sums)
 
     def run_dir(self, trainer: pl.Trainer) -> Path:
+        # train.py gives the trainer the run directory (run.run_dir()), so the records land beside the config.
         return Path(trainer.default_root_dir)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -161,7 +120,7 @@ class CollapseMonitor(pl.Callback):
             return
         if not all(bool(torch.isfinite(p).all()) for p in pl_module.parameters()):
             log.warning(f"collapse step {step}: weights are not finite, measurement skipped")
-            self._append(trainer, {"step": step, "skipped": "non-finite weights"})
+            self._append(trainer, skipped_record(step, "non-finite weights"))
             return
         start = time.perf_counter()
         signature = measure_signature(pl_module, trainer.datamodule.probe, self.ranks, self.probe_batch_size,
@@ -170,9 +129,7 @@ class CollapseMonitor(pl.Callback):
         if self.onset_step is None and signature.summary["onset_layer"] is not None:
             self.onset_step = step
         signature.summary["onset_step"] = self.onset_step
-        record = {"step": step, "epoch": trainer.current_epoch, "seconds": seconds,
-                  "train_loss": None if math.isnan(train_loss) else train_loss,
-                  "val_loss": self._val_loss, **signature.to_dict()}
+        record = new_record(step, trainer.current_epoch, seconds, train_loss, self._val_loss, signature)
         metrics = {**signature.flat(), "collapse/seconds": seconds}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
@@ -182,26 +139,17 @@ class CollapseMonitor(pl.Callback):
         log.info(progress_line(record))
 
     def _append(self, trainer: pl.Trainer, record: dict) -> None:
-        atomic.append_lines(self.run_dir(trainer) / JSONL, [json.dumps(record)])
+        append_record(self.run_dir(trainer), record)
         self.measured_steps.add(record["step"])
 
     def _plot(self, trainer: pl.Trainer) -> None:
-        import matplotlib.pyplot as plt
-
-        from analysis.figures import max_share_heatmaps  # matplotlib only when a plot is drawn
-        from analysis.plots import depth_profile_figure
-
         run_dir = self.run_dir(trainer)
         records = read_records(run_dir)
         if not records:
             return
         name = run_label(run_dir)  # the arm, as W&B names the run (nope·s0), not the job number
-        figures = {PROFILE_PNG: depth_profile_figure(records, threshold=self.onset_threshold, title=name),
-                   HEATMAP_PNG: max_share_heatmaps([(name, records)], self.onset_threshold)}
-        for filename, figure in figures.items():
-            atomic.save_figure(figure, run_dir / filename, dpi=120)
-            plt.close(figure)
+        paths = save_run_figures(run_dir, records, self.onset_threshold, name)
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_image(key="collapse/depth_profile", images=[str(run_dir / PROFILE_PNG)])
-                logger.log_image(key="collapse/max_share_heatmap", images=[str(run_dir / HEATMAP_PNG)])
+                logger.log_image(key="collapse/depth_profile", images=[str(paths[PROFILE_PNG])])
+                logger.log_image(key="collapse/max_share_heatmap", images=[str(paths[HEATMAP_PNG])])

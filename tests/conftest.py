@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from tasks.runner import CONF, compose_run as compose_train  # noqa: F401  (tests compose in-process)
+from run import CONF, compose_run as compose_train  # noqa: F401  (tests compose in-process)
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")

@@ -73,7 +73,7 @@ def test_wandb_runs_are_named_by_the_swept_values_grouped_by_experiment_and_date
     from hydra.types import RunMode
     from omegaconf import OmegaConf, open_dict
 
-    from tasks.runner import build_loggers
+    from run import build_loggers
 
     sweep = tmp_path / "multirun" / "2026-11-28" / "10-00-31"
     sweep.mkdir(parents=True)  # what Hydra records at the start of `train.py -m experiment=brake_ordering ...`
@@ -107,7 +107,7 @@ def test_wandb_runs_are_named_by_the_swept_values_grouped_by_experiment_and_date
 
 
 def test_a_single_run_is_named_by_its_overrides_less_housekeeping(tmp_path):
-    from tasks.runner import build_loggers
+    from run import build_loggers
 
     cfg = compose_run(tmp_path / "10-00-31", ["router/position=alibi", "seed=3", "threads=1", "trainer.max_steps=500"])
     init = build_loggers(cfg.logger, tmp_path / "10-00-31", cfg)[0]._wandb_init

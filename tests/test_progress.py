@@ -31,7 +31,7 @@ def test_a_run_shorter_than_the_validation_interval_validates_at_its_last_step(t
     out, _ = tiny_run("trainer.max_steps=7", "trainer.val_check_interval=200")
     rows = [r for r in csv.DictReader(open(out / "csv" / "metrics.csv")) if r.get("val/loss")]
     assert len(rows) == 1 and int(rows[0]["step"]) in (6, 7)  # Lightning logs it at the last step's index
-    from callbacks.collapse_monitor import read_records
+    from records import read_records
 
     assert read_records(out)[-1]["step"] == 7 and read_records(out)[-1]["val_loss"] is not None
 

@@ -111,7 +111,7 @@ def _train_in_child(out: str, overrides: list[str], cache: str, kill: tuple[str,
         _arm(*kill)
     import train
     from common.errors import UserError
-    from tasks.runner import compose_run
+    from run import compose_run
 
     try:
         train.train(compose_run(Path(out), SMALL + overrides))
@@ -129,7 +129,7 @@ def cache(tmp_path_factory) -> str:
 def forked(cache):
     """``run(out, *overrides, kill=None) -> exit code`` of a training process forked from a warm forkserver."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["train", "tasks.runner", "tests.test_reliability"])
+    context.set_forkserver_preload(["train", "run", "tests.test_reliability"])
 
     def run(out: Path, *overrides: str, kill: tuple[str, int] | None = None, wait: bool = True):
         process = context.Process(target=_train_in_child, args=(str(out), list(overrides), cache, kill))
@@ -154,7 +154,7 @@ def reference(forked, tmp_path_factory):
 def train_here(tmp_path, cache, monkeypatch):
     """Train in this process (no kill needed): ``run(*overrides, name="run") -> run dir``."""
     import train
-    from tasks.runner import compose_run
+    from run import compose_run
 
     monkeypatch.setenv("ROUTECOLLAPSE_DATA", cache)
 
@@ -281,7 +281,7 @@ def test_a_torn_last_jsonl_line_is_dropped_with_a_warning_and_cut_on_resume(refe
     import shutil
 
     from analysis.runs import read_run
-    from callbacks.collapse_monitor import read_records
+    from records import read_records
 
     out = tmp_path / "run"
     shutil.copytree(reference, out)
@@ -401,7 +401,8 @@ def test_non_finite_training_stops_with_a_message_and_is_recorded_as_failed(trai
 def test_the_monitor_records_a_skipped_measurement_instead_of_measuring_non_finite_weights(tmp_path, caplog):
     from types import SimpleNamespace
 
-    from callbacks.collapse_monitor import CollapseMonitor, read_records
+    from callbacks.collapse_monitor import CollapseMonitor
+    from records import read_records
 
     monitor = CollapseMonitor(every_n_steps=4)
     trainer = SimpleNamespace(global_step=8, is_global_zero=True, default_root_dir=str(tmp_path), loggers=[])

@@ -205,7 +205,7 @@ def test_content_recency_reads_late_queries_only():
 def test_configs_compose_to_the_default_169m_shape_and_the_nine_point_sweep(tmp_path):
     from omegaconf import OmegaConf
 
-    from tasks.runner import compose_run
+    from run import compose_run
 
     cfg = compose_run(tmp_path, ["router=rwkv_169m"])
     assert (cfg.router.n_layer, cfg.router.d_model, cfg.router.d_ffn) == (12, 768, 3072)
@@ -217,7 +217,7 @@ def test_configs_compose_to_the_default_169m_shape_and_the_nine_point_sweep(tmp_
 
 def test_train_py_trains_rwkv_and_the_monitor_logs_its_signature(tmp_path, monkeypatch):
     import train
-    from tasks.runner import compose_run
+    from run import compose_run
 
     monkeypatch.setenv("ROUTECOLLAPSE_DATA", str(tmp_path / "cache"))
     cfg = compose_run(tmp_path / "run", [

@@ -165,7 +165,7 @@ def test_freezing_a_single_sequence_is_refused():
 
 
 def test_configs_compose_to_the_default_and_130m_shapes(tmp_path):
-    from tasks.runner import compose_run
+    from run import compose_run
 
     cfg = compose_run(tmp_path, ["router=mamba_130m"])
     assert (cfg.router.n_layer, cfg.router.d_model, cfg.router.d_state) == (24, 768, 16)
@@ -175,7 +175,7 @@ def test_configs_compose_to_the_default_and_130m_shapes(tmp_path):
 
 def test_train_py_trains_mamba_and_the_monitor_logs_its_signature(tmp_path, monkeypatch):
     import train
-    from tasks.runner import compose_run
+    from run import compose_run
 
     monkeypatch.setenv("ROUTECOLLAPSE_DATA", str(tmp_path / "cache"))
     cfg = compose_run(tmp_path / "run", [

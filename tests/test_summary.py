@@ -1,5 +1,5 @@
 """The end-of-training table reads the right geometry column for each router family."""
-from tasks.summary import training_table
+from records import training_table
 
 
 def record(step, ve_key, ve, share, onset=None):

@@ -1,7 +1,26 @@
-"""The end-of-training table: how the signature moved between the first and the last measurement."""
+"""Records as text: one progress line per measurement, and the end-of-training table."""
 from __future__ import annotations
 
 import math
+
+from records.schema import ve_keys
+
+
+def progress_line(record: dict) -> str:
+    """One line per measurement, readable in a redirected log: step, losses, peak concentration, onset."""
+    s = record["summary"]
+
+    def num(value, digits=3):
+        return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+    peak = "-" if s.get("peak_layer") is None else (
+        f"{num(s.get('peak_max_share'))} at L{s['peak_layer']}"
+        + ("" if s.get("peak_sink_source") is None else f" (source {s['peak_sink_source']})"))
+    onset = "never" if s.get("onset_layer") is None else f"L{s['onset_layer']}"
+    return (f"collapse step {record['step']}: train loss {num(record.get('train_loss'))}, val loss "
+            f"{num(record.get('val_loss'))}, peak max share {peak}, onset {onset}"
+            + ("" if s.get("onset_step") is None else f" (first at step {s['onset_step']})")
+            + f" [{record['seconds']:.1f}s]")
 
 
 def _fmt(value, width: int = 6) -> str:
@@ -33,14 +52,15 @@ def training_table(first: dict, last: dict) -> str:
     the last measured step — then onset and peak concentration."""
     a, b = first["step"], last["step"]
     key, ve = geometry_column(first["layers"][0])
+    keys = ve_keys(key)
     header = (f"{'layer':>5} | {'norm-CV':^15} | {ve:^15} | {'gauss':>6} | {'shuffle':^15} | {'max share':^15}\n"
               f"{'':>5} | {f'{a} -> {b}':^15} | {f'{a} -> {b}':^15} | {'':>6} | {f'{a} -> {b}':^15} | {f'{a} -> {b}':^15}")
     lines = [f"collapse signature, step {a} -> step {b}", header, "-" * len(header.splitlines()[0])]
     for i, (r0, r1) in enumerate(zip(first["layers"], last["layers"])):
         lines.append(
             f"{'L' + str(i):>5} | {_fmt(r0['norm_cv'])} -> {_fmt(r1['norm_cv'])} | "
-            f"{_fmt(r0[key])} -> {_fmt(r1[key])} | {_fmt(r1.get(f'{key}_gauss'))} | "
-            f"{_fmt(r0.get(f'{key}_shuffle'))} -> {_fmt(r1.get(f'{key}_shuffle'))} | "
+            f"{_fmt(r0[key])} -> {_fmt(r1[key])} | {_fmt(r1.get(keys['gauss']))} | "
+            f"{_fmt(r0.get(keys['shuffle']))} -> {_fmt(r1.get(keys['shuffle']))} | "
             f"{_fmt(r0['max_share'])} -> {_fmt(r1['max_share'])}")
     s0, s1 = first["summary"], last["summary"]
     lines.append("")

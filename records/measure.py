@@ -1,0 +1,28 @@
+"""The measurement a record holds: the signature of a module's routing on the probe set.
+
+The monitor and the post-hoc analysis both call this, so a number measured after training equals the one
+logged during training on the same probe.
+"""
+from __future__ import annotations
+
+import torch
+
+from collapse import SignatureAccumulator
+
+
+@torch.no_grad()
+def measure_signature(module, probe, ranks=(1, 4, 8), batch_size: int = 50, onset_threshold: float = 0.2,
+                      completion_threshold: float = 0.5):
+    """The signature of ``module.probe_routing`` on ``probe``, in eval mode, micro-batched; the module's
+    train/eval mode is restored afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        accumulator = SignatureAccumulator(ranks=tuple(ranks))
+        for inputs, shuffled in probe.batches(batch_size):
+            routing = module.probe_routing(inputs)
+            null = module.probe_routing(shuffled) if shuffled is not None else None
+            accumulator.update(routing, null)
+        return accumulator.compute(onset_threshold=onset_threshold, completion_threshold=completion_threshold)
+    finally:
+        module.train(was_training)

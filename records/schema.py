@@ -1,0 +1,30 @@
+"""What one record holds: a measurement (or a skipped step), and the names of its per-layer VE keys."""
+from __future__ import annotations
+
+import math
+
+
+def new_record(step: int, epoch: int, seconds: float, train_loss: float, val_loss: float | None, signature) -> dict:
+    """One measurement: when, how long it took, the losses (None when there is none yet) and the signature
+    (``Signature.to_dict()``: ``ranks``, ``layers``, ``summary``)."""
+    return {"step": step, "epoch": epoch, "seconds": seconds,
+            "train_loss": None if math.isnan(train_loss) else train_loss,
+            "val_loss": val_loss, **signature.to_dict()}
+
+
+def skipped_record(step: int, reason: str) -> dict:
+    """A step that was due but not measured; readers see it only when they ask (``read_records(skipped=True)``)."""
+    return {"step": step, "skipped": reason}
+
+
+def ve_keys(rank: int | str) -> dict[str, str]:
+    """The per-layer keys one VE measurement writes, by role: the VE of the scored keys, post-RoPE, the shuffle
+    and Gaussian nulls, and the split real - shuffle (content) and shuffle - gauss (marginal).
+
+    ``rank`` is a VE rank (8 -> ``ve@8``) or a whole key for a family that measures VE elsewhere
+    (``ve@4_features``), whose nulls follow the same pattern.
+    """
+    key = f"ve@{rank}" if isinstance(rank, int) else rank
+    suffix = key.removeprefix("ve@")
+    return {"ve": key, "post": f"{key}_post", "shuffle": f"{key}_shuffle", "gauss": f"{key}_gauss",
+            "content": f"content@{suffix}", "marginal": f"marginal@{suffix}"}

@@ -1,0 +1,69 @@
+"""How a run ends on disk: the run directory made ready, a failure recorded, a non-finite stop explained,
+and the closing report of what training did and where everything is."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from callbacks.checkpointing import newest_loadable
+from common import atomic
+from common.errors import UserError
+from common.failed import clear_failure, mark_failed
+from records import HEATMAP_PNG, JSONL, PROFILE_PNG, read_records, training_table
+
+
+def prepare_run_dir(out: Path) -> None:
+    """Fail early on an unwritable run dir; on (re)start, clear what a killed or failed earlier run left:
+    temp files of interrupted writes and the ``FAILED`` marker. Rank zero only: under DDP the other ranks
+    start while rank zero is already writing."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    if problem := atomic.check_writable(out):
+        raise UserError(f"cannot write to the run directory {out} ({problem}); pass hydra.run.dir=<a writable folder>")
+    if rank_zero_only.rank == 0:
+        atomic.remove_stale_temps(out, out / "csv")
+        clear_failure(out)
+
+
+def record_failure(out: Path, error: BaseException, step: int | None) -> None:
+    """Write the run's ``FAILED`` marker: why (the one-line message, or the exception) and at which step."""
+    if isinstance(error, (KeyboardInterrupt, SystemExit)):
+        reason = "interrupted"
+    elif isinstance(error, UserError):
+        reason = str(error)
+    else:
+        reason = f"{type(error).__name__}: {error}".strip().splitlines()[0]
+    mark_failed(out, reason, getattr(error, "step", step))
+
+
+class NonFiniteError(UserError):
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+def check_finite(out: Path, failure: tuple[int, str] | None, checkpoints: Path) -> None:
+    """After training: if it stopped on a non-finite loss or gradient, the one-line message of what happened,
+    where the last good state is, and what to do."""
+    if failure is None:
+        return
+    step, what = failure
+    last, last_step, _ = newest_loadable(checkpoints)
+    kept = f"last good checkpoint {last} (step {last_step})" if last else "no checkpoint was written before it"
+    raise NonFiniteError(f"{what} became non-finite at step {step}; training stopped there with the weights of the "
+                         f"step before. {kept}; metrics so far in {out / JSONL} and {out / 'csv'}. Fix: lower task.lr "
+                         f"or keep trainer.gradient_clip_val on, and train again (a resume would restore the old "
+                         f"learning rate with the optimiser state)", step)
+
+
+def report(out: Path, print_table: bool = True) -> None:
+    """Print what training did to the signature and where the outputs are."""
+    records = read_records(out)
+    if print_table and records:
+        print(training_table(records[0], records[-1]))
+    print(f"\nrun directory: {out}")
+    for name in (JSONL, PROFILE_PNG, HEATMAP_PNG, "probe.pt", "checkpoints/last.ckpt", ".hydra/config.yaml",
+                 "csv/metrics.csv", "profiler"):
+        if (out / name).exists():
+            print(f"  {name}")
+    for wandb_run in sorted((out / "wandb").glob("offline-run-*")):
+        print(f"  wandb/{wandb_run.name}   (upload: wandb sync {wandb_run})")
