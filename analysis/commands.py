@@ -90,19 +90,54 @@ def analyse_run(cfg) -> Path:
     ckpt = checkpoint_path(cfg.run)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     router, config, step = load_router(ckpt)
-    tokenizer = _lazy(lambda: load_hf_tokenizer(cfg.tokenizer) if cfg.tokenizer else _router_tokenizer(config))
-    probe, about = resolve_probe(cfg.probe, run_dir / "probe.pt", tokenizer, cfg.probe_sequences, cfg.probe_length,
-                                 cfg.probe_path)
     default = run_dir / "analysis" if ckpt.name == "last.ckpt" else run_dir / "analysis" / ckpt.stem
     out = Path(cfg.out) if cfg.out else default
     sweep_dir = run_names.sweep_dir_of(run_dir)
     group = run_names.sweep_group(sweep_dir) if sweep_dir else None  # the W&B group training gave it
     name = run_names.run_label(run_dir)
-    signature = measure(router, probe, tuple(cfg.ranks), cfg.batch_size, cfg.threshold, cfg.completion, name)
+    if graph_task := _graph_task(router, config):
+        from records.measure import measure_signature
+
+        probe, about = _graph_probe(cfg.probe, run_dir, config)
+        signature = measure_signature(graph_task, probe, tuple(cfg.ranks), cfg.batch_size, cfg.threshold,
+                                      cfg.completion)
+    else:
+        tokenizer = _lazy(lambda: load_hf_tokenizer(cfg.tokenizer) if cfg.tokenizer else _router_tokenizer(config))
+        probe, about = resolve_probe(cfg.probe, run_dir / "probe.pt", tokenizer, cfg.probe_sequences,
+                                     cfg.probe_length, cfg.probe_path)
+        signature = measure(router, probe, tuple(cfg.ranks), cfg.batch_size, cfg.threshold, cfg.completion, name)
     record = write_report(signature, out, f"{name} step {step}", about, step, cfg.threshold, cfg.completion)
     _wandb(cfg, out, config, group, f"{name}-analysis",
            {"signature": [table1_row(name, record, cfg.threshold, cfg.completion)]}, [out / "signature.png"])
     return out
+
+
+def _graph_task(router, config: dict):
+    """The run's node-classification task around its router (None for a token run): its ``probe_routing``
+    is what the monitor measured in training, so a graph is measured exactly as then."""
+    if not str((config.get("task") or {}).get("_target_", "")).endswith("NodeClassificationTask"):
+        return None
+    from tasks.node_classification import NodeClassificationTask
+
+    return NodeClassificationTask(router)
+
+
+def _graph_probe(spec: str | None, run_dir: Path, config: dict):
+    """(probe, description) of a graph run: the graph the monitor saved (``probe.pt``, or ``probe=<file.pt>``),
+    else the graph rebuilt from the data config stored in the checkpoint."""
+    from hydra.utils import instantiate
+
+    from datamodules.graph import GraphProbe
+
+    if spec is not None and not str(spec).endswith(".pt"):
+        raise UserError(f"probe={spec} is a text probe; a graph run is measured on its graph: drop probe= or pass "
+                        "probe=<a graph probe.pt>")
+    saved = Path(spec) if spec else run_dir / "probe.pt"
+    if saved.is_file():
+        return GraphProbe.load(saved), f"the run's graph ({saved})"
+    datamodule = instantiate(config["data"])
+    datamodule.setup("fit")
+    return datamodule.probe, f"the run's graph ({config['data']['_target_'].rsplit('.', 1)[-1]} from its stored config)"
 
 
 class _lazy:

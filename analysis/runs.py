@@ -1,7 +1,8 @@
 """Reading finished runs: run directories, sweeps (multirun folders or W&B groups), configs and checkpoints.
 
 A run directory holds ``collapse.jsonl`` (the monitor's records, the source of truth), ``probe.pt``,
-``checkpoints/*.ckpt`` (each storing the resolved run config in ``hyper_parameters.config``),
+``checkpoints/*.ckpt`` (each storing the resolved run config in ``hyper_parameters.config`` and the router's
+constructor arguments in ``hyper_parameters.router``),
 ``.hydra/config.yaml`` and ``csv/metrics.csv``, and ``FAILED`` if it failed. A sweep is a folder of such
 directories; its failed or unfinished jobs are never results (:func:`failed_jobs`). This module only reads;
 the studies turn what it reads into tables.
@@ -20,13 +21,13 @@ from callbacks.checkpointing import newest_loadable
 from common.errors import UserError
 from common.failed import FAILED, read_failure
 from records import JSONL, read_records
+from tasks.router_args import KEY as ROUTER_KEY
 
 # Config keys that name where a run lives or how it resumes, not what was trained: never an arm's identity.
 _NOT_A_FACTOR = ("ckpt_path", "print_table", "hydra", "logger", "callbacks.checkpoint.dirpath",
                  "trainer.default_root_dir", "trainer.enable_progress_bar", "data.cache_dir")
 # Which replicate seed each config key is: weights (``seed``) or training-data order (``data_seed``).
 SEED_KEYS = {"seed": "weight", "data_seed": "data", "data.data_seed": "data"}
-_EMBEDDING = re.compile(r"^model\.(wte|embed\w*|emb|embedding\w*|tok_emb\w*)\.weight$")
 
 
 @dataclass
@@ -201,30 +202,50 @@ def val_loss(run: Run) -> float:
     return float(values[-1]) if values else math.nan
 
 
-def vocab_size(state_dict: dict) -> int:
-    """Rows of the router's token embedding in a task checkpoint (``model.<embedding>.weight``)."""
-    for key, value in state_dict.items():
-        if _EMBEDDING.match(key) and value.dim() == 2:
-            return value.shape[0]
-    raise UserError("cannot find the token embedding (model.wte.weight or model.embed*.weight) in the checkpoint; "
-                    "only token routers can be analysed from a .ckpt")
+def router_args(state: dict, path: Path) -> dict:
+    """The router's constructor arguments (``_target_`` included) a checkpoint stores (tasks.router_args).
+
+    Checkpoints written before they were stored: the run's datamodule, rebuilt from the stored config, is
+    asked what train.py asked it (``model_kwargs()``: vocabulary size, graph in/out dims); a graph is read in
+    its ``setup``. When that fails too, the one-line fix is to retrain.
+    """
+    from hydra.utils import instantiate
+
+    hparams = state["hyper_parameters"]
+    if hparams.get(ROUTER_KEY):
+        return hparams[ROUTER_KEY]
+    config = hparams["config"]
+    try:
+        datamodule = instantiate(config["data"])
+        try:
+            data_args = datamodule.model_kwargs()
+        except AttributeError:  # graph datamodules load their graph in setup()
+            datamodule.setup("fit")
+            data_args = datamodule.model_kwargs()
+    except Exception as e:
+        reason = str(e).split(";")[0] if isinstance(e, UserError) else type(e).__name__
+        raise UserError(f"{path} predates checkpoints that store their router's arguments, and its data cannot be "
+                        f"rebuilt to recover them ({reason}); retrain the run with this train.py") from None
+    return {**config["router"], **data_args}
 
 
 def load_router(path: str | Path, untrained_seed: int | None = None):
-    """(router in eval mode, resolved config, step) from a run directory or a ``.ckpt``.
+    """(router in eval mode, resolved config, step) from a run directory or a ``.ckpt``: the router rebuilt
+    from the arguments stored with it, then its weights.
 
     ``untrained_seed``: the same architecture freshly initialised under that torch seed instead of the
     trained weights (step -1), e.g. the untrained-pair baseline of the seed-direction study.
     """
     from hydra.utils import instantiate
 
-    state = load_checkpoint(checkpoint_path(path))
-    config = state["hyper_parameters"]["config"]
-    weights = state["state_dict"]
+    ckpt = checkpoint_path(path)
+    state = load_checkpoint(ckpt)
+    config, args = state["hyper_parameters"]["config"], router_args(state, ckpt)
     if untrained_seed is not None:
         with torch.random.fork_rng():
             torch.manual_seed(untrained_seed)
-            return instantiate(config["router"], vocab_size=vocab_size(weights)).eval(), config, -1
-    router = instantiate(config["router"], vocab_size=vocab_size(weights))
+            return instantiate(args).eval(), config, -1
+    router = instantiate(args)
+    weights = state["state_dict"]
     router.load_state_dict({k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")})
     return router.eval(), config, int(state.get("global_step", -1))

@@ -8,21 +8,27 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tasks.router_args import store_router_args
+
 
 class LanguageModelTask(pl.LightningModule):
     """AdamW + linear warm-up + cosine decay; the router is a plain ``nn.Module``.
 
-    ``config`` is the resolved run config; it is stored in every checkpoint so ``analyze.py`` can rebuild
-    the router from a ``.ckpt`` alone.
+    ``config`` is the resolved run config and ``router`` the router's resolved constructor arguments
+    (filled in at ``setup`` from the datamodule when not given: tasks.router_args); both are stored in every
+    checkpoint so ``analyze.py`` can rebuild the router from a ``.ckpt`` alone.
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 100, min_lr_ratio: float = 0.1,
-                 config: dict | None = None):
+                 config: dict | None = None, router: dict | None = None):
         super().__init__()
         self.model = model
         self.save_hyperparameters(ignore=["model"])
         self.nonfinite_step: int | None = None  # set when the loss stops being finite (see NanGuard)
+
+    def setup(self, stage: str) -> None:
+        store_router_args(self)
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.model(tokens)

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torch_geometric.data import Data
 
 from common.errors import UserError
+from tasks.router_args import store_router_args
 
 SPLITS = ("train", "val", "test")
 
@@ -24,10 +25,12 @@ class NodeClassificationTask(pl.LightningModule):
 
     The usual number reported for these graphs is the test accuracy where validation accuracy peaked, so that
     is tracked too (``test/acc_at_best_val``; buffers, so a resumed run keeps its best). ``config`` is the
-    resolved run config, stored in every checkpoint.
+    resolved run config and ``router`` the router's resolved constructor arguments (in/out channels filled in
+    at ``setup`` from the graph when not given: tasks.router_args); both are stored in every checkpoint.
     """
 
-    def __init__(self, model: nn.Module, lr: float = 5e-3, weight_decay: float = 5e-4, config: dict | None = None):
+    def __init__(self, model: nn.Module, lr: float = 5e-3, weight_decay: float = 5e-4, config: dict | None = None,
+                 router: dict | None = None):
         super().__init__()
         self.model = model
         self.save_hyperparameters(ignore=["model"])
@@ -35,6 +38,9 @@ class NodeClassificationTask(pl.LightningModule):
         self.register_buffer("best_val_loss", torch.tensor(float("inf")))
         self.register_buffer("test_acc_at_best_val", torch.tensor(float("nan")))
         self.nonfinite_step: int | None = None
+
+    def setup(self, stage: str) -> None:
+        store_router_args(self)
 
     def forward(self, data: Data) -> Tensor:
         _check_graph(data)
