@@ -118,10 +118,20 @@ def max_share_sparse(edge_index: Tensor, edge_weight: Tensor, num_nodes: int, ex
 
 
 def uniform_max_share_sparse(edge_index: Tensor, num_nodes: int) -> float:
-    """Max share of uniform routing over each target's in-edges: the graph's structural concentration."""
+    """Max share of uniform routing over each target's in-edges, D^-1 (A+I): the graph's structural
+    concentration, and the reference of every graph router (docs/decisions.md)."""
     target = edge_index[1]
     in_degree = torch.bincount(target, minlength=num_nodes).double()
     return float(max_share_sparse(edge_index, 1.0 / in_degree[target], num_nodes))
+
+
+def gcn_max_share_sparse(edge_index: Tensor, num_nodes: int) -> float:
+    """Max share of the fixed GCN operator D^-1/2 (A+I) D^-1/2 on the same edges (degrees at the target, as
+    PyG's gcn_norm): the reference of the GAT - GCN differential, in float64."""
+    source, target = edge_index
+    in_degree = torch.bincount(target, minlength=num_nodes).double()
+    inv_sqrt = in_degree.clamp(min=1).rsqrt()
+    return float(max_share_sparse(edge_index, inv_sqrt[source] * inv_sqrt[target], num_nodes))
 
 
 def _first_above(per_layer: Sequence[float] | Tensor, threshold: float) -> int | None:

@@ -5,7 +5,8 @@ a layer has ``keys``/``content_keys``/``scored_keys`` ``[batch, units, sources, 
 ``iter_weights()`` (whole or in unit-chunks) with a bool ``mask``, or sparse ``edge_index``/``edge_weight``.
 The probe is fed in micro-batches: :class:`SignatureAccumulator` keeps per-(layer, unit) sums over sequences
 and reduces each weight chunk to per-unit max shares at once, so no batch or T x T operator is kept.
-Aggregation (METHODS.md section 2): mean over sequences, then over units; layers weigh equally.
+Aggregation: mean over sequences, then over units; layers weigh equally (docs/metrics.md). Family
+statistics (``collapse/family.py``, chosen by ``routing.family``) ride along in the same pass.
 """
 from __future__ import annotations
 
@@ -16,8 +17,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from collapse.concentration import (completion_layer, max_share_sparse, concentration_pass, onset_layer,
-                                    uniform_max_share, uniform_max_share_sparse)
+from collapse.concentration import (completion_layer, concentration_pass, gcn_max_share_sparse, max_share_sparse,
+                                    onset_layer, uniform_max_share, uniform_max_share_sparse)
+from collapse.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD, RANK, RANKS
+from collapse.family import FamilyStatistics, family_statistics
 from collapse.geometry import gaussian_null, key_spectrum, norm_cv
 from collapse.stats import pearson
 from common.errors import UserError
@@ -57,16 +60,17 @@ def _restrict_mask(mask: Tensor | None, start: int, stop: int) -> Tensor | None:
 
 
 class _LayerStats:
-    def __init__(self, layer: "RoutingLayer", ranks: tuple[int, ...]):
-        self.name, self.ranks = layer.name, ranks
+    def __init__(self, layer: "RoutingLayer", ranks: tuple[int, ...], family: FamilyStatistics | None):
+        self.name, self.ranks, self.family = layer.name, ranks, family
         self.sources, self.dim = layer.keys.shape[-2:]
         self.has_post = layer.content_keys is not None and layer.content_keys is not layer.keys
         self.cv, self.share, self.share_exposure, self.share_ex0, self.baseline = (_Mean() for _ in range(5))
+        self.baseline_gcn = _Mean()  # graphs only: the fixed GCN operator on the same edges
         self.norm_sum = self.norm_sq_sum = None
         self.norm_count = 0
         self.sink_counts: Tensor | None = None  # per source: how many (sequence, unit) operators it tops
         self.ve = {kind: {r: _Mean() for r in ranks} for kind in ("real", "post", "shuffle")}
-        self.extras: dict[str, list] = {}  # name -> [batch-weighted sum, sequences]
+        self.family_sums: dict[str, list] = {}  # column -> [batch-weighted sum, sequences]
 
     def add_ve(self, kind: str, keys: Tensor) -> None:
         spectrum = key_spectrum(keys)
@@ -93,6 +97,8 @@ class _LayerStats:
             mask = _restrict_mask(layer.mask, start, start + chunk.shape[1])
             start += chunk.shape[1]
             *variants, sink = concentration_pass(chunk, mask)
+            if self.family is not None:
+                self.family.chunk(chunk)
             for parts, value in zip((plain, exposure, ex0), variants):
                 parts.append(value)
             # An operator shared by the batch ([1, units]) tops its sink once per sequence.
@@ -101,7 +107,7 @@ class _LayerStats:
             raise UserError(f"layer {self.name!r}: its weight chunks are empty; yield at least one chunk")
         for mean, parts in ((self.share, plain), (self.share_exposure, exposure), (self.share_ex0, ex0)):
             mean.add(torch.cat([p.expand(batch, -1) for p in parts], dim=1))
-        self.baseline.add(torch.full((batch, 1), uniform_max_share(layer.mask, chunk.shape[-1])))
+        self.baseline.add(torch.full((batch, 1), uniform_max_share(layer.mask, chunk.shape[-1]), dtype=torch.float64))
         self.sink_counts = counts if self.sink_counts is None else self.sink_counts + counts
 
     def add_sparse(self, layer: "RoutingLayer") -> None:
@@ -109,17 +115,22 @@ class _LayerStats:
         self.share.add(max_share_sparse(*args).reshape(1, -1))
         self.share_exposure.add(max_share_sparse(*args, exposure=True).reshape(1, -1))
         self.share_ex0.add(torch.full((1, 1), math.nan))  # graphs have no privileged first source
-        self.baseline.add(torch.full((1, 1), uniform_max_share_sparse(layer.edge_index, layer.num_nodes)))
+        self.baseline.add(torch.full((1, 1), uniform_max_share_sparse(layer.edge_index, layer.num_nodes),
+                                     dtype=torch.float64))
+        self.baseline_gcn.add(torch.full((1, 1), gcn_max_share_sparse(layer.edge_index, layer.num_nodes),
+                                         dtype=torch.float64))
 
-    def add_extras(self, extras: dict, batch: int) -> None:
+    def add_family(self, layer: "RoutingLayer", batch: int) -> None:
         # Weighted by sequences so micro-batching the probe does not change a batch-mean statistic.
-        for key, value in extras.items():
+        if self.family is None:
+            return
+        for key, value in self.family.batch(layer).items():
             value = torch.as_tensor(value).detach().to("cpu", torch.float64) * batch
-            if key in self.extras:
-                self.extras[key][0] = self.extras[key][0] + value
-                self.extras[key][1] += batch
+            if key in self.family_sums:
+                self.family_sums[key][0] = self.family_sums[key][0] + value
+                self.family_sums[key][1] += batch
             else:
-                self.extras[key] = [value, batch]
+                self.family_sums[key] = [value, batch]
 
     def row(self, index: int) -> dict:
         row = {"layer": index, "name": self.name, "sources": self.sources, "dim": self.dim,
@@ -138,15 +149,16 @@ class _LayerStats:
                     "max_share_ex0": self.share_ex0.value(), "baseline": baseline,
                     "max_share_ratio": self.share.value() / baseline,
                     "max_share_units": self.share.per_unit().tolist(), "norm_cv_units": self.cv.per_unit().tolist()})
+        if self.baseline_gcn.total is not None:
+            row.update({"baseline_gcn": self.baseline_gcn.value(),
+                        "max_share_ratio_gcn": self.share.value() / self.baseline_gcn.value()})
         if self.sink_counts is not None and self.sink_counts.sum() > 0:
             # The sink: the source that most often receives the largest share, and how often it does.
             row.update({"sink_source": int(self.sink_counts.argmax()),
                         "sink_fraction": float(self.sink_counts.max() / self.sink_counts.sum())})
         else:
             row.update({"sink_source": None, "sink_fraction": math.nan})
-        for key, (total, count) in self.extras.items():
-            if key in row:
-                raise UserError(f"layer {self.name!r}: extra {key!r} clashes with a signature column; rename it")
+        for key, (total, count) in self.family_sums.items():
             mean = total / count
             row[key] = float(mean) if mean.dim() == 0 else mean.tolist()
         return row
@@ -155,18 +167,20 @@ class _LayerStats:
 class SignatureAccumulator:
     """Streams probe micro-batches into per-(layer, unit) sums; :meth:`compute` gives the :class:`Signature`."""
 
-    def __init__(self, ranks: tuple[int, ...] = (1, 4, 8)):
+    def __init__(self, ranks: tuple[int, ...] = RANKS):
         if not ranks or any(not isinstance(r, int) or r < 1 for r in ranks):
             raise UserError(f"signature ranks must be positive integers; got {ranks!r}")
         self.ranks = tuple(ranks)
         self.axis: str | None = None
+        self.family = ""
         self.layers: list[_LayerStats] = []
 
     def update(self, routing: "Routing", shuffled: "Routing | None" = None) -> None:
         """Add one micro-batch; ``shuffled`` is the same router's routing on the position-shuffled batch."""
         if self.axis is None:
-            self.axis = routing.axis
-            self.layers = [_LayerStats(layer, self.ranks) for layer in routing.layers]
+            self.axis, self.family = routing.axis, getattr(routing, "family", "")
+            self.layers = [_LayerStats(layer, self.ranks, family_statistics(self.family, layer))
+                           for layer in routing.layers]
         if routing.axis != self.axis or len(routing.layers) != len(self.layers):
             raise UserError(f"routing changed between updates ({routing.axis}, {len(routing.layers)} layers vs "
                             f"{self.axis}, {len(self.layers)}); use one accumulator per router")
@@ -188,18 +202,21 @@ class SignatureAccumulator:
                 stats.add_sparse(layer)
             else:
                 stats.add_dense(layer, batch)
-            stats.add_extras(layer.extras, batch)
+            stats.add_family(layer, batch)
 
-    def compute(self, onset_threshold: float = 0.20, completion_threshold: float = 0.50) -> "Signature":
+    def compute(self, onset_threshold: float = ONSET_THRESHOLD,
+                completion_threshold: float = COMPLETION_THRESHOLD) -> "Signature":
         if self.axis is None:
             raise UserError("signature of an empty probe; call update() with at least one batch first")
         rows = [stats.row(i) for i, stats in enumerate(self.layers)]
-        return Signature(rows, _summary(rows, self.axis, self.ranks, onset_threshold, completion_threshold),
-                         self.ranks)
+        summary = _summary(rows, self.axis, self.ranks, onset_threshold, completion_threshold)
+        summary["family"] = self.family
+        return Signature(rows, summary, self.ranks)
 
 
-def signature(routing: "Routing", shuffled: "Routing | None" = None, ranks: tuple[int, ...] = (1, 4, 8),
-              onset_threshold: float = 0.20, completion_threshold: float = 0.50) -> "Signature":
+def signature(routing: "Routing", shuffled: "Routing | None" = None, ranks: tuple[int, ...] = RANKS,
+              onset_threshold: float = ONSET_THRESHOLD, completion_threshold: float = COMPLETION_THRESHOLD
+              ) -> "Signature":
     """The signature of one batch: a single :meth:`SignatureAccumulator.update` then ``compute``."""
     accumulator = SignatureAccumulator(ranks)
     accumulator.update(routing, shuffled)
@@ -239,7 +256,7 @@ def _summary(rows: list[dict], axis: str, ranks: tuple[int, ...], onset_threshol
         "peak_sink_source": None if peak is None else rows[peak].get("sink_source"),
         "peak_sink_fraction": math.nan if peak is None else rows[peak].get("sink_fraction", math.nan),
         "peak_max_share_ratio": max((rows[i]["max_share_ratio"] for i in measured), default=math.nan),
-        "area_above_baseline": sum(max(0.0, rows[i]["max_share"] - rows[i]["baseline"]) for i in measured) / n_layers,
+        "area_above_baseline": _area(rows, measured, "baseline"),
         "r_cv_share": r, "r_cv_share_p": p,
         "norm_cv_min": min((row["norm_cv"] for row in rows if not math.isnan(row["norm_cv"])), default=math.nan),
     }
@@ -247,7 +264,14 @@ def _summary(rows: list[dict], axis: str, ranks: tuple[int, ...], onset_threshol
     for r in ranks:
         means += [f"ve@{r}", f"ve@{r}_post", f"ve@{r}_gauss", f"ve@{r}_shuffle", f"content@{r}", f"marginal@{r}"]
     summary.update({key: _depth_mean(rows, key) for key in means})
+    if rows and "baseline_gcn" in rows[0]:
+        summary["area_above_gcn"] = _area(rows, measured, "baseline_gcn")
     return summary
+
+
+def _area(rows: list[dict], measured: list[int], reference: str) -> float:
+    """Depth-mean of the max share above a reference, counting only layers above it."""
+    return sum(max(0.0, rows[i]["max_share"] - rows[i][reference]) for i in measured) / len(rows)
 
 
 def _is_number(value) -> bool:
@@ -271,7 +295,7 @@ class Signature:
     """Per-layer rows (``layers``), the model-level ``summary``, and the VE ranks they were measured at."""
     layers: list[dict]
     summary: dict
-    ranks: tuple[int, ...] = field(default=(1, 4, 8))
+    ranks: tuple[int, ...] = field(default=RANKS)
 
     def flat(self, prefix: str = "collapse") -> dict[str, float]:
         """Scalar metrics as ``{prefix}/{metric}/L{i}`` and ``{prefix}/{summary key}``; None -> nan."""
@@ -291,19 +315,13 @@ class Signature:
                 "layers": [{key: _jsonable(value) for key, value in row.items()} for row in self.layers],
                 "summary": {key: _jsonable(value) for key, value in self.summary.items()}}
 
-    def table(self, columns: list[str] | None = None) -> str:
+    def table(self) -> str:
         """One line per layer (``-`` = not measured), then onset, completion and peak ("never" = no crossing)."""
-        r = 8 if 8 in self.ranks else max(self.ranks)
-        if columns is None:
-            headers = ["norm-CV", f"VE@{r}", "gauss", "shuffle", "max share"]
-            columns = ["norm_cv", f"ve@{r}", f"ve@{r}_gauss", f"ve@{r}_shuffle", "max_share"]
-        else:
-            headers = list(columns)
+        r = RANK if RANK in self.ranks else max(self.ranks)
+        headers = ["norm-CV", f"VE@{r}", "gauss", "shuffle", "max share"]
+        columns = ["norm_cv", f"ve@{r}", f"ve@{r}_gauss", f"ve@{r}_shuffle", "max_share"]
         cells = [["layer", *headers]]
         for row in self.layers:
-            if any(key not in row for key in columns):
-                missing = [key for key in columns if key not in row]
-                raise UserError(f"unknown signature column(s) {missing}; choose from {sorted(row)}")
             label = f"L{row['layer']}"
             if row["name"] and row["name"] != label:
                 label += f" {row['name']}"

@@ -38,17 +38,6 @@ RESIDUALS = ("attnres", "additive")
 ROUTING_AXES = ("depth", "token")
 
 
-def source_counts(n_layer: int, layers_per_block: int) -> list[int]:
-    """Number of depth sources S of each of the 2 * n_layer sublayers (attention, MLP, attention, ...)."""
-    return [layer // layers_per_block + 2 for layer in range(n_layer) for _ in range(2)]
-
-
-def uniform_baseline(n_layer: int, layers_per_block: int) -> float:
-    """Max share of uniform routing, 1/S, averaged over sublayers: what a zero-initialised query gives."""
-    counts = source_counts(n_layer, layers_per_block)
-    return sum(1 / s for s in counts) / len(counts)
-
-
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -146,15 +135,6 @@ class DecoderLayer(nn.Module):
         self.mlp_router = DepthRouter(d_model, eps, learn_recency_bias) if attnres else None
 
 
-def depth_extras(weights: Tensor, router: DepthRouter, recency_offset: float) -> dict[str, Tensor]:
-    """Hub shares of one sublayer (token-averaged weight per source) beside its uniform baseline 1/S."""
-    shares = weights.mean(dim=(0, 1))
-    extras = {"uniform_share": shares.new_tensor(1 / len(shares)), "embedding_share": shares[0],
-              "current_share": shares[-1], "recency_bias": router.recency_bias.detach() + recency_offset}
-    extras.update({f"block{j}_share": shares[j] for j in range(1, len(shares) - 1)})
-    return extras
-
-
 class Qwen3Decoder(nn.Module):
     """Qwen3-style decoder LM (RMSNorm, SwiGLU, RoPE, GQA, QK-norm) with an AttnRes or additive residual.
 
@@ -184,7 +164,7 @@ class Qwen3Decoder(nn.Module):
             raise UserError(f"n_head={n_head} must divide d_model={d_model}, or set head_dim")
         if n_head % n_kv_head:
             raise UserError(f"n_kv_head={n_kv_head} must divide n_head={n_head}")
-        if not 1 <= layers_per_block <= n_layer:
+        if residual == "attnres" and not 1 <= layers_per_block <= n_layer:  # blocks exist only for AttnRes
             raise UserError(f"layers_per_block={layers_per_block} must be in 1..n_layer={n_layer}")
         head_dim = head_dim or d_model // n_head
         if head_dim % 2:
@@ -228,7 +208,7 @@ class Qwen3Decoder(nn.Module):
         if record is not None:
             keys = router.key_norm(torch.stack(blocks + [stream], dim=2))
             record.append(RoutingLayer(weights=weights.unsqueeze(1), keys=keys, name=name,
-                                       extras=depth_extras(weights, router, self.recency_offset)))
+                                       recency_bias=router.recency_bias.detach() + self.recency_offset))
         return h
 
     def forward(self, tokens: Tensor, return_routing: bool = False):
@@ -254,7 +234,8 @@ class Qwen3Decoder(nn.Module):
         logits = self.lm_head(self.norm(stream))
         if not return_routing:
             return logits
-        return logits, Routing(layers=depth if depth is not None else token, axis=self.routing_axis)
+        return logits, Routing(layers=depth if depth is not None else token, axis=self.routing_axis,
+                               family="attnres" if depth is not None else "")
 
     @classmethod
     def from_hf(cls, hf, **overrides) -> "Qwen3Decoder":

@@ -6,7 +6,7 @@ with the fixed symmetric-normalised aggregation D^{-1/2}(A+I)D^{-1/2}, so whatev
 oversmoothing on that topology; the GAT - GCN differential is what learned attention adds on top.
 
 Both stacks: ``num_layers`` message-passing layers of width ``hidden`` (GAT: ``heads`` concatenated heads of
-``hidden // heads`` channels, METHODS Ambiguity 12: 8 x 8 = 64), ELU between layers, then a linear
+``hidden // heads`` channels: 8 x 8 = 64, docs/decisions.md), ELU between layers, then a linear
 classifier. Every routing layer is therefore ``hidden`` wide, so their feature geometry compares layer by layer
 and model to model. The routing record is sparse (edge index with the self-loops the layer adds, one weight per
 edge and head): an N x N matrix is never built.
@@ -19,13 +19,8 @@ from torch import Tensor, nn
 from torch_geometric.nn import GATConv, GATv2Conv, GCNConv
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
 
-from collapse import gaussian_null, ve_at_rank
 from common.errors import UserError
 from routers.routing import Routing, RoutingLayer
-
-# The paper's graph metric is VE@4 of the 64-wide node features (Section 5.1, Table 6).
-FEATURE_RANK = 4
-
 
 class GraphRouter(nn.Module):
     """The shared stack; subclasses say how one layer routes (``make_conv`` and ``route``)."""
@@ -68,20 +63,14 @@ class GraphRouter(nn.Module):
             h = F.elu(out) + h if self.residual and i > 0 else F.elu(out)
         logits = self.classifier(F.dropout(h, self.dropout, self.training))
         if return_routing:
-            return logits, Routing(layers, axis="node")
+            return logits, Routing(layers, axis="node", family="graph")
         return logits
 
     def routing_layer(self, i: int, out: Tensor, edge_index: Tensor, weight: Tensor, keys: Tensor) -> RoutingLayer:
-        n = out.shape[0]
-        # Full-width statistics that compare GAT with GCN: per-head GAT keys are only hidden/heads wide, so their
-        # VE@r sits on a different null than GCN's single hidden-wide unit. Ambiguity 12: the paper's number is
-        # VE@4 of the pre-activation layer output; the projected features (all heads side by side) come along.
-        projected = keys.detach().permute(1, 0, 2).reshape(n, -1)
-        r = FEATURE_RANK
-        extras = {f"ve@{r}_features": ve_at_rank(out.detach(), r), f"ve@{r}_projected": ve_at_rank(projected, r),
-                  f"ve@{r}_features_gauss": torch.tensor(gaussian_null(n, out.shape[1], r))}
-        return RoutingLayer(keys=keys.unsqueeze(0), edge_index=edge_index, edge_weight=weight, num_nodes=n,
-                            name=f"layer{i}.{type(self.convs[i]).__name__}", extras=extras)
+        # The pre-activation output travels with the record: the paper compares GAT with GCN on its
+        # full-width geometry (collapse/family.py), not on the per-head keys.
+        return RoutingLayer(keys=keys.unsqueeze(0), edge_index=edge_index, edge_weight=weight, num_nodes=out.shape[0],
+                            name=f"layer{i}.{type(self.convs[i]).__name__}", features=out.detach())
 
 
 class GAT(GraphRouter):

@@ -17,12 +17,18 @@ Operators too large to hold (Mamba/RWKV: channels x T x T) give ``weight_chunks`
 a callable returning an iterator of ``[batch, units_chunk, queries, sources]`` tensors that together cover
 all units in order. Graph routers give the sparse form (``edge_index``, ``edge_weight``) and never densify.
 
+Beyond the operator and its keys, a family may hand over the raw tensors its own statistics are read from
+(typed fields, all optional): ``features`` (a graph layer's pre-activation output), ``delta`` (a selective
+SSM's step sizes Δ) and ``recency_bias`` (an AttnRes router's bias on the current source). The record
+carries tensors only: every statistic is computed in ``collapse/`` (``collapse/family.py`` for the
+family-specific ones, chosen by ``Routing.family``), so routers import nothing from the metrics.
+
 A router may also offer ``routing(inputs) -> Routing`` that skips work the record does not need (e.g. the
 vocabulary head); the monitor prefers it, and a test must hold it equal to ``forward(..., return_routing=True)``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -31,6 +37,7 @@ from torch import Tensor
 from common.errors import UserError
 
 AXES = ("token", "node", "time", "depth")
+FAMILIES = ("", "graph", "mamba", "rwkv", "attnres")  # "" = no family statistics beyond the signature
 
 
 @dataclass
@@ -44,7 +51,9 @@ class RoutingLayer:
     edge_weight: Tensor | None = None  # [E, units]
     num_nodes: int | None = None
     name: str = ""
-    extras: dict[str, Tensor] = field(default_factory=dict)  # router-specific statistics (e.g. hub shares)
+    features: Tensor | None = None      # [nodes, hidden]: a graph layer's pre-activation output
+    delta: Tensor | None = None         # [batch, sources, channels]: a selective SSM's step sizes
+    recency_bias: Tensor | None = None  # []: an AttnRes router's bias on the current source (plus any offset)
 
     def __post_init__(self):
         forms = [self.weights is not None, self.weight_chunks is not None, self.edge_weight is not None]
@@ -80,10 +89,13 @@ class Routing:
     """Per-layer routing of one forward pass, in depth order."""
     layers: list[RoutingLayer]
     axis: str = "token"
+    family: str = ""  # selects the family statistics collapse/ adds (collapse/family.py)
 
     def __post_init__(self):
         if self.axis not in AXES:
             raise ValueError(f"unknown routing axis {self.axis!r}; choose one of {', '.join(AXES)}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown routing family {self.family!r}; choose one of {', '.join(map(repr, FAMILIES))}")
 
     def __len__(self) -> int:
         return len(self.layers)

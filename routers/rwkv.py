@@ -17,7 +17,7 @@ them in the config to train under them, or with ``set_interventions`` on a train
     decay_scale  s   w -> s * w (s = 1: the learned model; s -> 0: full carry). Equals time_decay += ln s, so
                      in training a learnable time_decay can undo it: ``learn_decay=false`` makes it a fixed brake.
     no_decay         w = 0: full carry (decay_scale = 0)
-    kill_carry       w -> -inf: only s = t-1 and s = t keep weight (METHODS.md Ambiguity 9)
+    kill_carry       w -> -inf: only s = t-1 and s = t keep weight (docs/decisions.md)
 """
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from collapse.recurrent import content_recency, late_query_influence
 from common.errors import UserError
 from routers.routing import Routing, RoutingLayer, causal_mask, check_tokens
 
@@ -117,12 +116,11 @@ def wkv_weights(w: Tensor, u: Tensor, k: Tensor, queries: slice = slice(None)) -
 
 
 class TimeMix(nn.Module):
-    def __init__(self, d_model: int, wkv: str, wkv_chunk: int, routing_chunk_channels: int, late_fraction: float,
-                 name: str):
+    def __init__(self, d_model: int, wkv: str, wkv_chunk: int, routing_chunk_channels: int, name: str):
         super().__init__()
         self.name, self.wkv, self.wkv_chunk = name, wkv, wkv_chunk
         self.decay_scale, self.kill_carry, self.no_decay = 1.0, False, False  # set by RWKV.set_interventions
-        self.routing_chunk_channels, self.late_fraction = routing_chunk_channels, late_fraction
+        self.routing_chunk_channels = routing_chunk_channels
         self.time_decay = nn.Parameter(torch.empty(d_model))
         self.time_first = nn.Parameter(torch.empty(d_model))
         # 1-D so weight decay leaves them alone (HF stores them as [1, 1, C]; from_hf flattens)
@@ -155,32 +153,18 @@ class TimeMix(nn.Module):
         return self.output(r * wkv), (self.routing(w, u, k) if return_routing else None)
 
     def routing(self, w: Tensor, u: Tensor, k: Tensor) -> RoutingLayer:
-        """α per channel, streamed in channel chunks; keys are the full key vectors k_s (one set for all channels).
-
-        ``extras`` carry the paper's late-query decomposition (Section 5.3, Ambiguity 10): across the sources
-        s < late_start, the channel-mean routing they receive from the queries t >= late_start, correlated
-        with the key norm |k_s| (content_r) and with s (recency_r), per sequence.
-        """
+        """α per channel, streamed in channel chunks; keys are the full key vectors k_s (one set for all channels)."""
         w, u, k = w.detach(), u.detach(), k.detach()
         T, C = k.shape[1:]
         step = self.routing_chunk_channels
-        late_start = max(1, min(T - 1, math.floor(self.late_fraction * T)))  # >= 1 early source, >= 1 late query
 
         def weight_chunks() -> Iterator[Tensor]:
             for start in range(0, C, step):
                 channels = slice(start, start + step)
                 yield wkv_weights(w[channels], u[channels], k[..., channels])
 
-        influence = k.new_zeros(k.shape[0], late_start)
-        for start in range(0, C, step):
-            channels = slice(start, start + step)
-            late_rows = wkv_weights(w[channels], u[channels], k[..., channels], queries=slice(late_start, None))
-            influence += late_query_influence(late_rows, late_start).sum(1)
-        influence /= C  # channel mean
-        content_r, recency_r = content_recency(influence, k[:, :late_start].norm(dim=-1))
-        extras = {"content_r": content_r.nanmean(), "recency_r": recency_r.nanmean()}
         return RoutingLayer(keys=k.unsqueeze(1), weight_chunks=weight_chunks, mask=causal_mask(T, k.device),
-                            name=self.name, extras=extras)
+                            name=self.name)
 
 
 class ChannelMix(nn.Module):
@@ -219,16 +203,16 @@ class RWKV(nn.Module):
     def __init__(self, vocab_size: int, n_layer: int = 4, d_model: int = 128, d_ffn: int | None = None,
                  context_length: int = 1024, layer_norm_eps: float = 1e-5, wkv: str = "chunked",
                  wkv_chunk: int = 4, decay_scale: float = 1.0, kill_carry: bool = False, no_decay: bool = False,
-                 learn_decay: bool = True, routing_chunk_channels: int = 64, late_fraction: float = 0.75):
+                 learn_decay: bool = True, routing_chunk_channels: int = 64):
         super().__init__()
-        _check_shape_knobs(wkv, wkv_chunk, routing_chunk_channels, late_fraction)
+        _check_shape_knobs(wkv, wkv_chunk, routing_chunk_channels)
         if not isinstance(learn_decay, bool):
             raise UserError(f"learn_decay must be true or false; got {learn_decay!r}")
         self.context_length = context_length
         self.embeddings = nn.Embedding(vocab_size, d_model)
         self.blocks = nn.ModuleList(
             RwkvBlock(d_model, d_ffn or 4 * d_model, layer_norm_eps, first=i == 0, wkv=wkv, wkv_chunk=wkv_chunk,
-                      routing_chunk_channels=routing_chunk_channels, late_fraction=late_fraction, name=f"L{i}")
+                      routing_chunk_channels=routing_chunk_channels, name=f"L{i}")
             for i in range(n_layer))
         self.ln_out = nn.LayerNorm(d_model, eps=layer_norm_eps)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
@@ -287,7 +271,7 @@ class RWKV(nn.Module):
             x, layer = block(x, return_routing)
             layers.append(layer)
         logits = self.head(self.ln_out(x))
-        return (logits, Routing(layers=layers, axis="time")) if return_routing else logits
+        return (logits, Routing(layers=layers, axis="time", family="rwkv")) if return_routing else logits
 
     @classmethod
     def from_hf(cls, hf_model, **knobs) -> "RWKV":
@@ -311,11 +295,9 @@ class RWKV(nn.Module):
         return model
 
 
-def _check_shape_knobs(wkv, wkv_chunk, routing_chunk_channels, late_fraction) -> None:
+def _check_shape_knobs(wkv, wkv_chunk, routing_chunk_channels) -> None:
     if wkv not in WKVS:
         raise UserError(f"unknown wkv {wkv!r}; choose one of {', '.join(WKVS)}")
     for knob, value in (("wkv_chunk", wkv_chunk), ("routing_chunk_channels", routing_chunk_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{knob} must be a positive integer; got {value!r}")
-    if not 0 < late_fraction < 1:
-        raise UserError(f"late_fraction must be in (0, 1) (0.75: queries t >= 96 of 128); got {late_fraction!r}")

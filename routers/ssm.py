@@ -109,10 +109,6 @@ def hidden_attention(delta: Tensor, A: Tensor, B: Tensor, C: Tensor, block: int 
     return alpha
 
 
-def _cv(values: Tensor, dim: int) -> Tensor:
-    return values.std(dim, correction=0) / values.mean(dim)
-
-
 class MambaMixer(nn.Module):
     def __init__(self, d_model: int, d_state: int, expand: int, d_conv: int, dt_rank: int, scan: str,
                  scan_chunk: int, routing_chunk_channels: int, name: str):
@@ -163,7 +159,7 @@ class MambaMixer(nn.Module):
         """|α| per channel, streamed in channel chunks; keys are the input matrix B shared by all channels.
 
         The per-channel effective keys Δ_{s,d} B_s would cost b*d*T*n floats per layer (200 MB at the 130M
-        shape, 16 x 128); the statistics they carry need only their norms Δ_{s,d}|B_s|, kept in ``extras``.
+        shape, 16 x 128); the statistics they carry need only Δ and |B_s|, so the record carries Δ itself.
         """
         delta, A, B, C = (t.detach() for t in (delta, A, B, C))
         step = self.routing_chunk_channels
@@ -172,14 +168,8 @@ class MambaMixer(nn.Module):
             for start in range(0, delta.shape[-1], step):
                 yield hidden_attention(delta[..., start:start + step], A[start:start + step], B, C).abs()
 
-        b_norm = B.norm(dim=-1)                                           # [b, T]
-        extras = {
-            "delta_cv": _cv(delta, 1).mean(),                              # CV of Δ over positions (paper 5.2)
-            "effective_key_norm_cv": _cv(delta * b_norm.unsqueeze(-1), 1).mean(),
-            "b_norm_cv": _cv(b_norm, 1).mean(),
-        }
         return RoutingLayer(keys=B.unsqueeze(1), weight_chunks=weight_chunks,
-                            mask=causal_mask(delta.shape[1], delta.device), name=self.name, extras=extras)
+                            mask=causal_mask(delta.shape[1], delta.device), name=self.name, delta=delta)
 
 
 class MambaBlock(nn.Module):
@@ -251,7 +241,7 @@ class Mamba(nn.Module):
             x, layer = block(x, return_routing)
             layers.append(layer)
         logits = self.lm_head(self.norm_f(x))
-        return (logits, Routing(layers=layers, axis="time")) if return_routing else logits
+        return (logits, Routing(layers=layers, axis="time", family="mamba")) if return_routing else logits
 
     @classmethod
     def from_hf(cls, hf_model, **knobs) -> "Mamba":

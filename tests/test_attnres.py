@@ -7,8 +7,10 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from collapse import signature
+from collapse.family import DepthHubs
 from common.errors import UserError
-from routers.attnres import Qwen3Decoder, source_counts, uniform_baseline
+from routers.attnres import Qwen3Decoder
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 VOCAB = 64
@@ -35,8 +37,17 @@ def randomise_routers(model: Qwen3Decoder, scale: float = 2.0) -> None:
                 router.recency_bias.fill_(torch.randn((), generator=g).item())
 
 
+def source_counts(n_layer: int, layers_per_block: int) -> list[int]:
+    """Depth sources S of each of the 2 * n_layer sublayers: embeddings, each finished block, the stream."""
+    return [layer // layers_per_block + 2 for layer in range(n_layer) for _ in range(2)]
+
+
+def hubs(layer) -> dict:
+    return DepthHubs().batch(layer)
+
+
 def max_share(weights: torch.Tensor) -> torch.Tensor:
-    """METHODS section 2: column sums over queries, normalised, max over sources; mean over batch and units."""
+    """Column sums over queries, normalised, max over sources; mean over batch and units (docs/metrics.md)."""
     columns = weights.sum(dim=-2)
     return (columns / columns.sum(dim=-1, keepdim=True)).amax(dim=-1).mean()
 
@@ -44,7 +55,7 @@ def max_share(weights: torch.Tensor) -> torch.Tensor:
 def test_zero_init_query_gives_exactly_uniform_routing():
     _, routing = tiny()(tokens(), return_routing=True)
     assert routing.axis == "depth" and len(routing) == 8  # one record layer per sublayer
-    for layer, s in zip(routing, source_counts(4, 2)):
+    for layer, s in zip(routing, source_counts(4, 2)):  # depth sources S: embeddings, finished blocks, stream
         assert layer.weights.shape == (2, 1, 12, s)
         torch.testing.assert_close(layer.weights, torch.full_like(layer.weights, 1 / s), rtol=0, atol=1e-7)
 
@@ -52,7 +63,7 @@ def test_zero_init_query_gives_exactly_uniform_routing():
 def test_step0_max_share_equals_the_uniform_baseline():
     _, routing = tiny()(tokens(), return_routing=True)
     for layer in routing:
-        torch.testing.assert_close(max_share(layer.weights), layer.extras["uniform_share"])
+        torch.testing.assert_close(max_share(layer.weights), hubs(layer)["uniform_share"])
     measured = sum(max_share(layer.weights) for layer in routing) / len(routing)
     assert measured.item() == pytest.approx((1 / 2 + 1 / 3) / 2, abs=1e-6)  # 4 sublayers at S=2, 4 at S=3
 
@@ -60,7 +71,7 @@ def test_step0_max_share_equals_the_uniform_baseline():
 def test_uniform_baseline_of_the_0p6b_layout_is_the_papers_0_245():
     # 28 layers in blocks of 4: sublayers of block k see k + 2 sources, so the mean of 1/S is (H_8 - 1) / 7.
     closed_form = (sum(1 / s for s in range(1, 9)) - 1) / 7
-    assert uniform_baseline(28, 4) == pytest.approx(closed_form, abs=1e-12)
+    assert sum(1 / s for s in source_counts(28, 4)) / 56 == pytest.approx(closed_form, abs=1e-12)
     assert round(closed_form, 3) == 0.245
     # The routing a zero-initialised 28-layer model (tiny width) actually produces gives the same number.
     model = Qwen3Decoder(VOCAB, n_layer=28, d_model=8, n_head=1, d_ff=8, context_length=4, layers_per_block=4)
@@ -106,7 +117,7 @@ def test_large_positive_offset_routes_everything_to_the_current_block():
     randomise_routers(model, scale=0.5)
     _, routing = model(tokens(), return_routing=True)
     for layer in routing:
-        assert layer.extras["current_share"].item() > 0.999
+        assert hubs(layer)["current_share"].item() > 0.999
 
 
 def test_large_negative_offset_starves_the_current_block():
@@ -115,8 +126,8 @@ def test_large_negative_offset_starves_the_current_block():
     model.recency_offset = -30.0  # applied at forward time: the intervention on an already-built model
     _, routing = model(tokens(), return_routing=True)
     for layer in routing:
-        assert layer.extras["current_share"].item() < 1e-6
-        shares = [v for k, v in layer.extras.items() if k.endswith("share") and k != "uniform_share"]
+        assert hubs(layer)["current_share"].item() < 1e-6
+        shares = [v for k, v in hubs(layer).items() if k.endswith("share") and k != "uniform_share"]
         assert sum(shares).item() == pytest.approx(1.0, abs=1e-5)  # the weight went to the other hubs
 
 
@@ -161,6 +172,21 @@ def test_qwen3_baseline_matches_transformers_qwen3_logits(tmp_path, tie):
     torch.testing.assert_close(routing[2].weights, hf_weights[2], rtol=0, atol=1e-6)
 
 
+def test_qwen3_from_hf_loads_a_one_layer_model(tmp_path):
+    # The block size only matters to AttnRes: an additive 1-layer model must load with the default blocks of 2.
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=32,
+                         attn_implementation="eager")
+    Qwen3ForCausalLM(config).save_pretrained(tmp_path)
+    hf = Qwen3ForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    ours = Qwen3Decoder.from_hf(tmp_path).eval()
+    torch.testing.assert_close(ours(tokens(1, 9)), hf(tokens(1, 9)).logits, rtol=0, atol=1e-5)
+    with pytest.raises(UserError, match="layers_per_block=2 must be in 1..n_layer=1"):
+        Qwen3Decoder.from_hf(tmp_path, residual="attnres", routing_axis="depth")
+
+
 def test_attnres_routing_path_matches_training_path():
     model = tiny()
     randomise_routers(model)
@@ -190,17 +216,20 @@ def test_key_norm_cv_is_measured_not_assumed_zero():
     assert 0 < unit_gain_cv < 1e-3 < norm_cv(routing[-1].keys)
 
 
-def test_hub_share_extras_are_token_averaged_weights():
+def test_hub_shares_are_token_averaged_weights():
     model = tiny()
     randomise_routers(model)
     _, routing = model(tokens(), return_routing=True)
     layer = routing[-1]  # block 1: sources = embeddings, block 1 snapshot, running stream
     shares = layer.weights.mean(dim=(0, 1, 2))
-    assert set(layer.extras) == {"uniform_share", "embedding_share", "block1_share", "current_share",
-                                 "recency_bias"}
-    torch.testing.assert_close(torch.stack([layer.extras[k] for k in ("embedding_share", "block1_share",
-                                                                       "current_share")]), shares)
-    assert layer.extras["uniform_share"].item() == pytest.approx(1 / 3)
+    got = hubs(layer)
+    assert set(got) == {"uniform_share", "embedding_share", "block1_share", "current_share", "recency_bias"}
+    torch.testing.assert_close(torch.stack([got[k] for k in ("embedding_share", "block1_share", "current_share")]),
+                               shares)
+    assert got["uniform_share"].item() == pytest.approx(1 / 3)
+    assert got["recency_bias"].item() == pytest.approx(model.layers[-1].mlp_router.recency_bias.item())
+    row = signature(routing).layers[-1]  # the signature carries them as sequence means
+    assert row["embedding_share"] == pytest.approx(got["embedding_share"].item(), abs=1e-7)
 
 
 @pytest.mark.parametrize("bad, fix", [
@@ -238,7 +267,8 @@ def test_0p6b_configs_have_the_qwen3_0p6b_shape(name):
 
     with initialize_config_dir(str(CONF / "router"), version_base="1.3"):
         cfg = compose(config_name=name)
-    assert uniform_baseline(cfg.n_layer, cfg.layers_per_block) == pytest.approx(0.2454, abs=1e-4)
+    counts = source_counts(cfg.n_layer, cfg.layers_per_block)
+    assert sum(1 / s for s in counts) / len(counts) == pytest.approx(0.2454, abs=1e-4)
     with torch.device("meta"):  # shapes only: no 2.4 GB of weights on a CPU test machine
         ours = instantiate(cfg, vocab_size=151936)
         hf = Qwen3ForCausalLM(Qwen3Config(vocab_size=151936, hidden_size=1024, intermediate_size=3072,

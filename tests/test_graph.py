@@ -129,12 +129,25 @@ def test_sparse_signature_equals_dense_signature_on_a_small_graph(cls):
     model = cls(5, 3, num_layers=3, hidden=16).eval()
     _, sparse = model(x, edge_index, return_routing=True)
     as_dense = Routing([RoutingLayer(keys=layer.keys, weights=dense(layer.edge_index, layer.edge_weight)[None],
-                                     name=layer.name, extras=layer.extras) for layer in sparse], axis="node")
+                                     name=layer.name, features=layer.features) for layer in sparse],
+                      axis="node", family="graph")
     got, want = signature(sparse, ranks=(1, 4)).layers, signature(as_dense, ranks=(1, 4)).layers
     for g, w in zip(got, want):
         for key in ("max_share", "norm_cv", "ve@1", "ve@4", "ve@4_features", "ve@4_projected"):
             assert g[key] == pytest.approx(w[key], abs=1e-9), key
         assert g["max_share_units"] == pytest.approx(w["max_share_units"], abs=1e-9)
+
+
+def test_gcn_operator_is_the_reference_of_the_gat_gcn_differential():
+    # GCN's own max share is its reference exactly; GAT on the same graph is measured against that same number.
+    x, edge_index = small_graph()
+    gcn = signature(GCN(5, 3, num_layers=2, hidden=16).eval()(x, edge_index, return_routing=True)[1])
+    gat = signature(GAT(5, 3, num_layers=2, hidden=16, heads=4).eval()(x, edge_index, return_routing=True)[1])
+    for g, a in zip(gcn.layers, gat.layers):
+        assert g["max_share"] == pytest.approx(g["baseline_gcn"], abs=1e-7)
+        assert a["baseline_gcn"] == g["baseline_gcn"] and a["baseline"] == g["baseline"]
+        assert a["max_share_ratio_gcn"] == pytest.approx(a["max_share"] / g["max_share"], rel=1e-6)
+    assert gcn.summary["area_above_gcn"] == pytest.approx(0.0, abs=1e-7)
 
 
 def test_full_width_feature_ve_is_the_layer_output_and_the_concatenated_heads():
@@ -147,10 +160,12 @@ def test_full_width_feature_ve_is_the_layer_output_and_the_concatenated_heads():
     _, routing = model(x, edge_index, return_routing=True)
     [h.remove() for h in handles]
     layer = routing[1]
+    assert torch.equal(layer.features, outputs[1])  # the record carries the raw pre-activation output
     concatenated = layer.keys[0].transpose(0, 1).reshape(N, 16)
-    assert torch.allclose(layer.extras["ve@4_features"], ve_at_rank(outputs[1], 4).double())
-    assert torch.allclose(layer.extras["ve@4_projected"], ve_at_rank(concatenated, 4))
-    assert float(layer.extras["ve@4_features_gauss"]) == pytest.approx(gaussian_null(N, 16, 4))
+    row = signature(routing, ranks=(1, 4)).layers[1]
+    assert row["ve@4_features"] == pytest.approx(float(ve_at_rank(outputs[1].detach(), 4)), abs=1e-7)
+    assert row["ve@4_projected"] == pytest.approx(float(ve_at_rank(concatenated, 4)), abs=1e-7)
+    assert row["ve@4_features_gauss"] == pytest.approx(gaussian_null(N, 16, 4))
 
 
 def test_graph_router_without_edges_names_the_node_task():

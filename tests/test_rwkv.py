@@ -10,6 +10,7 @@ import torch
 from transformers import RwkvConfig, RwkvForCausalLM
 
 from collapse.recurrent import content_recency, late_query_influence, pearson_rows
+from collapse import signature
 from common.errors import UserError
 from routers.rwkv import RWKV, wkv_chunked, wkv_reference, wkv_weights
 
@@ -121,7 +122,13 @@ def test_routing_record_streams_the_operator_with_rows_summing_to_one():
     torch.testing.assert_close(weights.sum(-1), torch.ones(3, 16, 21))
     assert torch.all(weights.masked_select(~layer.mask) == 0)
     assert layer.keys.shape == (3, 1, 21, 16)  # the full key vectors k_s, one key set for all channels
-    assert all(math.isfinite(float(layer.extras[name])) for name in ("content_r", "recency_r"))
+    # Content/recency from the operator itself: late queries t >= floor(0.75 * 21) = 15, early sources s < 15.
+    influence = weights[..., 15:, :15].sum(-2).mean(1)
+    content, recency = content_recency(influence, layer.keys[:, 0, :15].norm(dim=-1))
+    row = signature(routing).layers[1]
+    assert row["content_r"] == pytest.approx(content.nanmean().item(), abs=1e-6)
+    assert row["recency_r"] == pytest.approx(recency.nanmean().item(), abs=1e-6)
+    assert math.isfinite(row["content_r"]) and math.isfinite(row["recency_r"])
 
 
 def test_decay_scale_one_is_a_no_op():
@@ -176,7 +183,6 @@ def test_learn_decay_false_keeps_time_decay_out_of_training():
     ({"kill_carry": True, "decay_scale": 2.0}, "choose one decay intervention"),
     ({"no_decay": 1}, "no_decay must be true or false"),
     ({"wkv": "cuda"}, "unknown wkv"),
-    ({"late_fraction": 1.0}, "late_fraction must be in"),
 ])
 def test_bad_knobs_raise_user_errors(kwargs, match):
     with pytest.raises(UserError, match=match):

@@ -27,7 +27,7 @@ def _causal_softmax(batch, units, n, seed):
 
 
 def _two_layer_routing(batch, seed=0, chunked=False):
-    """Layer 0: causal softmax with pre/post-position keys and an extra; layer 1: per-unit mask, maybe chunked."""
+    """Layer 0: causal softmax with pre/post-position keys; layer 1: per-unit mask, maybe chunked."""
     n, units, d = 16, 4, 8
     keys0, weights0 = _randn(batch, units, n, d, seed=seed), _causal_softmax(batch, units, n, seed + 1)
     content0 = _randn(batch, units, n, d, seed=seed + 2)
@@ -36,8 +36,7 @@ def _two_layer_routing(batch, seed=0, chunked=False):
     weights1 = (3 * _randn(batch, units, n, n, seed=seed + 3)).masked_fill(~unit_mask, -math.inf).softmax(-1)
     chunks = {"weight_chunks": lambda: iter(weights1.split(2, dim=1))} if chunked else {"weights": weights1}
     return Routing([
-        RoutingLayer(keys=keys0, content_keys=content0, weights=weights0, mask=causal_mask(n), name="attn0",
-                     extras={"hub_share": weights0[..., 0].mean()}),
+        RoutingLayer(keys=keys0, content_keys=content0, weights=weights0, mask=causal_mask(n), name="attn0"),
         RoutingLayer(keys=_randn(batch, units, n, d, seed=seed + 4), mask=unit_mask, name="attn1", **chunks),
     ])
 
@@ -85,7 +84,7 @@ def test_accumulator_over_two_micro_batches_equals_one_batch():
     def part(routing, rows):
         return Routing([RoutingLayer(keys=l.keys[rows], content_keys=None if l.content_keys is None else l.content_keys[rows],
                                      weights=l.weights[rows], mask=l.mask if l.mask.dim() == 2 else l.mask[rows],
-                                     name=l.name, extras={k: l.weights[rows][..., 0].mean() for k in l.extras})
+                                     name=l.name)
                         for l in routing.layers])
 
     accumulator = SignatureAccumulator()
@@ -164,20 +163,32 @@ def test_never_crossing_reads_never_everywhere():
 
 def test_flat_has_per_layer_and_summary_floats_only():
     flat = signature(_two_layer_routing(2)).flat()
-    assert {"collapse/max_share/L1", "collapse/ve@8/L0", "collapse/hub_share/L0", "collapse/onset_layer"} <= flat.keys()
+    assert {"collapse/max_share/L1", "collapse/ve@8/L0", "collapse/onset_layer"} <= flat.keys()
     assert all(type(v) is float for v in flat.values())
     assert not any("units" in key or "name" in key for key in flat)
 
 
-def test_extras_are_sequence_weighted_means():
+def test_family_statistics_are_sequence_weighted_means():
+    # Depth routing over 3 sources: a batch of 1 puts all weight on the embeddings, a batch of 3 on the stream.
     accumulator = SignatureAccumulator()
-    for batch, value in ((1, 1.0), (3, 3.0)):
-        layer = RoutingLayer(keys=_randn(batch, 1, 4, 2, seed=batch), weights=torch.full((batch, 1, 4, 4), 0.25),
-                             extras={"hub": torch.tensor(value), "profile": torch.tensor([value, 0.0])})
-        accumulator.update(Routing([layer]))
-    row = accumulator.compute().layers[0]
-    assert row["hub"] == pytest.approx((1 * 1.0 + 3 * 3.0) / 4)
-    assert row["profile"] == pytest.approx([2.5, 0.0])
+    for batch, source, bias in ((1, 0, 1.0), (3, 2, 3.0)):
+        weights = torch.zeros(batch, 1, 4, 3)
+        weights[..., source] = 1.0
+        layer = RoutingLayer(keys=_randn(batch, 1, 3, 2, seed=batch), weights=weights, recency_bias=torch.tensor(bias))
+        accumulator.update(Routing([layer], axis="depth", family="attnres"))
+    sig = accumulator.compute()
+    row = sig.layers[0]
+    assert row["embedding_share"] == pytest.approx(1 / 4) and row["current_share"] == pytest.approx(3 / 4)
+    assert row["block1_share"] == 0.0 and row["uniform_share"] == pytest.approx(1 / 3)
+    assert row["recency_bias"] == pytest.approx((1 * 1.0 + 3 * 3.0) / 4)
+    assert sig.summary["family"] == "attnres"
+
+
+def test_no_family_adds_no_columns_and_unknown_family_is_refused():
+    plain = signature(_two_layer_routing(2)).layers[0]
+    assert not {"embedding_share", "content_r", "delta_cv", "ve@4_features"} & set(plain)
+    with pytest.raises(ValueError, match="unknown routing family"):
+        Routing([], family="transformer")
 
 
 def test_sparse_layer_uses_edges_and_all_nodes():
@@ -200,11 +211,13 @@ def test_mismatched_shuffled_routing_raises():
         signature(routing, Routing(routing.layers[:1]))
 
 
-def test_signature_type_and_bad_table_column():
-    sig = signature(_sink_routing([0.0]))
-    assert isinstance(sig, Signature)
-    with pytest.raises(UserError, match="unknown signature column"):
-        sig.table(["no_such_metric"])
+def test_uniform_baseline_is_exact_in_float64():
+    layer = RoutingLayer(keys=_randn(2, 1, 3, 2, seed=0), weights=torch.full((2, 1, 5, 3), 1 / 3))
+    assert signature(Routing([layer])).layers[0]["baseline"] == 1 / 3  # not float32's 0.3333333433
+
+
+def test_signature_type():
+    assert isinstance(signature(_sink_routing([0.0])), Signature)
 
 
 def test_collapse_imports_no_model_code():

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import MambaConfig, MambaForCausalLM
 
+from collapse import signature
 from common.errors import UserError
 from routers.ssm import Mamba, hidden_attention, selective_scan_chunked, selective_scan_ref
 
@@ -117,7 +118,13 @@ def test_routing_record_streams_the_absolute_operator_over_all_channels():
         torch.testing.assert_close(weights, hidden_attention(delta, -torch.exp(mixer.A_log), B, C).abs())
         assert torch.all(weights.masked_select(~layer.mask) == 0)
         assert layer.keys.shape == (3, 1, 21, 4)  # the input matrix B, one key set for all channels
-        assert set(layer.extras) == {"delta_cv", "effective_key_norm_cv", "b_norm_cv"}
+        torch.testing.assert_close(layer.delta, delta)  # the record carries Δ itself; collapse/ derives the rest
+        row = signature(routing).layers[0]
+        cv = lambda v: (v.std(1, correction=0) / v.mean(1)).mean().item()  # noqa: E731
+        assert row["delta_cv"] == pytest.approx(cv(delta.double()), rel=1e-5)
+        assert row["b_norm_cv"] == pytest.approx(cv(B.double().norm(dim=-1)), rel=1e-5)
+        assert row["effective_key_norm_cv"] == pytest.approx(cv(delta.double() * B.double().norm(dim=-1)[..., None]),
+                                                             rel=1e-5)
 
 
 def test_freeze_delta_makes_delta_position_only_and_leaves_b_and_c_selective():
