@@ -1,6 +1,6 @@
 """W&B as a view: read a sweep's runs back from a W&B group, and log an analysis's tables and figures.
 
-Local files stay the source of truth (PITFALLS.md); a W&B group is read from the flat metrics the monitor
+Local files stay the source of truth (a W&B outage or offline run must never lose a result); a W&B group is read from the flat metrics the monitor
 logged (``collapse/<metric>/L<i>`` per layer, ``collapse/<summary key>``), so per-head lists are absent.
 """
 from __future__ import annotations

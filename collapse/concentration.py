@@ -1,9 +1,9 @@
-"""Routing concentration: how much of an operator's routing mass one source receives (METHODS.md section 2).
+"""Routing concentration: how much of an operator's routing mass one source receives (docs/metrics.md).
 
 An operator is ``[..., queries, sources]`` (row = query, column = source). Its column sums c_j are the
 routing each source receives; shares c_j / sum_k c_k make the max share comparable across normalised
 (softmax) and unnormalised (Mamba) operators. Magnitudes |A| are used throughout: Mamba's hidden operator is
-signed, and a source that is routed to with a negative weight still carries routing mass (Ambiguity 7).
+signed, and a source that is routed to with a negative weight still carries routing mass (docs/decisions.md: signed operators).
 """
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def uniform_max_share(mask: Tensor | None, sources: int) -> float:
     """Max share of uniform routing under ``mask`` (each query spreads evenly over what it sees).
 
     The concentration a router shows with no content preference at all: 1/S unmasked, H_n/n causal
-    (Ambiguity 15). Averaged over any leading (batch, unit) axes of the mask.
+    (docs/decisions.md: baseline under the layer's own mask). Averaged over any leading (batch, unit) axes of the mask.
     """
     _check_mask(mask)
     if mask is None:

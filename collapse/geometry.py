@@ -2,7 +2,7 @@
 
 Every function takes keys as ``[..., n, d]`` (n sources scored by one router unit, d key dimensions) and
 reduces the last two axes, so a whole ``[batch, units, n, d]`` block is measured in one call.
-Definitions follow METHODS.md section 2; docs/metrics.md records the choices made where the paper is silent.
+Definitions follow docs/metrics.md; docs/metrics.md records the choices made where the paper is silent.
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def norm_cv(keys: Tensor) -> Tensor:
     """Coefficient of variation std/mean of the n key norms, ``[..., n, d] -> [...]``.
 
     Population std (ddof=0): the n keys are the whole population of one operator, not a sample of it.
-    Isotropic Gaussian keys give about 1/sqrt(2d) (METHODS.md section 2, "Norm-CV").
+    Isotropic Gaussian keys give about 1/sqrt(2d) (docs/metrics.md).
     """
     _check_keys(keys, "norm_cv")
     norms = keys.double().norm(dim=-1)
@@ -106,7 +106,7 @@ def _gaussian_ve_mp(n: int, d: int, rank: int) -> float:
 
 
 def gaussian_null(n: int, d: int, rank: int, method: str = "mc", trials: int = NULL_TRIALS, seed: int = 0) -> float:
-    """Expected VE@rank of n isotropic Gaussian keys in d dimensions (METHODS.md section 2, "Gaussian null").
+    """Expected VE@rank of n isotropic Gaussian keys in d dimensions (docs/metrics.md).
 
     The observed mean is removed by centring and the scale cancels in the ratio, so the null depends only
     on (n, d). ``method="mc"`` is the paper's simulation (deterministic in ``seed``, cached);
@@ -140,7 +140,7 @@ def canonical_angles(U: Tensor, V: Tensor) -> Tensor:
     """Principal angles in degrees, ascending, between the column spaces of ``U [..., d, r1]`` and ``V [..., d, r2]``.
 
     Inputs are orthonormalised first (QR), so any spanning set works; singular values of U^T V are clamped
-    to [0, 1] before arccos because rounding can push them just above 1 (METHODS.md section 2).
+    to [0, 1] before arccos because rounding can push them just above 1 (docs/metrics.md).
     """
     if U.dim() < 2 or V.dim() < 2 or U.shape[-2] != V.shape[-2]:
         raise UserError(f"canonical_angles needs bases [..., d, r] in the same d; got {tuple(U.shape)} and {tuple(V.shape)}")

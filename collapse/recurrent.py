@@ -1,4 +1,4 @@
-"""Content vs recency in a recurrent router's routing (paper Section 5.3 and Fig. 6; METHODS.md Ambiguity 10).
+"""Content vs recency in a recurrent router's routing (paper Section 5.3 and Fig. 6; docs/decisions.md: RWKV content vs recency).
 
 Only late queries are used: every early source precedes all of them, so each source is equally exposed and
 the routing it receives measures preference, not how many queries could see it. Across the early sources,

@@ -179,7 +179,7 @@ def _txt_files(path: str | Path | None) -> list[Path]:
 def wikitext103(split: str, path: str | Path | None) -> list[str]:
     """The split's lines joined as they are (each raw line keeps its own newline), in chunks of lines.
 
-    METHODS.md Ambiguity 4: the probe is the validation split with lines joined, tokenised, cut into
+    docs/decisions.md: corpus probes: the probe is the validation split with lines joined, tokenised, cut into
     non-overlapping windows. Validation (3,760 lines) is one chunk; train is chunked only to bound the
     tokenizer's memory, at line breaks, where byte-level BPE splits anyway. ``path`` is a local copy of the
     dataset repo (e.g. ``hf download Salesforce/wikitext --repo-type dataset --local-dir DIR``). Downloads

@@ -104,7 +104,7 @@ class GraphDataModule(pl.LightningDataModule):
 
 
 def random_split(num_nodes: int, seed: int, fractions=(0.48, 0.32, 0.20)) -> tuple[Tensor, Tensor, Tensor]:
-    """Train/val/test masks in Geom-GCN's 48/32/20 proportions (METHODS Ambiguity 12) from one permutation."""
+    """Train/val/test masks in Geom-GCN's 48/32/20 proportions (docs/decisions.md: GAT and GCN) from one permutation."""
     order = torch.randperm(num_nodes, generator=torch.Generator().manual_seed(seed))
     n_train, n_val = round(fractions[0] * num_nodes), round(fractions[1] * num_nodes)
     masks = []

@@ -16,7 +16,7 @@ Every sublayer output is added to the running stream h whatever the routing, so 
 back the plain additive residual exactly (the paper's "additive-residual limit") and ``residual="additive"``
 is the matched control: the same decoder, the same weights, no depth routing.
 
-Source counting (METHODS.md, Ambiguity 11): the embeddings count as source 0 and the running stream is always
+Source counting (docs/decisions.md: AttnRes sources): the embeddings count as source 0 and the running stream is always
 a source, so a sublayer in block k (0-based) routes over S = k + 2 sources; at a block's first sublayer the
 stream equals the snapshot just taken (the open implementation's convention). For the 0.6B layout (28 layers,
 4 layers per block: the open checkpoint's ``attnres_num_blocks=8`` is ceil(28/8) = 4 layers per block) the mean

@@ -16,11 +16,11 @@ Unrolled (Ali et al. 2024, "hidden attention"; paper App. B.2), y_t = sum_{s<=t}
 
 so the query is C_t and the effective key of source s is Δ_s B_s: Δ sets the key norm. The operator is
 unnormalised and signed; the routing record gives |α| (collapse.max_share normalises column sums by their
-total, METHODS.md Ambiguity 7). The D skip and the z gate are not routing and stay out of α.
+total, docs/decisions.md: signed operators). The D skip and the z gate are not routing and stay out of α.
 
 Interventions (paper Section 5.2), applied in every forward so their effect propagates through depth; set
 them in the config to train under them, or with ``set_interventions`` on a trained model (the paper's ablation):
-    freeze_delta   Δ -> its per-position mean over the batch (Ambiguity 8): the gate no longer selects
+    freeze_delta   Δ -> its per-position mean over the batch (docs/decisions.md: Δ-freeze): the gate no longer selects
     freeze_bc      B and C -> their per-position batch means. With freeze_delta (the paper's "+B,C freeze") the
                    operator is the same for every sequence; alone, it is the complementary control.
 """

@@ -122,7 +122,7 @@ def test_wikitext_offline_fails_at_once_with_one_line(tmp_path, monkeypatch):
 
 
 def test_wikitext_probe_is_the_joined_validation_lines_in_windows(tmp_path, monkeypatch):
-    """METHODS.md Ambiguity 4, on a local copy laid out like the Hub repo (one folder of parquet per config)."""
+    """docs/decisions.md: corpus probes, on a local copy laid out like the Hub repo (one folder of parquet per config)."""
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq

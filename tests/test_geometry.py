@@ -7,7 +7,7 @@ from collapse import (canonical_angles, gaussian_null, key_spectrum, norm_cv, pr
                       ve_at_rank)
 from common.errors import UserError
 
-PAPER_VE8_NULL = {64: 0.294, 80: 0.262, 128: 0.212, 256: 0.160}  # METHODS.md section 2, n = 128
+PAPER_VE8_NULL = {64: 0.294, 80: 0.262, 128: 0.212, 256: 0.160}  # docs/metrics.md, n = 128
 
 
 def _gaussian_keys(*shape, seed=0):
