@@ -26,7 +26,7 @@ def saved(tmp_path_factory):
                                            bos_token_id=0, eos_token_id=0)),
         "gpt_neox": GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
                                                      num_attention_heads=4, intermediate_size=64,
-                                                     max_position_embeddings=32, partial_rotary_factor=0.5,
+                                                     max_position_embeddings=32, rotary_pct=0.5,
                                                      bos_token_id=0, eos_token_id=0)),
         "mamba": MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=32, state_size=8, num_hidden_layers=2,
                                               expand=2, conv_kernel=4, time_step_rank=4, bos_token_id=0,
@@ -89,7 +89,8 @@ def test_pythia_routing_matches_hf_attention_with_keys_pre_and_post_rotary(saved
     for h in handles:
         h.remove()
     assert torch.allclose(logits, out.logits, atol=1e-5)
-    rotary = 4  # partial_rotary_factor 0.5 of d_head 8
+    rotary = 4  # rotary_pct 0.5 of d_head 8 (transformers 5 reads rotary_pct, ignores partial_rotary_factor=)
+    assert hf.config.rope_parameters["partial_rotary_factor"] == 0.5  # the half-rotary case, not the default quarter
     for layer, attention, qkv in zip(routing, out.attentions, seen):
         assert torch.allclose(layer.weights, attention, atol=1e-6)
         k = qkv.view(2, T, 4, 24)[..., 8:16].transpose(1, 2)  # fused per head as [q | k | v]
