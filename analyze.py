@@ -2,7 +2,7 @@
 
     python analyze.py run=<run dir or .ckpt> [probe=wikitext103] [--wandb]
     python analyze.py model=hf:EleutherAI/pythia-160m[@step4000] [revisions=[step0,step1000]] [compare=<run dir>]
-    python analyze.py sweep=<multirun dir or wandb:entity/project/group> [study=brake_ordering|alibi_slope|seed_direction|metric]
+    python analyze.py sweep=<multirun dir or wandb:entity/project/group> [study=brake_ordering|alibi_slope|metric_study|seed_direction]
 
 Arguments are Hydra overrides of conf/analyze.yaml, composed in-process (no output dir of its own);
 --help lists them.
@@ -31,9 +31,11 @@ def compose(argv: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
+    from analysis.studies import study_override
     from common.errors import UserError
 
-    overrides = [_quote_path(a) for a in argv if a != "--wandb"] + (["wandb=true"] if "--wandb" in argv else [])
+    overrides = [study_override(_quote_path(a)) for a in argv if a != "--wandb"]
+    overrides += ["wandb=true"] if "--wandb" in argv else []
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=CONF, version_base="1.3"):
@@ -53,7 +55,7 @@ def analyze(cfg):
         raise UserError(f"give exactly one of run=, model=, sweep= (got {', '.join(targets) or 'none'}); "
                         "e.g. python analyze.py run=outputs/<date>/<time>")
     if cfg.study and targets != ["sweep"]:
-        raise UserError(f"study={cfg.study} analyses a sweep; pass sweep=<multirun dir>")
+        raise UserError(f"study={cfg.study.name} analyses a sweep; pass sweep=<multirun dir>")
     return {"run": commands.analyse_run, "model": commands.analyse_hf, "sweep": commands.analyse_sweep}[targets[0]](cfg)
 
 

@@ -17,20 +17,22 @@ from common.run_names import alias
 
 MIN_SEEDS = 3  # runs per arm below which no study gives a verdict: two seeds cannot show their own spread
 
-# (key, label) of the per-run statistics tabulated per arm.
-STATISTICS = [
-    ("onset_depth", "onset depth"), ("onset_depth_censored", "onset depth (never = 1)"),
-    ("onset_step", "onset step"), ("onset_step_censored", "onset step (never = end + 1)"),
-    ("completion_depth", "L* depth"), ("peak_max_share", "peak max share"), ("peak_gain", "peak gain in training"),
-    ("peak_depth", "peak depth"),
-    ("area_above_baseline", "area above baseline"), ("norm_cv", "norm-CV"), ("ve@8", "VE@8"),
-    ("ve@8_shuffle", "VE@8 shuffle"), ("ve@8_gauss", "VE@8 Gauss"), ("content@8", "content@8"),
-    ("r_cv_share", "r(norm-CV, max share)"), ("val_loss", "val loss"), ("train_loss", "train loss"),
-    ("onset_loss", "train loss at onset"), ("matched_loss", "matched train loss"),
-    ("matched_step", "step at matched loss"), ("peak_max_share_matched", "peak max share at matched loss"),
-    ("area_above_baseline_matched", "area above baseline at matched loss"),
-    ("onset_depth_matched_censored", "onset depth at matched loss (never = 1)"),
-]
+def statistics(rank: int = 8) -> list[tuple[str, str]]:
+    """(key, label) of the per-run statistics tabulated per arm; the key geometry at VE@``rank``."""
+    return [
+        ("onset_depth", "onset depth"), ("onset_depth_censored", "onset depth (never = 1)"),
+        ("onset_step", "onset step"), ("onset_step_censored", "onset step (never = end + 1)"),
+        ("completion_depth", "L* depth"), ("peak_max_share", "peak max share"), ("peak_gain", "peak gain in training"),
+        ("peak_depth", "peak depth"),
+        ("area_above_baseline", "area above baseline"), ("norm_cv", "norm-CV"), (f"ve@{rank}", f"VE@{rank}"),
+        (f"ve@{rank}_shuffle", f"VE@{rank} shuffle"), (f"ve@{rank}_gauss", f"VE@{rank} Gauss"),
+        (f"content@{rank}", f"content@{rank}"),
+        ("r_cv_share", "r(norm-CV, max share)"), ("val_loss", "val loss"), ("train_loss", "train loss"),
+        ("onset_loss", "train loss at onset"), ("matched_loss", "matched train loss"),
+        ("matched_step", "step at matched loss"), ("peak_max_share_matched", "peak max share at matched loss"),
+        ("area_above_baseline_matched", "area above baseline at matched loss"),
+        ("onset_depth_matched_censored", "onset depth at matched loss (never = 1)"),
+    ]
 
 
 def factor_value(run: Run, factor: str):
@@ -102,12 +104,12 @@ def group(rows: list[dict], order: list | None = None) -> dict:
     return {a: arms[a] for a in ordered + [a for a in arms if a not in ordered]}
 
 
-def arm_summary(arm_rows: dict, level: float = 0.95) -> list[dict]:
+def arm_summary(arm_rows: dict, level: float = 0.95, rank: int = 8) -> list[dict]:
     """One row per arm: seeds, runs that never reached onset, and mean [low, high] of every statistic."""
     out = []
     for arm, rows in arm_rows.items():
         summary = {"arm": arm, "runs": len(rows), "never": sum(math.isnan(r["onset_depth"]) for r in rows)}
-        for key, _ in STATISTICS:
+        for key, _ in statistics(rank):
             mean, low, high = bootstrap_ci([r.get(key, math.nan) for r in rows], level)
             summary.update({key: mean, f"{key}_low": low, f"{key}_high": high})
         out.append(summary)
@@ -148,6 +150,20 @@ def trajectory(run: Run, threshold: float, rank: int = 8) -> dict:
         for key in values:
             values[key].append(stats[key])
     return {"steps": steps, "values": values}
+
+
+def arm_curves(runs: list[Run], rows: list[dict], arms: list, threshold: float, level: float, rank: int,
+               factor: str) -> dict:
+    """What a study's two figures draw, per arm in ``arms`` order: depth profiles at the last step (mean and
+    band over seeds) and collapse over training (the arm's mean, and each seed faint in its colour)."""
+    runs_by_arm = {arm: [run for run, row in zip(runs, rows) if row["arm"] == arm] for arm in arms}
+    curves = []
+    for i, (arm, arm_runs) in enumerate(runs_by_arm.items()):
+        per_run = [trajectory(run, threshold, rank) for run in arm_runs]
+        curves.append({"label": arm_label(factor, arm), "color": f"C{i}", **mean_curve(per_run)})
+        curves += [{"label": None, "color": f"C{i}", **c, "style": "-", "alpha": 0.3} for c in per_run]
+    return {"profiles": profiles(runs_by_arm, ["max_share", f"ve@{rank}", f"ve@{rank}_shuffle", "norm_cv"], level,
+                                 factor), "curves": curves}
 
 
 def mean_curve(curves: list[dict]) -> dict:

@@ -12,30 +12,22 @@ in the predicted order; effect sizes = the differences between neighbouring arms
 each with its bootstrap interval. A verdict needs MIN_SEEDS runs per arm and every interval on one side of
 zero; otherwise the study says "no verdict" and why. ``learned`` positions are tabulated but the paper makes
 no prediction for them.
+
+What is predicted is data: the factor, the order of arms, the statistics and which way each should move
+are the study's spec (conf/study/brake_ordering.yaml, alibi_slope.yaml; ``analysis.studies``).
 """
 from __future__ import annotations
 
 import math
 
-from analysis.arms import (MIN_SEEDS, add_matched_loss, arm_label, arm_summary, group, mean_curve, profiles, run_row,
-                           trajectory)
+from analysis import studies
+from analysis.arms import MIN_SEEDS, add_matched_loss, arm_curves, arm_label, arm_summary, group, run_row
 from analysis.runs import Run
 from analysis.stats import bootstrap_difference_ci, order_probability, spearman, spearman_ci
+from analysis.studies import Comparison, Study
 from analysis.tables import cell
 from common.errors import UserError
 
-ORDER = ["nope", "rope", "alibi"]  # weakest to strongest brake
-NAMES = {"nope": "NoPE", "rope": "RoPE", "alibi": "ALiBi", "learned": "learned"}
-# (statistic, +1 if it should grow with the brake / -1 if it should shrink, label)
-CHECKS = [("onset_depth_censored", +1, "onset depth (never = 1)"),
-          ("onset_step_censored", +1, "onset step in training (never = end + 1)"),
-          ("peak_max_share", -1, "peak max share"),
-          ("peak_gain", -1, "peak max share gained in training (final - first record)"),
-          ("area_above_baseline", -1, "area above causal-uniform baseline"),
-          ("onset_loss_censored", -1, "training loss at onset (never = 0): crossing earlier in learning"),
-          ("peak_max_share_matched", -1, "peak max share at matched training loss"),
-          ("area_above_baseline_matched", -1, "area above baseline at matched training loss")]
-AT_STEP = {"onset_depth_censored", "onset_step_censored", "peak_max_share", "peak_gain", "area_above_baseline"}
 SUPPORTED = 0.95
 NO_INTERVAL = "no verdict: an interval includes zero"
 
@@ -61,17 +53,17 @@ def classify(p: float, p_reverse: float, differences: list[tuple[float, float, f
     return NO_INTERVAL
 
 
-def _label(arm) -> str:
-    return NAMES.get(arm, str(arm))
+def observed_order(arm_rows: dict, key: str, descending: bool = False, labels: dict | None = None) -> str:
+    """Arms sorted by the mean of ``key``, as ``NoPE 0.0833 < RoPE 0.25 = ALiBi 1`` (``>`` when descending);
+    ``labels``: how to name each arm (default: as it is)."""
+    def name(arm) -> str:
+        return (labels or {}).get(arm, str(arm))
 
-
-def observed_order(arm_rows: dict, key: str, descending: bool = False) -> str:
-    """Arms sorted by the mean of ``key``, as ``NoPE 0.0833 < RoPE 0.25 = ALiBi 1`` (``>`` when descending)."""
     means = {arm: _mean([r[key] for r in rows]) for arm, rows in arm_rows.items()}
     ranked = sorted(means, key=lambda a: (math.isnan(means[a]), -means[a] if descending else means[a]))
-    text = f"{_label(ranked[0])} {means[ranked[0]]:.3g}"
+    text = f"{name(ranked[0])} {means[ranked[0]]:.3g}"
     for prev, arm in zip(ranked, ranked[1:]):
-        text += f" {'=' if means[arm] == means[prev] else '>' if descending else '<'} {_label(arm)} {means[arm]:.3g}"
+        text += f" {'=' if means[arm] == means[prev] else '>' if descending else '<'} {name(arm)} {means[arm]:.3g}"
     return text
 
 
@@ -80,12 +72,18 @@ def _mean(values) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
-def ordering_checks(arm_rows: dict, order: list, threshold: float, level: float = 0.95) -> list[dict]:
+def ordering_checks(arm_rows: dict, order: list, comparisons: tuple[Comparison, ...], threshold: float,
+                    level: float = 0.95, labels: dict | None = None) -> list[dict]:
     """One verdict per statistic: observed order, the differences between neighbouring arms with their
-    intervals, P(predicted order), P(reverse), and its classification."""
+    intervals, P(predicted order), P(reverse), and its classification. ``order``: the arms present, weakest
+    to strongest brake; ``labels``: how the verdict names each arm."""
+    def _label(arm) -> str:
+        return (labels or {}).get(arm, str(arm))
+
     crossed = any(not math.isnan(r["onset_depth"]) for rows in arm_rows.values() for r in rows)
     checks = []
-    for key, sign, label in CHECKS:
+    for comparison in comparisons:
+        key, sign, label = comparison.statistic, comparison.sign, comparison.label
         groups = [[sign * r[key] for r in arm_rows[a]] for a in order]
         p, p_rev = order_probability(groups), order_probability(groups[::-1])
         differences = [bootstrap_difference_ci(a, b, level) for a, b in zip(groups, groups[1:])]
@@ -100,7 +98,8 @@ def ordering_checks(arm_rows: dict, order: list, threshold: float, level: float 
         names = [_label(a) for a in order]
         effects = [f"{_label(b)} - {_label(a)} {_effect(sign, d)}" for a, b, d in zip(order, order[1:], differences)]
         checks.append({"statistic": label, "key": key, "predicted": (" < " if sign > 0 else " > ").join(names),
-                       "observed": observed_order({a: arm_rows[a] for a in order}, key, descending=sign < 0),
+                       "observed": observed_order({a: arm_rows[a] for a in order}, key, descending=sign < 0,
+                                                  labels=labels),
                        "effects": "; ".join(effects), "p_predicted": p, "p_reverse": p_rev, "verdict": verdict})
     return checks
 
@@ -112,12 +111,14 @@ def _effect(sign: int, difference: tuple[float, float, float]) -> str:
     return f"{mean:+.3g} [{low:.3g}, {high:.3g}]"  # significant digits: small effects keep their sign
 
 
-def trend_checks(rows: list[dict], level: float = 0.95, factor: str = "") -> list[dict]:
+def trend_checks(rows: list[dict], comparisons: tuple[Comparison, ...], level: float = 0.95,
+                 factor: str = "") -> list[dict]:
     """Along a numeric brake (ALiBi slope scale): Spearman rho of each statistic against the scale, per run,
     with its bootstrap interval (runs resampled within each scale)."""
     scales = [float(r["arm"]) for r in rows]
     checks = []
-    for key, sign, label in CHECKS:
+    for comparison in comparisons:
+        key, sign, label = comparison.statistic, comparison.sign, comparison.label
         values = [r[key] for r in rows]
         rho, p = spearman(scales, values)
         low, high = spearman_ci(scales, values, level)
@@ -153,56 +154,54 @@ def overall(checks: list[dict]) -> str:
     return "not established (" + ", ".join(f"{c['statistic']}: {c['verdict']}" for c in decided) + ")"
 
 
-def brake_study(runs: list[Run], factor: str = "router.position", threshold: float = 0.2, completion: float = 0.5,
-                level: float = 0.95, rank: int = 8) -> dict:
-    """Per-run rows, per-arm summaries with CIs, ordering (or trend) checks, depth profiles and trajectories."""
+def brake_study(runs: list[Run], study: Study | None = None, threshold: float = 0.2, completion: float = 0.5,
+                level: float = 0.95) -> dict:
+    """Per-run rows, per-arm summaries with CIs, ordering (or trend) checks, depth profiles and trajectories.
+    ``study``: an ordering or a trend spec (default conf/study/brake_ordering.yaml), at its rank."""
+    study = study or studies.load("brake_ordering")
+    factor, rank = study.factor, study.rank
     rows = [run_row(run, factor, threshold, completion, rank) for run in runs]
     matched = add_matched_loss(rows, runs, threshold, completion, rank)
     numeric = all(isinstance(r["arm"], (int, float)) and not isinstance(r["arm"], bool) for r in rows)
-    arm_rows = group(rows, sorted({r["arm"] for r in rows}) if numeric else ORDER + ["learned"])
-    if numeric:
-        checks = trend_checks(rows, level, factor)
+    if study.kind == "trend":
+        if not numeric:
+            raise UserError(f"study={study.name} reads a trend along a numeric factor; the sweep's {factor} has "
+                            f"{', '.join(sorted({str(r['arm']) for r in rows}))}. Pass factor=<a numeric axis>")
+        arm_rows = group(rows, sorted({r["arm"] for r in rows}))
+        checks = trend_checks(rows, study.comparisons, level, factor)
     else:
-        order = [a for a in ORDER if a in arm_rows]
+        arm_rows = group(rows, list(study.order) + [a for a in study.labels if a not in study.order])
+        order = [a for a in study.order if a in arm_rows]
         if len(order) < 2:
-            raise UserError(f"the brake ordering needs at least two of {', '.join(ORDER)} in {factor}; the sweep has "
-                            f"{', '.join(map(str, arm_rows))}. For a numeric brake pass factor=router.alibi_slope_scale")
-        checks = ordering_checks(arm_rows, order, threshold, level)
-    runs_by_arm = {arm: [run for run, row in zip(runs, rows) if row["arm"] == arm] for arm in arm_rows}
-    curves = []
-    for i, (arm, arm_runs) in enumerate(runs_by_arm.items()):
-        per_run = [trajectory(run, threshold, rank) for run in arm_runs]
-        curves.append({"label": arm_label(factor, arm), "color": f"C{i}", **mean_curve(per_run)})
-        curves += [{"label": None, "color": f"C{i}", **c, "style": "-", "alpha": 0.3} for c in per_run]
-    step_checks = [c for c in checks if c["key"] in AT_STEP]
-    loss_checks = [c for c in checks if c["key"] not in AT_STEP]
-    return {"factor": factor, "threshold": threshold, "numeric": numeric, "rows": rows, "matched_loss": matched,
+            raise UserError(f"the brake ordering needs at least two of {', '.join(study.order)} in {factor}; the sweep "
+                            f"has {', '.join(map(str, arm_rows))}. For a numeric brake pass study=alibi_slope")
+        checks = ordering_checks(arm_rows, order, study.comparisons, threshold, level, study.labels)
+    at_step = {c.statistic for c in study.comparisons if c.at == "step"}
+    step_checks = [c for c in checks if c["key"] in at_step]
+    loss_checks = [c for c in checks if c["key"] not in at_step]
+    return {"study": study.name, "kind": study.kind, "factor": factor, "threshold": threshold,
+            "prediction": study.prediction, "labels": study.labels, "rows": rows, "matched_loss": matched,
             "verdict_step": overall(step_checks), "verdict_loss": overall(loss_checks),
-            "arms": arm_summary(arm_rows, level), "checks": checks, "verdict": overall(checks),
-            "profiles": profiles(runs_by_arm, ["max_share", f"ve@{rank}", f"ve@{rank}_shuffle", "norm_cv"], level,
-                                 factor), "curves": curves,
-            "level": level, "rank": rank}
+            "arms": arm_summary(arm_rows, level, rank), "checks": checks, "verdict": overall(checks),
+            **arm_curves(runs, rows, list(arm_rows), threshold, level, rank, factor), "level": level, "rank": rank}
 
 
 def verdict_text(result: dict) -> str:
     """The plain-language verdict block of docs/results.md and the study's verdict.md."""
-    arms = result["arms"]
-    seeds = ", ".join(f"{_label(a['arm'])}: {a['runs']} runs ({a['never']} never reach onset)" for a in arms)
-    lines = [f"Factor `{result['factor']}`; onset threshold {result['threshold']}; {seeds}.", ""]
-    if result["numeric"]:
-        lines.append("Prediction: a larger ALiBi slope scale is a stronger brake: onset later, concentration lower.")
-    else:
-        lines.append("Prediction (Section 7): onset NoPE < RoPE < ALiBi; peak and area in the reverse order.")
-    lines.append("")
+    arms, labels, trend = result["arms"], result["labels"], result["kind"] == "trend"
+    seeds = ", ".join(f"{labels.get(a['arm'], str(a['arm']))}: {a['runs']} runs ({a['never']} never reach onset)"
+                      for a in arms)
+    lines = [f"Factor `{result['factor']}`; onset threshold {result['threshold']}; {seeds}.", "",
+             result["prediction"], ""]
     for c in result["checks"]:
-        if result["numeric"]:
+        if trend:
             lines.append(f"- {c['statistic']}: {c['predicted']}; Spearman rho = {cell(c['spearman_rho'])} "
                          f"[{cell(c['rho_low'])}, {cell(c['rho_high'])}] (p = {cell(c['p'])}) -> **{c['verdict']}**")
         else:
             lines.append(f"- {c['statistic']}: predicted {c['predicted']}; observed {c['observed']}; "
                          f"differences {c['effects']}; P(predicted order) = {cell(c['p_predicted'], 2)}, "
                          f"P(reverse) = {cell(c['p_reverse'], 2)} -> **{c['verdict']}**")
-    if not result["numeric"]:
+    if not trend:
         lines += ["", f"At matched step (the final records): **{result['verdict_step']}**.",
                   f"At matched training loss ({cell(result['matched_loss'])}, the slowest arm's best; each run read at "
                   f"its first record at or under it): **{result['verdict_loss']}**."]

@@ -19,7 +19,7 @@ from common.errors import UserError
 from records import max_share_heatmaps
 
 HEATMAP_RUNS = 8  # panels of the sweep's layer x step figure
-STUDIES = ("seed_direction", "brake_ordering", "alibi_slope", "metric")
+DEFAULT_RANK = 8  # VE rank of the tables and figures without a study (rank= sets it)
 
 
 def curve_keys(rank: int = 8) -> list[tuple[str, str]]:
@@ -186,20 +186,22 @@ def analyse_hf(cfg) -> Path:
     images = [out / (spec.partition("@")[2] or "final") / "signature.png" for spec in specs]
     steps = [r["step"] for r in records]
     if len(records) > 1 and all(s is not None for s in steps):
-        series = [_series(name, steps, records, cfg.threshold) | {"color": "C0"}]
+        rank = cfg.rank or DEFAULT_RANK
+        series = [_series(name, steps, records, cfg.threshold, rank) | {"color": "C0"}]
         if cfg.compare:
             ours = read_run(cfg.compare)
             series.append(_series(f"ours: {run_names.run_label(ours.path)}", [r["step"] for r in ours.records],
-                                  ours.records, cfg.threshold, style="s--") | {"color": "C1"})
-        images.append(_save(curves_figure(series, f"collapse over training ({about})", cfg.threshold, log_steps=True),
-                            out / "collapse_over_training.png"))
+                                  ours.records, cfg.threshold, rank, style="s--") | {"color": "C1"})
+        images.append(_save(curves_figure(series, f"collapse over training ({about})", cfg.threshold, rank,
+                                          log_steps=True), out / "collapse_over_training.png"))
     _wandb(cfg, out, None, None, f"{name}-analysis", {"models": rows}, images)
     return out
 
 
-def _series(label: str, steps: list, records: list[dict], threshold: float, style: str = "o-") -> dict:
-    stats = [run_statistics(r, threshold) for r in records]
-    keys = [key for key, _ in curve_keys()] + ["baseline", "ve@8_shuffle", "ve@8_gauss"]
+def _series(label: str, steps: list, records: list[dict], threshold: float, rank: int = DEFAULT_RANK,
+            style: str = "o-") -> dict:
+    stats = [run_statistics(r, threshold, rank=rank) for r in records]
+    keys = [key for key, _ in curve_keys(rank)] + ["baseline", f"ve@{rank}_shuffle", f"ve@{rank}_gauss"]
     return {"label": label, "steps": steps, "style": style, "values": {key: [s[key] for s in stats] for key in keys}}
 
 
@@ -207,14 +209,13 @@ def _series(label: str, steps: list, records: list[dict], threshold: float, styl
 
 def analyse_sweep(cfg) -> Path:
     """``sweep=<dir or wandb:...>``: one row per run (its axes, the Table 1 columns, val loss, onset step)
-    and every run's collapse over training; or, with ``study=``, that study."""
-    if cfg.study and cfg.study not in STUDIES:
-        raise UserError(f"unknown study {cfg.study!r}; choose one of {', '.join(STUDIES)}")
+    and every run's collapse over training; or, with ``study=``, that study (its spec: conf/study/)."""
+    study = _study(cfg)
     runs = find_runs(cfg.sweep)
     local = not str(cfg.sweep).startswith("wandb:")
     base = Path(cfg.out) if cfg.out else (Path(cfg.sweep) / "analysis" if local else
                                           Path("outputs") / "analysis" / str(cfg.sweep).replace("/", "--").replace(":", "-"))
-    out = base / cfg.study if cfg.study and not cfg.out else base
+    out = base / study.name if study and not cfg.out else base
     out.mkdir(parents=True, exist_ok=True)
     if failed := failed_jobs(cfg.sweep):  # never results: listed apart
         write_csv([{"job": job, **failure} for job, failure in failed], out / "failed_jobs.csv")
@@ -222,18 +223,26 @@ def analyse_sweep(cfg) -> Path:
         for job, failure in failed:
             print(f"  {job}: {failure['reason']}")
     group = run_names.sweep_group(Path(cfg.sweep)) if local else Path(str(cfg.sweep)).name
-    if cfg.study == "seed_direction":
-        tables, images = _seed_direction(cfg, runs, out)
-    elif cfg.study in ("brake_ordering", "alibi_slope"):
-        factor = cfg.factor or ("router.alibi_slope_scale" if cfg.study == "alibi_slope" else "router.position")
-        tables, images = _brake(cfg, runs, out, factor)
-    elif cfg.study == "metric":
-        tables, images = _metric(cfg, runs, out, cfg.factor or "router.score")
-    else:
+    if study is None:
         tables, images = _sweep_table(cfg, runs, out)
+    elif study.kind == "seed_pairs":
+        tables, images = _seed_direction(cfg, runs, out, study)
+    else:
+        tables, images = _arm_study(cfg, runs, out, study)
     config = _first_config(runs)
-    _wandb(cfg, out, config, group, f"{group}-{cfg.study or 'sweep'}", tables, images)
+    _wandb(cfg, out, config, group, f"{group}-{study.name if study else 'sweep'}", tables, images)
     return out
+
+
+def _study(cfg):
+    """The composed ``study`` spec with the ``rank=`` and ``factor=`` knobs applied (None without a study)."""
+    from omegaconf import OmegaConf
+
+    from analysis.studies import from_config
+
+    if not cfg.study:
+        return None
+    return from_config(OmegaConf.to_container(cfg.study, resolve=True)).at(cfg.rank, cfg.factor)
 
 
 def _first_config(runs) -> dict:
@@ -248,12 +257,12 @@ def _first_config(runs) -> dict:
 
 
 def _sweep_table(cfg, runs, out: Path):
-    axes = factors(runs)
+    axes, rank = factors(runs), cfg.rank or DEFAULT_RANK
     rows = []
     for run in runs:
-        stats = run_statistics(run.final, cfg.threshold, cfg.completion)
+        stats = run_statistics(run.final, cfg.threshold, cfg.completion, rank)
         row = {"run": run.name, **{a: run.get(a) for a in axes}}
-        row.update(table1_row(run.name, run.final, cfg.threshold, cfg.completion))
+        row.update(table1_row(run.name, run.final, cfg.threshold, cfg.completion, rank))
         summary = run.final["summary"]
         row.update({"step": stats["step"], "onset step": onset_step(run.records, cfg.threshold),
                     "sink": summary.get("peak_sink_source"), "sink %": _percent(summary.get("peak_sink_fraction")),
@@ -270,9 +279,10 @@ def _sweep_table(cfg, runs, out: Path):
     for run in runs:  # one colour and one legend entry per arm, labelled as W&B names the runs
         arm = run_names.label([(a, run.get(a)) for a in arm_keys]) or "all runs"
         colors.setdefault(arm, f"C{len(colors) % 10}")
-        series.append(_series(arm, [r["step"] for r in run.records], run.records, cfg.threshold) | {"color": colors[arm]})
+        series.append(_series(arm, [r["step"] for r in run.records], run.records, cfg.threshold, rank)
+                      | {"color": colors[arm]})
     name = run_names.sweep_group(Path(cfg.sweep)) if Path(cfg.sweep).is_dir() else str(cfg.sweep)
-    image = _save(curves_figure(series, f"{name}: collapse over training", cfg.threshold),
+    image = _save(curves_figure(series, f"{name}: collapse over training", cfg.threshold, rank),
                   out / "collapse_over_training.png")
     panels = [(_panel_label(run, axes), run.records) for run in runs[:HEATMAP_RUNS]]
     heatmaps = _save(max_share_heatmaps(panels, cfg.threshold, f"{name}: max share by layer and step"
@@ -293,29 +303,47 @@ def _percent(fraction) -> float:
     return math.nan if fraction is None else 100 * fraction
 
 
-def _brake(cfg, runs, out: Path, factor: str):
-    from analysis.brake import brake_study, verdict_text
+# What each kind of arm study writes: its table of tests, the file of its verdict in words, and the arm
+# columns that file shows (the per-arm means, at the study's rank).
+_WRITES = {"ordering": ("checks", "verdict.md"), "trend": ("checks", "verdict.md"),
+           "reference": ("comparisons", "statement.md")}
 
-    result = brake_study(runs, factor, cfg.threshold, cfg.completion, cfg.level, cfg.rank)
+
+def _arm_columns(kind: str, rank: int) -> list[str]:
+    if kind == "reference":
+        return ["arm", "runs", "norm_cv", "norm_cv_low", "norm_cv_high", f"ve@{rank}", f"ve@{rank}_shuffle",
+                f"ve@{rank}_gauss", "peak_max_share", "peak_max_share_low", "peak_max_share_high",
+                "area_above_baseline", "val_loss", "val_loss_low", "val_loss_high"]
+    return ["arm", "runs", "never", "onset_depth", "onset_step", "peak_max_share", "peak_max_share_low",
+            "peak_max_share_high", "peak_depth", "area_above_baseline", "area_above_baseline_low",
+            "area_above_baseline_high", f"ve@{rank}", "norm_cv", "val_loss"]
+
+
+def _arm_study(cfg, runs, out: Path, study):
+    """A study of arms x seeds (brake ordering, ALiBi slope, metric): per-run rows, per-arm means with
+    intervals, the study's tests (checks or comparisons), its verdict in words, profiles and trajectories."""
+    from analysis.brake import brake_study, verdict_text
+    from analysis.metric import metric_study, statement
+
+    judge, explain = (metric_study, statement) if study.kind == "reference" else (brake_study, verdict_text)
+    result = judge(runs, study, cfg.threshold, cfg.completion, cfg.level)
+    tests, text_file = _WRITES[study.kind]
     write_csv(result["rows"], out / "runs.csv")
     write_csv(result["arms"], out / "arms.csv")
-    write_csv(result["checks"], out / "checks.csv")
-    verdict = verdict_text(result)
-    columns = ["arm", "runs", "never", "onset_depth", "onset_step", "peak_max_share", "peak_max_share_low",
-               "peak_max_share_high", "peak_depth", "area_above_baseline", "area_above_baseline_low",
-               "area_above_baseline_high", "ve@8", "norm_cv", "val_loss"]
-    atomic.write_text(out / "verdict.md", f"# Brake study: {cfg.sweep}\n\n{verdict}\n\n## Arms (mean, {cfg.level:.0%} "
-                                    f"bootstrap over seeds)\n\n{markdown(result['arms'], columns)}\n")
-    atomic.write_text(out / "result.json", json.dumps({k: result[k] for k in ("factor", "threshold", "verdict", "checks")},
-                                                indent=1))
-    images = [_save(profiles_figure(result["profiles"], runs, cfg.rank, cfg.threshold,
-                                    f"{factor}: depth profiles at the last step (mean and band over seeds)"),
-                    out / "profiles.png"),
-              _save(curves_figure(result["curves"], f"{factor}: collapse over training (mean per arm, faint: seeds)",
-                                  cfg.threshold, cfg.rank), out / "trajectories.png")]
-    print(verdict)
-    print(f"brake study: {out / 'verdict.md'}")
-    return {"runs": result["rows"], "arms": result["arms"], "checks": result["checks"]}, images
+    write_csv(result[tests], out / f"{tests}.csv")
+    text = explain(result)
+    atomic.write_text(out / text_file, f"# {study.title}: {cfg.sweep}\n\n{text}\n\n## Arms (mean, {cfg.level:.0%} "
+                                       f"bootstrap over seeds)\n\n"
+                                       f"{markdown(result['arms'], _arm_columns(study.kind, study.rank))}\n")
+    saved = {k: result[k] for k in ("study", "factor", "threshold", "rank", "verdict", tests) if k in result}
+    atomic.write_text(out / "result.json", json.dumps(saved, indent=1))
+    about = f"{study.factor}: depth profiles at the last step (mean and band over seeds)"
+    images = [_save(profiles_figure(result["profiles"], runs, study.rank, cfg.threshold, about), out / "profiles.png"),
+              _save(curves_figure(result["curves"], f"{study.factor}: collapse over training (mean per arm, faint: "
+                                  "seeds)", cfg.threshold, study.rank), out / "trajectories.png")]
+    print(text)
+    print(f"{study.name} study: {out / text_file}")
+    return {"runs": result["rows"], "arms": result["arms"], tests: result[tests]}, images
 
 
 def _final_column(runs, key: str) -> list[float]:
@@ -323,43 +351,20 @@ def _final_column(runs, key: str) -> list[float]:
     return [layer.get(key) for layer in runs[0].final["layers"]]
 
 
-def _metric(cfg, runs, out: Path, factor: str):
-    from analysis.metric import metric_study, statement
-
-    result = metric_study(runs, factor, cfg.threshold, cfg.completion, cfg.level, cfg.rank)
-    write_csv(result["rows"], out / "runs.csv")
-    write_csv(result["arms"], out / "arms.csv")
-    write_csv(result["comparisons"], out / "comparisons.csv")
-    text = statement(result)
-    columns = ["arm", "runs", "norm_cv", "norm_cv_low", "norm_cv_high", "ve@8", "ve@8_shuffle", "ve@8_gauss",
-               "peak_max_share", "peak_max_share_low", "peak_max_share_high", "area_above_baseline", "val_loss",
-               "val_loss_low", "val_loss_high"]
-    atomic.write_text(out / "statement.md", f"# Metric study: {cfg.sweep}\n\n{text}\n\n## Arms\n\n"
-                                      f"{markdown(result['arms'], columns)}\n")
-    images = [_save(profiles_figure(result["profiles"], runs, cfg.rank, cfg.threshold,
-                                    f"{factor}: depth profiles at the last step (mean and band over seeds)"),
-                    out / "profiles.png"),
-              _save(curves_figure(result["curves"], f"{factor}: collapse over training (mean per arm, faint: seeds)",
-                                  cfg.threshold, cfg.rank), out / "trajectories.png")]
-    print(text)
-    print(f"metric study: {out / 'statement.md'}")
-    return {"runs": result["rows"], "arms": result["arms"], "comparisons": result["comparisons"]}, images
-
-
-def _seed_direction(cfg, runs, out: Path):
+def _seed_direction(cfg, runs, out: Path, study):
     from analysis.seeds import seed_study, statement, summary_rows
 
     if not all(run.path.is_dir() and (run.path / "checkpoints" / "last.ckpt").is_file() for run in runs):
         raise UserError("the seed-direction study reruns the checkpoints: pass the local multirun folder as sweep=<dir>")
-    result = seed_study(runs, cfg.rank, cfg.batch_size)
+    result = seed_study(runs, study.rank, cfg.batch_size)
     summary = summary_rows(result)
     write_csv(result["rows"], out / "layers.csv")
     write_csv(summary, out / "summary.csv")
     text = statement(result)
-    atomic.write_text(out / "summary.md", f"# Seed-direction control: {cfg.sweep}\n\n{markdown(summary)}\n\n{text}\n\n"
+    atomic.write_text(out / "summary.md", f"# {study.title}: {cfg.sweep}\n\n{markdown(summary)}\n\n{text}\n\n"
                                     "Key-space angles compare coordinates, which two weight seeds do not share; "
                                     "token-space angles are basis-free (docs/analysis.md).\n")
-    image = _save(figures.seed_direction_figure(result["profiles"], cfg.rank,
+    image = _save(figures.seed_direction_figure(result["profiles"], study.rank,
                                                 f"{run_names.sweep_group(Path(cfg.sweep))}: direction vs geometry"),
                   out / "seed_direction.png")
     print(markdown(summary))

@@ -9,26 +9,21 @@ A difference "counts" only when its whole interval lies on one side of zero, and
 ``MIN_SEEDS`` runs in each of the two arms (fewer: "too few seeds"). ``normalized`` keys have
 constant norm by construction, so its lower norm-CV is design, not evidence; its concentration is the test
 of the paper's claim that concentration does not need stratification.
+
+The reference arm, the statistics, what each direction means and which ones the prediction covers are the
+study's spec (conf/study/metric_study.yaml; ``analysis.studies``).
 """
 from __future__ import annotations
 
 import math
 
-from analysis.arms import MIN_SEEDS, arm_label, arm_summary, group, mean_curve, profiles, run_row, trajectory
+from analysis import studies
+from analysis.arms import MIN_SEEDS, arm_curves, arm_summary, group, run_row
 from analysis.runs import Run
 from analysis.stats import bootstrap_difference_ci
+from analysis.studies import Study
 from analysis.tables import cell
 from common.errors import UserError
-
-REFERENCE = "dot"
-SCORES = ["dot", "euclidean", "learned_metric", "normalized"]
-# (statistic, label, what a decrease means)
-COMPARISONS = [("norm_cv", "norm-CV", "less norm stratification"),
-               ("peak_max_share", "peak max share", "less concentration"),
-               ("area_above_baseline", "area above baseline", "less concentration over depth"),
-               ("ve@8", "VE@8", "less low-rank collapse"),
-               ("onset_step_censored", "onset step (never = end + 1)", "earlier onset"),
-               ("val_loss", "val loss", "better loss")]
 
 
 def direction(low: float, high: float, seeds: tuple[int, int] = (MIN_SEEDS, MIN_SEEDS)) -> str:
@@ -44,55 +39,53 @@ def direction(low: float, high: float, seeds: tuple[int, int] = (MIN_SEEDS, MIN_
     return "no clear difference"
 
 
-def metric_study(runs: list[Run], factor: str = "router.score", threshold: float = 0.2, completion: float = 0.5,
-                 level: float = 0.95, rank: int = 8) -> dict:
+def metric_study(runs: list[Run], study: Study | None = None, threshold: float = 0.2, completion: float = 0.5,
+                 level: float = 0.95) -> dict:
+    """Per-run rows, per-arm summaries, and each arm's difference to the reference arm for every comparison
+    of ``study`` (default conf/study/metric_study.yaml), at its rank."""
+    study = study or studies.load("metric_study")
+    factor, rank, reference_arm = study.factor, study.rank, study.reference
     rows = [run_row(run, factor, threshold, completion, rank) for run in runs]
-    arm_rows = group(rows, SCORES)
-    if REFERENCE not in arm_rows or len(arm_rows) < 2:
-        raise UserError(f"the metric study compares scores with {REFERENCE!r}; the sweep's {factor} has "
-                        f"{', '.join(map(str, arm_rows))}. Sweep router/score=dot,euclidean,learned_metric,normalized")
-    reference = arm_rows[REFERENCE]
+    arm_rows = group(rows, list(study.order))
+    if reference_arm not in arm_rows or len(arm_rows) < 2:
+        raise UserError(f"study={study.name} compares each arm with {reference_arm!r}; the sweep's {factor} has "
+                        f"{', '.join(map(str, arm_rows))}. Sweep {factor}={','.join(map(str, study.order))}")
+    reference = arm_rows[reference_arm]
     comparisons = []
     for arm, arm_runs in arm_rows.items():
-        if arm == REFERENCE:
+        if arm == reference_arm:
             continue
-        for key, label, meaning in COMPARISONS:
-            a, b = [r[key] for r in reference], [r[key] for r in arm_runs]
+        for c in study.comparisons:
+            a, b = [r[c.statistic] for r in reference], [r[c.statistic] for r in arm_runs]
             diff, low, high = bootstrap_difference_ci(a, b, level)
             seeds = (sum(not math.isnan(v) for v in a), sum(not math.isnan(v) for v in b))
-            comparisons.append({"score": arm, "statistic": label, "key": key, "difference": diff, "low": low,
-                                "high": high, "direction": direction(low, high, seeds), "meaning": meaning})
-    runs_by_arm = {arm: [run for run, row in zip(runs, rows) if row["arm"] == arm] for arm in arm_rows}
-    curves = []
-    for i, (arm, arm_runs) in enumerate(runs_by_arm.items()):
-        per_run = [trajectory(run, threshold, rank) for run in arm_runs]
-        curves.append({"label": arm_label(factor, arm), "color": f"C{i}", **mean_curve(per_run)})
-        curves += [{"label": None, "color": f"C{i}", **c, "style": "-", "alpha": 0.3} for c in per_run]
-    return {"factor": factor, "threshold": threshold, "rows": rows, "arms": arm_summary(arm_rows, level),
-            "comparisons": comparisons, "level": level, "rank": rank, "curves": curves,
-            "profiles": profiles(runs_by_arm, ["max_share", f"ve@{rank}", f"ve@{rank}_shuffle", "norm_cv"], level,
-                                 factor)}
+            comparisons.append({"score": arm, "statistic": c.label, "key": c.statistic, "difference": diff, "low": low,
+                                "high": high, "direction": direction(low, high, seeds), "meaning": c.lower})
+    return {"study": study.name, "kind": study.kind, "factor": factor, "threshold": threshold,
+            "reference": reference_arm, "spec": study.comparisons, "rows": rows, "arms": arm_summary(arm_rows, level, rank),
+            "comparisons": comparisons, "level": level, "rank": rank,
+            **arm_curves(runs, rows, list(arm_rows), threshold, level, rank, factor)}
 
 
 def statement(result: dict) -> str:
-    """Per score, in words: stratification, concentration, geometry and loss relative to ``dot``."""
-    level = int(100 * result["level"])
-    lines = [f"Each difference is (score - {REFERENCE}) of the arm means, with its {level}% bootstrap interval "
+    """Per score, in words: stratification, concentration, geometry and loss relative to the reference."""
+    level, reference = int(100 * result["level"]), result["reference"]
+    lines = [f"Each difference is (score - {reference}) of the arm means, with its {level}% bootstrap interval "
              "over seeds; a direction is claimed only when the interval excludes zero.", ""]
     by_score: dict = {}
     for c in result["comparisons"]:
         by_score.setdefault(c["score"], {})[c["key"]] = c
+    predicted = [spec for spec in result["spec"] if spec.expected]
     for score, cs in by_score.items():
         parts = []
-        for key, label, meaning in COMPARISONS:
-            c = cs[key]
-            says = {"lower": meaning if key != "val_loss" else "lower loss",
-                    "higher": "the opposite" if key != "val_loss" else "a loss cost"}.get(c["direction"], c["direction"])
-            parts.append(f"{label} {cell(c['difference'])} [{cell(c['low'])}, {cell(c['high'])}] ({says})")
-        removes = cs["norm_cv"]["direction"] == "lower" and cs["peak_max_share"]["direction"] == "lower"
-        few = cs["norm_cv"]["direction"].startswith("too few")
+        for spec in result["spec"]:
+            c = cs[spec.statistic]
+            says = {"lower": spec.lower, "higher": spec.higher}.get(c["direction"], c["direction"])
+            parts.append(f"{spec.label} {cell(c['difference'])} [{cell(c['low'])}, {cell(c['high'])}] ({says})")
+        removes = all(cs[spec.statistic]["direction"] == spec.expected for spec in predicted)
+        first = cs[predicted[0].statistic]["direction"] if predicted else ""
         lines.append(f"- **{score}**: " + "; ".join(parts) + ". " +
-                     (f"No verdict: {cs['norm_cv']['direction']}." if few else
+                     (f"No verdict: {first}." if first.startswith("too few") else
                       "Removes both stratification and concentration." if removes else
                       "Does not remove the compensation (stratification and concentration not both lower)."))
     if "normalized" in by_score:

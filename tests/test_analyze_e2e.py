@@ -95,6 +95,14 @@ def test_brake_ordering_study_writes_arms_checks_verdict_and_figures(sweep):
     assert (out / "profiles.png").stat().st_size and (out / "trajectories.png").stat().st_size
 
 
+def test_a_brake_study_at_rank_4_reads_ve_at_4_from_real_records(sweep, tmp_path):
+    run(f"sweep={sweep}", "study=brake_ordering", "rank=4", f"out={tmp_path}")
+    arms = rows(tmp_path / "arms.csv")
+    assert all(0 < float(a["ve@4"]) <= 1 and 0 < float(a["ve@4_gauss"]) <= 1 for a in arms)
+    assert "ve@8" not in arms[0] and "ve@4" in (tmp_path / "verdict.md").read_text()
+    assert (tmp_path / "profiles.png").stat().st_size and (tmp_path / "trajectories.png").stat().st_size
+
+
 def test_seed_direction_study_pairs_the_weight_seeds_and_reports_angles_against_their_nulls(sweep):
     run(f"sweep={sweep}", "study=seed_direction", "rank=4")
     out = sweep / "analysis" / "seed_direction"
@@ -140,7 +148,7 @@ def test_a_corpus_probe_for_a_run_without_tokenizer_fails_with_one_line(sweep, c
 
 def test_unknown_study_is_refused_before_any_work(sweep, capsys):
     assert analyze.main([f"sweep={sweep}", "study=brakes"]) == 2
-    assert "choose one of seed_direction, brake_ordering, alibi_slope, metric" in capsys.readouterr().err
+    assert "choose one of alibi_slope, brake_ordering, metric_study, seed_direction" in capsys.readouterr().err
 
 
 @pytest.fixture

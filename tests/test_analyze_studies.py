@@ -1,12 +1,14 @@
 """Record -> table -> verdict logic of the studies, on hand-made sweeps whose answers are known."""
 from __future__ import annotations
 
+import csv
 import json
 import math
 
 import pytest
 import yaml
 
+from analysis import studies
 from analysis.brake import brake_study, verdict_text
 from analysis.metric import metric_study, statement
 from analysis.runs import factors, find_runs
@@ -124,7 +126,7 @@ def test_the_reverse_order_is_reported_as_contradicted(tmp_path):
 
 
 def test_without_any_crossing_onset_is_undetermined_and_peak_still_decides(tmp_path):
-    # Small CPU runs (METHODS.md section 7): peaks below 0.20, so only threshold-free statistics can order.
+    # Small CPU runs (docs/results.md): peaks below 0.20, so only threshold-free statistics can order.
     runs = brake_sweep(tmp_path, {"nope": (None, 0.15, None), "rope": (None, 0.12, None), "alibi": (None, 0.09, None)})
     for run, peak in zip(runs, [0.15] * 3 + [0.12] * 3 + [0.09] * 3):
         for r in run.records[1:]:
@@ -149,7 +151,7 @@ def slope_sweep(tmp_path, seeds):
 
 
 def test_alibi_slope_scale_is_judged_as_a_monotone_trend_with_an_interval_on_rho(tmp_path):
-    result = brake_study(slope_sweep(tmp_path, seeds=3), factor="router.alibi_slope_scale")
+    result = brake_study(slope_sweep(tmp_path, seeds=3), studies.load("alibi_slope"))
     checks = {c["key"]: c for c in result["checks"]}
     onset, peak = checks["onset_depth_censored"], checks["peak_max_share"]
     assert onset["spearman_rho"] > 0.9 and onset["rho_low"] > 0 and onset["verdict"] == "supported"
@@ -158,7 +160,7 @@ def test_alibi_slope_scale_is_judged_as_a_monotone_trend_with_an_interval_on_rho
 
 def test_two_seeds_per_arm_give_effect_sizes_but_no_verdict(tmp_path):
     # The issue's case: NoPE 0.0451 vs RoPE 0.0447 from two seeds each must not read "supported, P = 1.00".
-    slope = brake_study(slope_sweep(tmp_path / "slope", seeds=2), factor="router.alibi_slope_scale")
+    slope = brake_study(slope_sweep(tmp_path / "slope", seeds=2), studies.load("alibi_slope"))
     assert slope["verdict"].startswith("no verdict: too few seeds (runs per arm: 2 x slope0.0")
     runs = brake_sweep(tmp_path / "brake", {"nope": (1, 0.7, 100), "rope": (3, 0.5, 200)}, seeds=2)
     result = brake_study(runs)
@@ -236,8 +238,8 @@ def test_seed_pairs_are_classified_by_which_seed_differs(tmp_path):
 def test_metric_and_alibi_slope_studies_write_their_files_through_analyze(tmp_path):
     import analyze
 
-    assert analyze.main([f"sweep={metric_sweep(tmp_path / 'metric')}", "study=metric"]) == 0
-    out = tmp_path / "metric" / "analysis" / "metric"
+    assert analyze.main([f"sweep={metric_sweep(tmp_path / 'metric')}", "study=metric_study"]) == 0
+    out = tmp_path / "metric" / "analysis" / "metric_study"
     assert "**euclidean**" in (out / "statement.md").read_text()
     assert {"score", "statistic", "difference", "low", "high", "direction"} <= set((out / "comparisons.csv").read_text().splitlines()[0].split(","))
     assert (out / "profiles.png").stat().st_size and (out / "trajectories.png").stat().st_size
@@ -247,3 +249,66 @@ def test_metric_and_alibi_slope_studies_write_their_files_through_analyze(tmp_pa
                   [record(0, [0.06] * 8), record(100, onset_profile(2 * job + 1, 0.6 - 0.1 * job))])
     assert analyze.main([f"sweep={slope}", "study=alibi_slope"]) == 0
     assert "Spearman rho" in (slope / "analysis" / "alibi_slope" / "verdict.md").read_text()
+
+
+def test_every_study_is_named_after_the_experiment_that_trains_it_and_reads_the_axis_it_sweeps():
+    from pathlib import Path
+
+    conf = Path(studies.SPECS).parent
+    assert studies.names() == ["alibi_slope", "brake_ordering", "metric_study", "seed_direction"]
+    for name in studies.names():
+        study = studies.load(name)
+        experiment = yaml.safe_load((conf / "experiment" / f"{name}.yaml").read_text())
+        swept = experiment["hydra"]["sweeper"]["params"]
+        assert study.name == name
+        if study.kind == "seed_pairs":
+            assert study.factor is None and {"seed", "data_seed"} <= set(swept)
+        else:
+            assert study.factor in swept or study.factor.replace(".", "/") in swept, name
+
+
+def test_the_old_metric_study_name_still_works_and_an_unknown_one_lists_the_specs(tmp_path, capsys):
+    import analyze
+
+    assert analyze.main([f"sweep={metric_sweep(tmp_path)}", "study=metric"]) == 0
+    assert (tmp_path / "analysis" / "metric_study" / "statement.md").is_file()
+    assert analyze.main([f"sweep={tmp_path}", "study=brakes"]) == 2
+    assert "unknown study 'brakes'; choose one of alibi_slope, brake_ordering, metric_study, seed_direction" in \
+        capsys.readouterr().err
+
+
+def with_rank_4(records):
+    """The monitor's records carry every measured rank; these hand-made ones get VE@4 beside VE@8."""
+    for r in records:
+        for layer in r["layers"]:
+            layer.update({"ve@4": layer["ve@8"] - 0.1, "ve@4_gauss": 0.2, "ve@4_shuffle": 0.25})
+        r["summary"].update({"ve@4": r["summary"]["ve@8"] - 0.1, "ve@4_shuffle": 0.25, "ve@4_gauss": 0.2,
+                             "content@4": r["summary"]["ve@8"] - 0.35})
+    return records
+
+
+@pytest.mark.parametrize("study", ["brake_ordering", "metric_study"])
+def test_a_study_at_rank_4_reads_ve_at_4_end_to_end(study, tmp_path, monkeypatch):
+    import analyze
+
+    original = record
+
+    def record_with_4(*args, **kwargs):
+        return with_rank_4([original(*args, **kwargs)])[0]
+
+    monkeypatch.setitem(globals(), "record", record_with_4)  # the sweep builders below write these records
+    if study == "brake_ordering":
+        brake_sweep(tmp_path, {"nope": (1, 0.7, 100), "rope": (3, 0.5, 200), "alibi": (5, 0.3, 300)})
+    else:
+        metric_sweep(tmp_path)
+    assert analyze.main([f"sweep={tmp_path}", f"study={study}", "rank=4"]) == 0
+    out = tmp_path / "analysis" / study
+    arms = list(csv.DictReader(open(out / "arms.csv")))
+    assert all(float(a["ve@4"]) == pytest.approx(0.5) for a in arms) and "ve@8" not in arms[0]
+    assert json.loads((out / "result.json").read_text())["rank"] == 4
+    text = (out / ("verdict.md" if study == "brake_ordering" else "statement.md")).read_text()
+    assert "ve@4" in text and "ve@8" not in text
+    assert (out / "profiles.png").stat().st_size and (out / "trajectories.png").stat().st_size
+    if study == "metric_study":
+        keys = {row["key"] for row in csv.DictReader(open(out / "comparisons.csv"))}
+        assert "ve@4" in keys and "ve@8" not in keys
