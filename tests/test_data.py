@@ -352,11 +352,13 @@ def test_resume_from_a_mid_training_checkpoint_sees_the_same_batches(tmp_path):
 
 @pytest.mark.parametrize("name", ["shakespeare", "wikitext103", "text_files", "synthetic"])
 def test_data_config_instantiates_the_datamodule_under_the_cache_env_var(name, tmp_path, monkeypatch):
+    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
     monkeypatch.setenv("ROUTECOLLAPSE_DATA", str(tmp_path))
-    # The data file interpolates the root's data_seed, so resolve it inside a root, as Hydra does.
-    cfg = OmegaConf.merge({"data_seed": 5}, {"data": OmegaConf.load(CONF / f"{name}.yaml")}).data
+    # Composed as train.py does: the data file starts from conf/data/base/, and interpolates the root's data_seed.
+    with initialize_config_dir(str(CONF.parent), version_base="1.3"):
+        cfg = compose("train", overrides=[f"data={name}", "data_seed=5"]).data
     if name == "text_files":
         cfg.path = str(tmp_path)
     dm = instantiate(cfg)

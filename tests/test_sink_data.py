@@ -179,10 +179,12 @@ def test_evaluation_sequences_are_fixed_and_not_training_sequences():
 def test_data_configs_instantiate_the_generators(name):
     from pathlib import Path
 
+    from hydra import compose, initialize_config_dir
     from hydra.utils import instantiate
 
-    conf = Path(__file__).resolve().parents[1] / "conf" / "data" / f"{name}.yaml"
-    dm = instantiate(OmegaConf.merge({"data_seed": 2}, {"data": OmegaConf.load(conf)}).data)
+    with initialize_config_dir(str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"data={name}", "data_seed=2"])  # the file and its base/windows
+    dm = instantiate(cfg.data)
     assert isinstance(dm, GeneratedDataModule) and dm.data_seed == 2
     assert dm.probe.tokens.shape == (150, 128) and (dm.probe.tokens[:, 0] == dm.bos_id).all()
 
