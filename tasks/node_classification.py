@@ -20,7 +20,7 @@ def _check_graph(data) -> None:
 
 
 class NodeClassificationTask(pl.LightningModule):
-    """Adam on the training nodes' cross-entropy (Ambiguity 12: lr 5e-3, weight decay 5e-4); loss and accuracy
+    """Adam on the training nodes' cross-entropy (docs/decisions.md: GAT and GCN: lr 5e-3, weight decay 5e-4); loss and accuracy
     of every split are logged at each validation.
 
     The usual number reported for these graphs is the test accuracy where validation accuracy peaked, so that

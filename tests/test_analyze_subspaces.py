@@ -66,7 +66,7 @@ def test_a_known_rotation_gives_its_angle_in_key_space_and_zero_in_token_space()
 
 
 def test_random_subspace_null_matches_the_papers_baselines():
-    # METHODS.md section 2 (inferred, r = 8): 72.3 deg (d=64), 77.7 (128), 85.1 (768)
+    # docs/metrics.md (inferred, r = 8): 72.3 deg (d=64), 77.7 (128), 85.1 (768)
     assert random_subspace_angle(64, 8) == pytest.approx(72.3, abs=0.5)
     assert random_subspace_angle(128, 8) == pytest.approx(77.7, abs=0.5)
     assert random_subspace_angle(768, 8) == pytest.approx(85.1, abs=0.5)
