@@ -12,12 +12,13 @@ import math
 from analysis.runs import SEED_KEYS, Run, factors, val_loss
 from analysis.stats import bootstrap_ci
 from analysis.tables import number, onset_step, run_statistics
+from common.constants import RANK
 from common.errors import UserError
 from common.run_names import alias
 
 MIN_SEEDS = 3  # runs per arm below which no study gives a verdict: two seeds cannot show their own spread
 
-def statistics(rank: int = 8) -> list[tuple[str, str]]:
+def statistics(rank: int = RANK) -> list[tuple[str, str]]:
     """(key, label) of the per-run statistics tabulated per arm; the key geometry at VE@``rank``."""
     return [
         ("onset_depth", "onset depth"), ("onset_depth_censored", "onset depth (never = 1)"),
@@ -44,7 +45,7 @@ def factor_value(run: Run, factor: str):
     return run.config[key]
 
 
-def run_row(run: Run, factor: str, threshold: float, completion: float, rank: int = 8) -> dict:
+def run_row(run: Run, factor: str, threshold: float, completion: float, rank: int = RANK) -> dict:
     """Everything the studies need about one run, flat."""
     stats = run_statistics(run.final, threshold, completion, rank)
     steps = onset_step(run.records, threshold)
@@ -72,7 +73,7 @@ def _losses(run: Run) -> list[tuple[dict, float]]:
     return [(r, number(r.get("train_loss"))) for r in run.records if not math.isnan(number(r.get("train_loss")))]
 
 
-def add_matched_loss(rows: list[dict], runs: list[Run], threshold: float, completion: float, rank: int = 8) -> float:
+def add_matched_loss(rows: list[dict], runs: list[Run], threshold: float, completion: float, rank: int = RANK) -> float:
     """Statistics at matched training loss, written into ``rows``; returns the matched level.
 
     Position schemes learn at different speeds, so equal steps can compare a model that has learned the task
@@ -104,7 +105,7 @@ def group(rows: list[dict], order: list | None = None) -> dict:
     return {a: arms[a] for a in ordered + [a for a in arms if a not in ordered]}
 
 
-def arm_summary(arm_rows: dict, level: float = 0.95, rank: int = 8) -> list[dict]:
+def arm_summary(arm_rows: dict, level: float = 0.95, rank: int = RANK) -> list[dict]:
     """One row per arm: seeds, runs that never reached onset, and mean [low, high] of every statistic."""
     out = []
     for arm, rows in arm_rows.items():
@@ -137,7 +138,7 @@ def profiles(runs_by_arm: dict[str, list[Run]], keys: list[str], level: float = 
     return arms
 
 
-def trajectory(run: Run, threshold: float, rank: int = 8) -> dict:
+def trajectory(run: Run, threshold: float, rank: int = RANK) -> dict:
     """A run's collapse over training: per measured step, peak max share, area above baseline, depth-mean
     VE@rank and onset depth at ``threshold`` (nan = not yet), and the references they are read against
     (the causal-uniform baseline, the shuffle and Gaussian nulls of VE@rank)."""

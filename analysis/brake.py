@@ -26,6 +26,7 @@ from analysis.runs import Run
 from analysis.stats import bootstrap_difference_ci, order_probability, spearman, spearman_ci
 from analysis.studies import Comparison, Study
 from analysis.tables import cell
+from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD
 from common.errors import UserError
 
 SUPPORTED = 0.95
@@ -154,7 +155,7 @@ def overall(checks: list[dict]) -> str:
     return "not established (" + ", ".join(f"{c['statistic']}: {c['verdict']}" for c in decided) + ")"
 
 
-def brake_study(runs: list[Run], study: Study | None = None, threshold: float = 0.2, completion: float = 0.5,
+def brake_study(runs: list[Run], study: Study | None = None, threshold: float = ONSET_THRESHOLD, completion: float = COMPLETION_THRESHOLD,
                 level: float = 0.95) -> dict:
     """Per-run rows, per-arm summaries with CIs, ordering (or trend) checks, depth profiles and trajectories.
     ``study``: an ordering or a trend spec (default conf/study/brake_ordering.yaml), at its rank."""

@@ -15,6 +15,7 @@ from analysis.runs import (SEED_KEYS, checkpoint_path, factors, failed_jobs, fin
                            val_loss)
 from analysis.tables import markdown, number, onset_step, run_statistics, table1_row, write_csv
 from common import atomic, run_names
+from common.constants import RANK
 from common.errors import UserError
 from records import max_share_heatmaps
 
@@ -22,13 +23,13 @@ HEATMAP_RUNS = 8  # panels of the sweep's layer x step figure
 DEFAULT_RANK = 8  # VE rank of the tables and figures without a study (rank= sets it)
 
 
-def curve_keys(rank: int = 8) -> list[tuple[str, str]]:
+def curve_keys(rank: int = RANK) -> list[tuple[str, str]]:
     """The panels of every collapse-over-training figure: (statistic, axis label)."""
     return [("peak_max_share", "peak max share"), ("area_above_baseline", "area above baseline"),
             (f"ve@{rank}", f"VE@{rank} (depth mean)"), ("onset_depth", "onset depth")]
 
 
-def curves_figure(series: list[dict], title: str, threshold: float, rank: int = 8, log_steps: bool = False):
+def curves_figure(series: list[dict], title: str, threshold: float, rank: int = RANK, log_steps: bool = False):
     """Collapse over training with what each panel is read against: the causal-uniform baseline and the onset
     threshold under peak max share, the shuffle and Gaussian nulls under VE, "no onset" when none."""
     references = {"peak_max_share": [("causal-uniform baseline", "baseline", ":")],

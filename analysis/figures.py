@@ -11,6 +11,8 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from analysis.tables import number  # noqa: E402
+from common.constants import ONSET_THRESHOLD, RANK  # noqa: E402
+from records.figures import mark_threshold  # noqa: E402  (one rule for the threshold line, run and study figures)
 
 
 def _column(rows: list[dict], key: str) -> list[float]:
@@ -19,21 +21,6 @@ def _column(rows: list[dict], key: str) -> list[float]:
 
 def _has(values: list[float]) -> bool:
     return any(not math.isnan(v) for v in values)
-
-
-def _top(values) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return max(finite, default=0.0)
-
-
-def mark_threshold(ax, threshold: float, values) -> None:
-    """The onset threshold as a line when it lies near the data, else as a note in the corner: a line at
-    0.2 over max shares of 0.03-0.07 would flatten the data against the bottom of the panel."""
-    top = _top(values)
-    if threshold <= 1.3 * top:
-        ax.axhline(threshold, ls="--", lw=1, color="crimson", label=f"onset threshold {threshold}", zorder=1)
-    else:  # above the panel, where it hides no data
-        ax.set_title(f"onset threshold {threshold}: off scale", loc="right", fontsize=7, color="crimson")
 
 
 def write_in_panel(ax, text: str) -> None:
@@ -53,7 +40,7 @@ def figure_legend(fig: Figure, axes) -> None:
         fig.legend(list(entries.values()), list(entries), loc="outside right upper", fontsize=7, frameon=False)
 
 
-def signature_figure(layers: list[dict], rank: int = 8, threshold: float = 0.2, title: str = "") -> Figure:
+def signature_figure(layers: list[dict], rank: int = RANK, threshold: float = ONSET_THRESHOLD, title: str = "") -> Figure:
     """One model's signature by depth: max share (mean and per head) against the uniform baseline and the
     onset threshold; VE@rank pre/post-RoPE against the shuffle and Gaussian nulls; norm-CV against its
     Gaussian value; norm-CV vs max share per (layer, head), the pairs behind r_cv,sh."""
@@ -190,7 +177,7 @@ def arm_profiles_figure(arms: list[dict], panels: list[tuple[str, str]], referen
     return fig
 
 
-def seed_direction_figure(profiles: dict[str, list[dict]], rank: int = 8, title: str = "") -> Figure:
+def seed_direction_figure(profiles: dict[str, list[dict]], rank: int = RANK, title: str = "") -> Figure:
     """Appendix C.6's figure, with both angles: VE@rank of the two models of the weight-seed pair by depth
     (geometry), then the key-space and token-space canonical angles per reseed type, each beside its
     random-subspace null and the angle of an untrained pair on the same probe (direction)."""

@@ -23,6 +23,7 @@ from analysis.runs import Run
 from analysis.stats import bootstrap_difference_ci
 from analysis.studies import Study
 from analysis.tables import cell
+from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD
 from common.errors import UserError
 
 
@@ -39,7 +40,7 @@ def direction(low: float, high: float, seeds: tuple[int, int] = (MIN_SEEDS, MIN_
     return "no clear difference"
 
 
-def metric_study(runs: list[Run], study: Study | None = None, threshold: float = 0.2, completion: float = 0.5,
+def metric_study(runs: list[Run], study: Study | None = None, threshold: float = ONSET_THRESHOLD, completion: float = COMPLETION_THRESHOLD,
                  level: float = 0.95) -> dict:
     """Per-run rows, per-arm summaries, and each arm's difference to the reference arm for every comparison
     of ``study`` (default conf/study/metric_study.yaml), at its rank."""

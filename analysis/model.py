@@ -20,6 +20,7 @@ from torch import nn
 
 from analysis.tables import markdown, table1_row, write_csv
 from common import atomic
+from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD, RANKS
 from common.errors import UserError
 from datamodules.probe import TokenProbe
 
@@ -49,8 +50,8 @@ class _WithProgress:
         return progress(self.probe.batches(batch_size), self.desc, total)
 
 
-def measure(router: nn.Module, probe: TokenProbe, ranks=(1, 4, 8), batch_size: int = 16, threshold: float = 0.2,
-            completion: float = 0.5, name: str = "model"):
+def measure(router: nn.Module, probe: TokenProbe, ranks=RANKS, batch_size: int = 16, threshold: float = ONSET_THRESHOLD,
+            completion: float = COMPLETION_THRESHOLD, name: str = "model"):
     from records.measure import measure_signature
 
     limit = getattr(router, "context_length", None)
@@ -106,8 +107,8 @@ def resolve_probe(spec: str | None, default: Path | None, tokenizer: Callable, s
                     "wikitext103, shakespeare")
 
 
-def write_report(signature, out: Path, name: str, about: str, step: int | None = None, threshold: float = 0.2,
-                 completion: float = 0.5) -> dict:
+def write_report(signature, out: Path, name: str, about: str, step: int | None = None, threshold: float = ONSET_THRESHOLD,
+                 completion: float = COMPLETION_THRESHOLD) -> dict:
     """Write the report files of one measured model into ``out``; returns the record (a collapse.jsonl line)."""
     from analysis.figures import signature_figure
 

@@ -22,6 +22,7 @@ from analysis.runs import SEED_KEYS, Run, factors, load_router
 from analysis.stats import bootstrap_ci
 from analysis.subspaces import PairAccumulator
 from collapse import gaussian_null
+from common.constants import RANK
 from common.errors import UserError
 from datamodules.probe import TokenProbe
 
@@ -59,7 +60,7 @@ def _angles(router_a, router_b, probe: TokenProbe, rank: int, batch_size: int, d
 
 
 @torch.no_grad()
-def compare_pair(a: Run, b: Run, rank: int = 8, batch_size: int = 16) -> list[dict]:
+def compare_pair(a: Run, b: Run, rank: int = RANK, batch_size: int = 16) -> list[dict]:
     """Per-layer rows of one pair, both routers run on run ``a``'s probe, batch by batch.
 
     Beside the random-subspace nulls, each row carries the angles of an *untrained* pair of the same
@@ -82,7 +83,7 @@ def compare_pair(a: Run, b: Run, rank: int = 8, batch_size: int = 16) -> list[di
     return rows
 
 
-def seed_study(runs: list[Run], rank: int = 8, batch_size: int = 16) -> dict:
+def seed_study(runs: list[Run], rank: int = RANK, batch_size: int = 16) -> dict:
     """Rows per (pair, layer), and per reseed kind the per-layer mean over its pairs."""
     rows = []
     for kind, a, b in find_pairs(runs):

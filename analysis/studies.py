@@ -12,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.constants import RANK
 from common.errors import UserError
 
 SPECS = Path(__file__).resolve().parents[1] / "conf" / "study"
@@ -46,7 +47,7 @@ class Study:
     title: str
     kind: str  # ordering | trend | reference | seed_pairs: how the arms are judged
     factor: str | None
-    rank: int = 8
+    rank: int = RANK
     order: tuple = ()  # ordering: predicted, weakest to strongest brake; reference: table order
     labels: dict = dataclasses.field(default_factory=dict)  # arm -> how a verdict names it
     reference: str | None = None

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from collapse import canonical_angles, ve_at_rank
+from common.constants import RANK
 from common.errors import UserError
 
 NULL_TRIALS = 200  # random-subspace draws: the mean angle's standard error is then below 0.2 degrees
@@ -101,7 +102,7 @@ class PairAccumulator:
     """Streams two routers' routing records on the same probe batches; :meth:`compute` gives one row per
     layer: VE@r of each, |dVE@r|, and the key- and token-space angles with their random-subspace nulls."""
 
-    def __init__(self, rank: int = 8):
+    def __init__(self, rank: int = RANK):
         if not isinstance(rank, int) or rank < 1:
             raise UserError(f"subspace rank must be a positive integer; got {rank!r}")
         self.rank = rank

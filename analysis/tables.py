@@ -14,6 +14,7 @@ from pathlib import Path
 from collapse import completion_layer, onset_layer
 from common import atomic
 from records import ve_keys
+from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD, RANK
 
 
 def number(value) -> float:
@@ -29,7 +30,7 @@ def max_share_curve(record: dict) -> list[float]:
     return [number(layer.get("max_share")) for layer in record["layers"]]
 
 
-def run_statistics(record: dict, threshold: float = 0.2, completion: float = 0.5, rank: int = 8) -> dict:
+def run_statistics(record: dict, threshold: float = ONSET_THRESHOLD, completion: float = COMPLETION_THRESHOLD, rank: int = RANK) -> dict:
     """One record's model-level numbers: onset / L* at the given thresholds (depth = index / L), the
     threshold-free concentration (peak and its depth, area above the causal-uniform baseline), and the
     geometry's depth means (norm-CV, VE@rank against its nulls, r between norm-CV and max share)."""
@@ -59,7 +60,7 @@ def _depth_mean(layers: list[dict], key: str) -> float:
     return sum(finite_values) / len(finite_values) if finite_values else math.nan
 
 
-def onset_step(records: list[dict], threshold: float = 0.2) -> float:
+def onset_step(records: list[dict], threshold: float = ONSET_THRESHOLD) -> float:
     """First measured step at which any layer's mean max share exceeds ``threshold`` (nan: never)."""
     for record in records:
         if onset_layer(max_share_curve(record), threshold) is not None:
@@ -74,7 +75,7 @@ def depth_label(layer: float, n_layers: int) -> str:
     return f"L{int(layer)} {100 * layer / n_layers:.0f}%"
 
 
-def table1_row(name: str, record: dict, threshold: float = 0.2, completion: float = 0.5, rank: int = 8) -> dict:
+def table1_row(name: str, record: dict, threshold: float = ONSET_THRESHOLD, completion: float = COMPLETION_THRESHOLD, rank: int = RANK) -> dict:
     """The paper's Table 1 / 4 columns for one measured model (depth means; min = smallest layer norm-CV)."""
     s, ve = run_statistics(record, threshold, completion, rank), ve_keys(rank)
     d_h = record["layers"][0].get("dim")

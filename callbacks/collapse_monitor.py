@@ -15,6 +15,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from common import atomic
+from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD, RANKS
 from common.errors import UserError
 from common.run_names import run_label
 from records import (HEATMAP_PNG, PROFILE_PNG, append_record, new_record, progress_line, read_records,
@@ -33,8 +34,8 @@ class CollapseMonitor(pl.Callback):
     simply wait for rank zero at the next gradient all-reduce.
     """
 
-    def __init__(self, every_n_steps: int = 200, ranks: tuple[int, ...] = (1, 4, 8), probe_batch_size: int = 50,
-                 onset_threshold: float = 0.2, completion_threshold: float = 0.5):
+    def __init__(self, every_n_steps: int = 250, ranks: tuple[int, ...] = RANKS, probe_batch_size: int = 50,
+                 onset_threshold: float = ONSET_THRESHOLD, completion_threshold: float = COMPLETION_THRESHOLD):
         if every_n_steps <= 0:
             raise UserError(f"callbacks.collapse_monitor.every_n_steps must be positive, got {every_n_steps}; "
                             "pass e.g. callbacks.collapse_monitor.every_n_steps=250")

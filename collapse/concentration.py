@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD
 from common.errors import UserError
 
 
@@ -142,11 +143,11 @@ def _first_above(per_layer: Sequence[float] | Tensor, threshold: float) -> int |
     return int(crossed[0]) if len(crossed) else None
 
 
-def onset_layer(per_layer_max_share: Sequence[float] | Tensor, threshold: float = 0.20) -> int | None:
+def onset_layer(per_layer_max_share: Sequence[float] | Tensor, threshold: float = ONSET_THRESHOLD) -> int | None:
     """0-based index of the first layer whose mean max share is strictly above ``threshold``; None = never."""
     return _first_above(per_layer_max_share, threshold)
 
 
-def completion_layer(per_layer_max_share: Sequence[float] | Tensor, threshold: float = 0.50) -> int | None:
+def completion_layer(per_layer_max_share: Sequence[float] | Tensor, threshold: float = COMPLETION_THRESHOLD) -> int | None:
     """0-based index L* of the first layer strictly above ``threshold`` (0.50 in the paper); None = never."""
     return _first_above(per_layer_max_share, threshold)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from collapse.constants import FEATURE_RANK, LATE_FRACTION, RANK
+from common.constants import FEATURE_RANK, LATE_FRACTION, RANK
 from collapse.geometry import gaussian_null, ve_at_rank
 from collapse.recurrent import content_recency, late_query_influence
 

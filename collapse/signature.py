@@ -19,10 +19,10 @@ from torch import Tensor
 
 from collapse.concentration import (completion_layer, concentration_pass, gcn_max_share_sparse, max_share_sparse,
                                     onset_layer, uniform_max_share, uniform_max_share_sparse)
-from collapse.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD, RANK, RANKS
 from collapse.family import FamilyStatistics, family_statistics
 from collapse.geometry import gaussian_null, key_spectrum, norm_cv
 from collapse.stats import pearson
+from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD, RANK, RANKS
 from common.errors import UserError
 
 if TYPE_CHECKING:

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from common import atomic
 from records.files import HEATMAP_PNG, PROFILE_PNG
 from records.schema import ve_keys
+from common.constants import ONSET_THRESHOLD, RANK
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -43,7 +44,7 @@ def mark_threshold(ax, threshold: float, values) -> None:
         ax.set_title(f"onset threshold {threshold}: off scale", loc="right", fontsize=7, color="crimson")
 
 
-def depth_profile_figure(records: list[dict], rank: int = 8, threshold: float = 0.2, title: str = "") -> Figure:
+def depth_profile_figure(records: list[dict], rank: int = RANK, threshold: float = ONSET_THRESHOLD, title: str = "") -> Figure:
     """Max share and VE@rank per layer, one line per measured step (dark = early, bright = late, the last
     one bold and above the reference lines), with the causal-uniform baseline, the onset threshold (a note
     when it lies far above the data) and the Gaussian / shuffle nulls."""
@@ -90,7 +91,7 @@ def depth_profile_figure(records: list[dict], rank: int = 8, threshold: float = 
     return fig
 
 
-def max_share_heatmaps(panels: list[tuple[str, list[dict]]], threshold: float = 0.2, title: str = "") -> Figure:
+def max_share_heatmaps(panels: list[tuple[str, list[dict]]], threshold: float = ONSET_THRESHOLD, title: str = "") -> Figure:
     """Collapse as it forms: per run, mean max share by layer (rows) and measured step (columns), on one
     colour scale shared by the panels and set by the data (it reaches the threshold only when the data come
     near it); cells past the onset threshold are outlined, the step of first onset is marked.

@@ -8,11 +8,12 @@ from __future__ import annotations
 import torch
 
 from collapse import SignatureAccumulator
+from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD, RANKS
 
 
 @torch.no_grad()
-def measure_signature(module, probe, ranks=(1, 4, 8), batch_size: int = 50, onset_threshold: float = 0.2,
-                      completion_threshold: float = 0.5):
+def measure_signature(module, probe, ranks=RANKS, batch_size: int = 50, onset_threshold: float = ONSET_THRESHOLD,
+                      completion_threshold: float = COMPLETION_THRESHOLD):
     """The signature of ``module.probe_routing`` on ``probe``, in eval mode, micro-batched; the module's
     train/eval mode is restored afterwards."""
     was_training = module.training

@@ -25,7 +25,7 @@ class LanguageModelTask(pl.LightningModule):
         super().__init__()
         self.model = model
         self.save_hyperparameters(ignore=["model"])
-        self.nonfinite_step: int | None = None  # set when the loss stops being finite (see NanGuard)
+        self.nonfinite_step: int | None = None  # first step with a non-finite loss; callbacks/nonfinite.py stops the run on it
 
     def setup(self, stage: str) -> None:
         store_router_args(self)

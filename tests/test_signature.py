@@ -1,7 +1,5 @@
-import ast
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -218,14 +216,3 @@ def test_uniform_baseline_is_exact_in_float64():
 
 def test_signature_type():
     assert isinstance(signature(_sink_routing([0.0])), Signature)
-
-
-def test_collapse_imports_no_model_code():
-    for path in Path("collapse").glob("*.py"):
-        tree = ast.parse(path.read_text())
-        guarded = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
-                   and getattr(block.test, "id", "") == "TYPE_CHECKING" for node in ast.walk(block)}
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Import, ast.ImportFrom)) and id(node) not in guarded:
-                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
-                assert not any(name.split(".")[0] in {"routers", "tasks", "callbacks"} for name in names), path
