@@ -20,7 +20,7 @@ from torch import Tensor
 from collapse.concentration import (completion_layer, concentration_pass, gcn_max_share_sparse, max_share_sparse,
                                     onset_layer, uniform_max_share, uniform_max_share_sparse)
 from collapse.family import FamilyStatistics, family_statistics
-from collapse.geometry import gaussian_null, key_spectrum, norm_cv
+from collapse.geometry import cv_of_norms, gaussian_null, key_spectrum
 from collapse.stats import pearson
 from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD, RANK, RANKS
 from common.errors import UserError
@@ -78,9 +78,12 @@ class _LayerStats:
             self.ve[kind][r].add(spectrum[..., :r].sum(-1) / spectrum.sum(-1))
 
     def add_geometry(self, keys: Tensor) -> None:
-        self.cv.add(norm_cv(keys))
+        # widened once for the norms and the spectrum (each would widen again), contiguous as key_spectrum wants
+        keys = keys.detach().to(torch.float64, memory_format=torch.contiguous_format)
+        norms = keys.norm(dim=-1)
+        self.cv.add(cv_of_norms(norms))
         # Pooled CV from float64 moments over all sequences: E[x^2] - E[x]^2 keeps ~1e-8 relative accuracy.
-        norms = keys.detach().double().norm(dim=-1).cpu()
+        norms = norms.cpu()
         sums, sq_sums = norms.sum((0, 2)), norms.square().sum((0, 2))
         self.norm_sum = sums if self.norm_sum is None else self.norm_sum + sums
         self.norm_sq_sum = sq_sums if self.norm_sq_sum is None else self.norm_sq_sum + sq_sums

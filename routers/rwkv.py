@@ -106,13 +106,17 @@ def wkv_chunked(w: Tensor, u: Tensor, k: Tensor, v: Tensor, chunk: int = 4) -> T
 
 
 def wkv_weights(w: Tensor, u: Tensor, k: Tensor, queries: slice = slice(None)) -> Tensor:
-    """The routing operator α [b, C, queries, T] of the channels in w, u, k [b, T, C]: rows sum to 1."""
+    """The routing operator α [b, C, queries, T] of the channels in w, u, k [b, T, C]: rows sum to 1.
+
+    Built channel-first, so the softmax runs along the contiguous last axis and the operator comes out
+    contiguous (the metrics read it in blocks; a permuted view would be copied whole first)."""
     T = k.shape[1]
     t = torch.arange(T, device=k.device, dtype=k.dtype)[queries].view(-1, 1)
-    gap = (t - 1 - torch.arange(T, device=k.device, dtype=k.dtype).view(1, -1)).unsqueeze(-1)  # [q, s, 1]
-    keys = k.unsqueeze(1)                                                                     # [b, 1, s, C]
-    logits = torch.where(gap >= 0, gap * w + keys, u + keys).masked_fill(gap < -1, -math.inf)
-    return logits.softmax(dim=2).permute(0, 3, 1, 2)
+    gap = t - 1 - torch.arange(T, device=k.device, dtype=k.dtype).view(1, -1)                 # [q, s]
+    keys = k.transpose(1, 2).unsqueeze(2)                                                     # [b, C, 1, s]
+    # the position part [C, q, s] once, then one add over the batch: the same sums as (gap w + k_s), (u + k_s)
+    bias = torch.where(gap >= 0, gap * w.view(-1, 1, 1), u.view(-1, 1, 1)).masked_fill(gap < -1, -math.inf)
+    return (bias + keys).softmax(dim=-1)
 
 
 class TimeMix(nn.Module):

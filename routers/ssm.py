@@ -90,22 +90,24 @@ def hidden_attention(delta: Tensor, A: Tensor, B: Tensor, C: Tensor, block: int 
     keys = delta.transpose(1, 2).unsqueeze(-1) * B.unsqueeze(1)          # [b, d, T, n]: effective keys Δ_s B_s
     queries = C.unsqueeze(1)                                             # [b, 1, T, n]
     alpha = delta.new_zeros(b, d, T, T)
-    carried = keys[:, :, :0]                                             # Δ_s B_s exp(A (cum_p - cum_s)), s <= p
+    carried = keys.new_empty(b, d, T, B.shape[-1])  # [:, :, :t0]: Δ_s B_s exp(A (cum_p - cum_s)), s <= p (in place: no cat)
     for t0 in range(0, T, block):
         t1 = min(t0 + block, T)
         if t0 > 0:
             p = cum[:, :, t0 - 1, None]
             since_p = torch.exp((cum[:, :, t0:t1] - p).float().unsqueeze(-1) * A.unsqueeze(1))   # [b, d, L, n]
-            alpha[:, :, t0:t1, :t0] = (queries[:, :, t0:t1] * since_p) @ carried.transpose(-1, -2)
-        # s > t is masked with +inf: A < 0 turns it into exp(-inf) = 0, so α is exactly causal.
-        segment = (cum[:, :, t0:t1, None] - cum[:, :, None, t0:t1]).float()
-        segment = segment.masked_fill(~causal_mask(t1 - t0, delta.device), math.inf)
-        decay = torch.exp(segment.unsqueeze(-1) * A.view(1, d, 1, 1, -1))                      # [b, d, L, L, n]
-        alpha[:, :, t0:t1, t0:t1] = (queries[:, :, t0:t1].unsqueeze(3) * decay * keys[:, :, None, t0:t1]).sum(-1)
+            alpha[:, :, t0:t1, :t0] = (queries[:, :, t0:t1] * since_p) @ carried[:, :, :t0].transpose(-1, -2)
+        # Inside the block only the causal pairs s <= t (L(L+1)/2 of L^2; s > t stays 0, so α is exactly causal),
+        # each as q_t * exp(A (cum_t - cum_s)) * k_s, multiplied in that order.
+        rows, cols = (i + t0 for i in torch.tril_indices(t1 - t0, t1 - t0, device=delta.device))
+        segment = (cum[:, :, rows] - cum[:, :, cols]).float()                                  # [b, d, pairs]
+        decay = (segment.unsqueeze(-1) * A.view(1, d, 1, -1)).exp_()                            # [b, d, pairs, n]
+        alpha[:, :, rows, cols] = decay.mul_(queries[:, :, rows]).mul_(keys[:, :, cols]).sum(-1)
         # move the key side's reference from p to t1 - 1: old sources decay over the block, new ones join
         to_end = torch.exp((cum[:, :, t1 - 1, None] - cum[:, :, t0:t1]).float().unsqueeze(-1) * A.unsqueeze(1))
         block_decay = torch.exp((cum[:, :, t1 - 1] - (cum[:, :, t0 - 1] if t0 > 0 else 0)).float().unsqueeze(-1) * A)
-        carried = torch.cat([carried * block_decay.unsqueeze(2), keys[:, :, t0:t1] * to_end], dim=2)
+        carried[:, :, :t0].mul_(block_decay.unsqueeze(2))
+        torch.mul(keys[:, :, t0:t1], to_end, out=carried[:, :, t0:t1])
     return alpha
 
 
@@ -166,7 +168,7 @@ class MambaMixer(nn.Module):
 
         def weight_chunks() -> Iterator[Tensor]:
             for start in range(0, delta.shape[-1], step):
-                yield hidden_attention(delta[..., start:start + step], A[start:start + step], B, C).abs()
+                yield hidden_attention(delta[..., start:start + step], A[start:start + step], B, C).abs_()  # a fresh tensor: in place
 
         return RoutingLayer(keys=B.unsqueeze(1), weight_chunks=weight_chunks,
                             mask=causal_mask(delta.shape[1], delta.device), name=self.name, delta=delta)
