@@ -67,6 +67,7 @@ def setup(cfg: DictConfig, out):
     datamodule.setup("fit")
     model = run.build(cfg.router, **datamodule.model_kwargs())
     run.check_compatible(model, datamodule)
+    model = run.compile_router(model, cfg.get("compile", False))
     task = run.build(cfg.task, model=model, config=run.plain(cfg))
     loggers = run.build_loggers(cfg.logger, out, cfg)
     callbacks = [run.build(c) for c in cfg.callbacks.values()] + run.builtin_callbacks(cfg.trainer)

@@ -1,11 +1,15 @@
-"""Training throughput: our Pythia-style router vs transformers' GPTNeoXForCausalLM at the same shape.
+"""Training throughput: our Pythia-style router vs transformers' GPTNeoXForCausalLM at the same shape, and
+both against the machine's own matmul peak (model FLOP utilisation, MFU).
 
-Both run eager (no torch.compile) in fp32 with AdamW on the same random batches; steps alternate between the
-two models (and which goes first) so that load from other processes hits both alike; rates and the ratio
-are medians over steps, robust to bursts of load. Target: ours/HF >= 1.0.
+Both run eager in fp32 with AdamW on the same random batches; steps alternate between the two models and a
+2048 x 2048 fp32 matmul (and which goes first) so that load from other processes hits all alike; rates and
+ratios are medians over steps, robust to bursts of load. Target: ours/HF >= 1.0.
 
     python bench/throughput.py                    # default small config, 16 x 128, CPU, about a minute
     python bench/throughput.py --steps 50 --device cuda
+    python bench/throughput.py --compile          # ours under torch.compile (HF stays eager)
+    python bench/throughput.py --bf16             # both under bf16 autocast
+    python bench/throughput.py --sdpa math        # SDPA's math kernel instead of flash (both models)
 """
 from __future__ import annotations
 
@@ -37,12 +41,13 @@ def build_models(args) -> tuple[torch.nn.Module, torch.nn.Module]:
     return ours.to(args.device).train(), hf.to(args.device).train()
 
 
-def make_step(model: torch.nn.Module, is_hf: bool):
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+def make_step(model: torch.nn.Module, is_hf: bool, bf16: bool = False):
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)  # as tasks/lm.py
 
     def step(tokens: torch.Tensor) -> float:
-        logits = model(tokens).logits if is_hf else model(tokens)
-        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(tokens).logits if is_hf else model(tokens)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -51,7 +56,59 @@ def make_step(model: torch.nn.Module, is_hf: bool):
     return step
 
 
-def main() -> None:
+def train_flops(args) -> float:
+    """Model FLOPs of one training step (3 x forward): the matmuls, 12 d^2 per layer and token plus the d x V
+    head, and causal attention, 2 T d per layer and token (half of QK^T and AV); embeddings and norms left out."""
+    d, L, T = args.d_model, args.n_layer, args.context
+    forward_per_token = 2 * (12 * L * d * d + d * args.vocab) + 2 * L * T * d
+    return 3 * forward_per_token * args.batch * T
+
+
+def matmul_peak(device: str, n: int = 2048):
+    """A timer of one n x n fp32 matmul (2 n^3 FLOPs): the machine's attainable peak, measured in this run."""
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+
+    def run() -> None:
+        (a @ b).sum().item()  # .item() synchronises on GPU
+
+    return run, 2 * n ** 3
+
+
+def measure(args) -> dict:
+    """Interleaved timing; returns tokens/s, the ratio ours/HF, GFLOP/s and MFU against the measured peak."""
+    import contextlib
+
+    torch.manual_seed(args.seed)
+    ours, hf = build_models(args)
+    if args.compile:
+        ours.compile()
+    steps = {"ours": make_step(ours, is_hf=False, bf16=args.bf16), "hf": make_step(hf, is_hf=True, bf16=args.bf16)}
+    peak_run, peak_flops = matmul_peak(args.device)
+    seconds = {"ours": [], "hf": [], "peak": []}
+    kernel = contextlib.nullcontext()
+    if args.sdpa == "math":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        kernel = sdpa_kernel(SDPBackend.MATH)
+    with kernel:
+        for i in range(args.warmup + args.steps):
+            tokens = torch.randint(0, args.vocab, (args.batch, args.context), device=args.device)
+            timers = {"ours": lambda: steps["ours"](tokens), "hf": lambda: steps["hf"](tokens), "peak": peak_run}
+            for name in (list(timers) if i % 2 == 0 else list(reversed(timers))):
+                start = time.perf_counter()
+                timers[name]()
+                if i >= args.warmup:
+                    seconds[name].append(time.perf_counter() - start)
+    # medians: on a shared machine a burst of load hits a few steps; adjacent (ours, HF) steps see alike load
+    flops = train_flops(args)
+    median = {name: statistics.median(s) for name, s in seconds.items()}
+    peak = peak_flops / median["peak"]
+    return {"tokens_s": {n: args.batch * args.context / median[n] for n in ("ours", "hf")},
+            "ratio": statistics.median(h / o for o, h in zip(seconds["ours"], seconds["hf"])),
+            "gflops": {n: flops / median[n] / 1e9 for n in ("ours", "hf")}, "peak_gflops": peak / 1e9,
+            "mfu": {n: flops / median[n] / peak for n in ("ours", "hf")}, "step_gflop": flops / 1e9}
+
+
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=20, help="timed steps per model")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per model first")
@@ -65,29 +122,30 @@ def main() -> None:
     parser.add_argument("--hf-attn", default="sdpa", choices=["sdpa", "eager"],
                         help="transformers' attention implementation (its default is sdpa)")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our model (HF stays eager)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for both models")
+    parser.add_argument("--sdpa", default="default", choices=["default", "math"],
+                        help="SDPA kernel: the default choice (flash where it exists) or the math reference")
+    return parser
 
-    torch.manual_seed(args.seed)
-    ours, hf = build_models(args)
-    steps = {"ours": make_step(ours, is_hf=False), "hf": make_step(hf, is_hf=True)}
-    seconds = {"ours": [], "hf": []}
-    for i in range(args.warmup + args.steps):
-        tokens = torch.randint(0, args.vocab, (args.batch, args.context), device=args.device)
-        for name in (["ours", "hf"] if i % 2 == 0 else ["hf", "ours"]):
-            start = time.perf_counter()
-            steps[name](tokens)
-            if i >= args.warmup:
-                seconds[name].append(time.perf_counter() - start)
 
-    # medians: on a shared machine a burst of load hits a few steps; adjacent (ours, HF) steps see alike load
-    rate = {name: args.batch * args.context / statistics.median(s) for name, s in seconds.items()}
-    ratio = statistics.median(h / o for o, h in zip(seconds["ours"], seconds["hf"]))
+def main() -> None:
+    args = parser().parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    r = measure(args)
     print(f"config: {args.n_layer} layers, d_model {args.d_model}, {args.n_head} heads, batch {args.batch} x "
-          f"{args.context}, vocab {args.vocab}, {args.device}, fp32 eager, HF attention {args.hf_attn}, "
+          f"{args.context}, vocab {args.vocab}, {args.device}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
+          f"{'ours compiled' if args.compile else 'eager'}, SDPA {args.sdpa}, HF attention {args.hf_attn}, "
           f"{args.steps} timed steps after {args.warmup} warm-up, {torch.get_num_threads()} threads")
-    print(f"ours                tokens/s: {rate['ours']:10.0f}   (median step)")
-    print(f"GPTNeoXForCausalLM  tokens/s: {rate['hf']:10.0f}   (median step)")
-    print(f"ratio ours/HF: {ratio:.3f}   (median over adjacent step pairs)")
+    print(f"ours                tokens/s: {r['tokens_s']['ours']:10.0f}   {r['gflops']['ours']:6.1f} GFLOP/s   "
+          f"MFU {100 * r['mfu']['ours']:5.1f} %")
+    print(f"GPTNeoXForCausalLM  tokens/s: {r['tokens_s']['hf']:10.0f}   {r['gflops']['hf']:6.1f} GFLOP/s   "
+          f"MFU {100 * r['mfu']['hf']:5.1f} %")
+    print(f"peak: 2048^2 fp32 matmul {r['peak_gflops']:.1f} GFLOP/s (median, interleaved); a step is "
+          f"{r['step_gflop']:.2f} GFLOP")
+    print(f"ratio ours/HF: {r['ratio']:.3f}   (median over adjacent step pairs)")
 
 
 if __name__ == "__main__":

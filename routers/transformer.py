@@ -15,6 +15,7 @@ With M = I the learned metric is exactly the euclidean score.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -66,6 +67,23 @@ def alibi_slopes(n_head: int, scale: float = 1.0) -> Tensor:
     return scale * 2.0 ** (-8.0 * torch.arange(1, n_head + 1, dtype=torch.float) / n_head)
 
 
+# Built once per (length, device, dtype) and shared by every layer, not rebuilt each step (nor held per layer:
+# at context 2048 a table is 16 MB).
+@functools.lru_cache(maxsize=16)
+def _distance(T: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Source minus query position, [T, T]."""
+    with torch.inference_mode(False):  # a first call under validation's inference mode must not cache an inference tensor
+        positions = torch.arange(T, device=device)
+        return (positions.view(1, T) - positions.view(T, 1)).to(dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _future(T: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The additive causal mask, [T, T]: -inf above the diagonal."""
+    with torch.inference_mode(False):
+        return torch.full((T, T), float("-inf"), dtype=dtype, device=device).triu(1)
+
+
 class Attention(nn.Module):
     def __init__(self, d_model: int, n_head: int, context_length: int, position: str, score: str,
                  rotary_pct: float, rotary_base: float, alibi_slope_scale: float, layer_norm_eps: float,
@@ -109,8 +127,7 @@ class Attention(nn.Module):
             q, k = self.rotary(q), self.rotary(k)
         q, bias = self.metric(q, k)
         if self.alibi_slopes is not None:
-            distance = torch.arange(T, device=x.device).view(1, T) - torch.arange(T, device=x.device).view(T, 1)
-            alibi = self.alibi_slopes * distance.to(q.dtype)  # -m (i - j) for query i, source j
+            alibi = self.alibi_slopes * _distance(T, x.device, q.dtype)  # -m (i - j) for query i, source j
             bias = alibi if bias is None else bias + alibi
         dropout = self.dropout if self.training else 0.0
         routing = None
@@ -131,7 +148,7 @@ class Attention(nn.Module):
         elif bias is None:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=self.tau)
         else:
-            future = torch.full((T, T), float("-inf"), dtype=q.dtype, device=x.device).triu(1)
+            future = _future(T, x.device, q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias + future, dropout_p=dropout,
                                                  scale=self.tau)
         return self.proj(out.transpose(1, 2).reshape(B, T, C)), routing

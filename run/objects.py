@@ -48,6 +48,15 @@ def build(node: DictConfig, **kwargs):
         raise UserError(f"bad config for {target}: {e}; check the keys of that config group") from None
 
 
+def compile_router(model, compile: bool | str):
+    """``compile=true`` (inductor) or ``compile=<backend>``: torch.compile the router's forward in place.
+    ``nn.Module.compile`` keeps the state_dict keys (a wrapper would prefix them), so checkpoints load either
+    way; the monitor's ``routing`` path stays eager."""
+    if compile:
+        model.compile(**({} if compile is True else {"backend": compile}))
+    return model
+
+
 def check_compatible(model, datamodule) -> None:
     data_len = getattr(datamodule, "context_length", None)
     model_len = getattr(model, "context_length", None)

@@ -68,7 +68,9 @@ class LanguageModelTask(pl.LightningModule):
         decayed = [p for p in params if p.dim() >= 2 and not getattr(p, "_no_weight_decay", False)]
         kept = [p for p in params if not any(p is q for q in decayed)]
         groups = [{"params": decayed, "weight_decay": hp.weight_decay}, {"params": kept, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas))
+        # foreach: one kernel per op over all tensors, 1.7x faster than the per-tensor loop torch picks on CPU,
+        # with bit-identical updates (fused is 5x faster but rounds differently: docs/performance.md)
+        optimizer = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), foreach=True)
         total = max(int(self.trainer.max_steps), 1) if self.trainer.max_steps and self.trainer.max_steps > 0 else None
 
         def schedule(step: int) -> float:

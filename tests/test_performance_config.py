@@ -32,3 +32,34 @@ def test_the_command_line_and_experiment_files_win_over_the_router_default():
 def test_graph_data_has_no_probe_size():
     cfg = composed("router=gat", "data=cora", "regime=none", "task=node_classification")
     assert "probe_sequences" not in cfg.data
+
+
+def test_compiled_and_eager_routers_give_the_same_loss(tmp_path, monkeypatch):
+    """compile=<backend> goes through run.compile_router, as train.py builds the router. aot_eager keeps the
+    test fast (inductor's first C++ build takes a minute; its loss was equal here too: docs/performance.md)."""
+    import torch
+    import torch.nn.functional as F
+
+    import run
+    from tests.conftest import TINY, compose_train
+
+    if not hasattr(torch, "compile"):
+        pytest.skip("torch.compile is not available in this torch build")
+    monkeypatch.setenv("ROUTECOLLAPSE_DATA", str(tmp_path / "cache"))
+    cfg = compose_train(tmp_path / "run", [*TINY, "compile=aot_eager"])
+    datamodule = run.build(cfg.data)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    losses = []
+    for compile in (False, cfg.compile):
+        torch.manual_seed(0)
+        model = run.compile_router(run.build(cfg.router, **datamodule.model_kwargs()), compile)
+        logits = model(batch[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+        loss.backward()
+        losses.append((loss.item(), model.wte.weight.grad.clone(), list(model.state_dict())))
+    (eager, eager_grad, eager_keys), (compiled, compiled_grad, compiled_keys) = losses
+    assert compiled == pytest.approx(eager, rel=1e-5)
+    torch.testing.assert_close(compiled_grad, eager_grad, rtol=1e-4, atol=1e-6)
+    assert compiled_keys == eager_keys  # checkpoints of compiled runs load into eager routers
