@@ -22,8 +22,7 @@ test: setup
 	$(PY) -m pytest $(ARGS)
 
 bench: setup
-	$(PY) bench/throughput.py
-	$(PY) bench/monitor_overhead.py
+	$(PY) bench/run_all.py $(ARGS)   # every bench -> bench/results.md; ARGS=--quick for a short run
 
 clean:
 	rm -rf outputs multirun wandb lightning_logs
