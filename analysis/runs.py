@@ -24,8 +24,11 @@ from records import JSONL, read_records
 from tasks.router_args import KEY as ROUTER_KEY
 
 # Config keys that name where a run lives or how it resumes, not what was trained: never an arm's identity.
+# Thread count, tags and print switches change how a run was executed or labelled, never the experiment, so
+# runs that differ only there are replicates (e.g. one arm trained with threads=2, another with threads=1).
 _NOT_A_FACTOR = ("ckpt_path", "print_table", "hydra", "logger", "callbacks.checkpoint.dirpath",
-                 "trainer.default_root_dir", "trainer.enable_progress_bar", "data.cache_dir")
+                 "trainer.default_root_dir", "trainer.enable_progress_bar", "data.cache_dir", "threads", "tags",
+                 "extras")
 # Which replicate seed each config key is: weights (``seed``) or training-data order (``data_seed``).
 SEED_KEYS = {"seed": "weight", "data_seed": "data", "data.data_seed": "data"}
 

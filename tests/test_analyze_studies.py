@@ -71,6 +71,14 @@ def test_sweep_axes_are_read_from_each_runs_hydra_config(tmp_path):
     assert factors(runs) == ["router.position", "seed"]
 
 
+def test_runs_that_differ_only_in_execution_settings_are_replicates(tmp_path):
+    # The seed-direction control pairs runs trained with different thread counts; threads is not an arm.
+    for job, (seed, threads) in enumerate([(0, 2), (1, 1)]):
+        write_run(tmp_path / f"{job}", {"seed": seed, "data_seed": 0, "threads": threads, "tags": [f"t{job}"],
+                                        "router": {"position": "rope"}}, [record(0, [0.05, 0.06])])
+    assert factors(find_runs(tmp_path)) == ["seed"]
+
+
 def test_threshold_is_a_knob_for_onset_and_onset_step():
     records = [record(0, [0.06, 0.07, 0.08]), record(100, [0.06, 0.12, 0.15]), record(200, [0.1, 0.25, 0.3])]
     assert run_statistics(records[-1])["onset_layer"] == 1 and run_statistics(records[-1])["onset_depth"] == 1 / 3
