@@ -252,9 +252,10 @@ def test_sequence_longer_than_context_raises_user_error():
 
 @pytest.mark.parametrize("name, residual, axis", [("attnres", "attnres", "depth"), ("qwen3", "additive", "token")])
 def test_router_configs_compose_and_train_one_step(name, residual, axis):
-    with initialize_config_dir(str(CONF / "router"), version_base="1.3"):
-        cfg = compose(config_name=name, overrides=["n_layer=2", "layers_per_block=1"])
-    model = instantiate(cfg, vocab_size=VOCAB)
+    with initialize_config_dir(str(CONF), version_base="1.3"):  # as train.py composes it: under the root
+        cfg = compose("train", overrides=[f"router={name}", "router.n_layer=2", "router.layers_per_block=1"])
+    assert cfg.probe_sequences == 16  # the family's probe, set by the router config at the root
+    model = instantiate(cfg.router, vocab_size=VOCAB)
     assert (model.residual, model.routing_axis, model.context_length) == (residual, axis, 128)
     loss = torch.nn.functional.cross_entropy(model(tokens()).flatten(0, 1), tokens(seed=3).flatten())
     loss.backward()
@@ -265,8 +266,8 @@ def test_router_configs_compose_and_train_one_step(name, residual, axis):
 def test_0p6b_configs_have_the_qwen3_0p6b_shape(name):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    with initialize_config_dir(str(CONF / "router"), version_base="1.3"):
-        cfg = compose(config_name=name)
+    with initialize_config_dir(str(CONF), version_base="1.3"):
+        cfg = compose("train", overrides=[f"router={name}"]).router
     counts = source_counts(cfg.n_layer, cfg.layers_per_block)
     assert sum(1 / s for s in counts) / len(counts) == pytest.approx(0.2454, abs=1e-4)
     with torch.device("meta"):  # shapes only: no 2.4 GB of weights on a CPU test machine
