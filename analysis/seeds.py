@@ -12,6 +12,8 @@ with fewer than ``MIN_SEEDS`` pairs of a kind no verdict is given.
 """
 from __future__ import annotations
 
+import hashlib
+
 import itertools
 import math
 
@@ -60,7 +62,16 @@ def _angles(router_a, router_b, probe: TokenProbe, rank: int, batch_size: int, d
 
 
 @torch.no_grad()
-def compare_pair(a: Run, b: Run, rank: int = RANK, batch_size: int = 16) -> list[dict]:
+def _untrained_key(run: Run, probe: TokenProbe) -> tuple:
+    """What the untrained pair depends on: the architecture (router and data config, seeds and paths aside) and
+    the probe. Every pair of a sweep with one architecture shares it, so it is measured once."""
+    config = tuple(sorted((k, repr(v)) for k, v in run.config.items()
+                          if k.startswith(("router.", "data.")) and k not in SEED_KEYS and k != "data.cache_dir"))
+    return config, tuple(probe.tokens.shape), hashlib.sha1(probe.tokens.numpy().tobytes()).hexdigest()
+
+
+def compare_pair(a: Run, b: Run, rank: int = RANK, batch_size: int = 16, untrained_cache: dict | None = None
+                 ) -> list[dict]:
     """Per-layer rows of one pair, both routers run on run ``a``'s probe, batch by batch.
 
     Beside the random-subspace nulls, each row carries the angles of an *untrained* pair of the same
@@ -74,8 +85,12 @@ def compare_pair(a: Run, b: Run, rank: int = RANK, batch_size: int = 16) -> list
         raise UserError(f"{a.name} and {b.name} saved different probes; the study needs runs on the same data "
                         "(data_seed changes only the batch order, never the probe)")
     rows = _angles(load_router(a.path)[0], load_router(b.path)[0], probe, rank, batch_size, f"{a.name} ~ {b.name}")
-    untrained = _angles(*(load_router(a.path, untrained_seed=s)[0] for s in UNTRAINED_SEEDS), probe, rank, batch_size,
-                        f"{a.name} ~ {b.name}, untrained")
+    cache = {} if untrained_cache is None else untrained_cache
+    key = _untrained_key(a, probe)
+    if key not in cache:
+        cache[key] = _angles(*(load_router(a.path, untrained_seed=s)[0] for s in UNTRAINED_SEEDS), probe, rank,
+                             batch_size, f"{a.name} ~ {b.name}, untrained")
+    untrained = cache[key]
     dims = [layer["dim"] for layer in a.final["layers"]]
     for row, base, dim in zip(rows, untrained, dims):
         row.update({"token_angle_untrained": base["token_angle"], "key_angle_untrained": base["key_angle"],
@@ -85,9 +100,9 @@ def compare_pair(a: Run, b: Run, rank: int = RANK, batch_size: int = 16) -> list
 
 def seed_study(runs: list[Run], rank: int = RANK, batch_size: int = 16) -> dict:
     """Rows per (pair, layer), and per reseed kind the per-layer mean over its pairs."""
-    rows = []
+    rows, untrained = [], {}
     for kind, a, b in find_pairs(runs):
-        for row in compare_pair(a, b, rank, batch_size):
+        for row in compare_pair(a, b, rank, batch_size, untrained):
             rows.append({"kind": kind, "run_a": a.name, "run_b": b.name, **row})
     profiles = {}
     for kind in KINDS:

@@ -120,6 +120,22 @@ def test_seed_direction_study_pairs_the_weight_seeds_and_reports_angles_against_
     assert "direction no verdict, too few pairs (2; need >= 3)" in (out / "summary.md").read_text()
 
 
+def test_the_untrained_pair_is_measured_once_per_architecture_and_probe(sweep, monkeypatch):
+    from analysis import seeds
+    from analysis.runs import find_runs
+
+    calls = []
+    real = seeds._angles
+    monkeypatch.setattr(seeds, "_angles", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    a, b = [r for r in find_runs(sweep) if r.get("router.position") == "nope"]
+    cache = {}
+    first = seeds.compare_pair(a, b, rank=4, untrained_cache=cache)
+    again = seeds.compare_pair(b, a, rank=4, untrained_cache=cache)  # same architecture, same probe: reused
+    assert [c.endswith("untrained") for c in calls] == [False, True, False]
+    assert [r["token_angle_untrained"] for r in again] == [r["token_angle_untrained"] for r in first]
+    assert [r["token_angle"] for r in again] == pytest.approx([r["token_angle"] for r in first], abs=1e-6)
+
+
 @pytest.mark.parametrize("args, message", [
     ([], "exactly one of run=, model=, sweep="),
     (["run=/no/such/run"], "no checkpoint at /no/such/run"),
