@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from pathlib import Path
 
 import pytest
@@ -26,17 +25,11 @@ def sweep(tmp_path_factory):
     import train
 
     root = tmp_path_factory.mktemp("sweep")
-    previous = os.environ.get("ROUTECOLLAPSE_DATA")
-    os.environ["ROUTECOLLAPSE_DATA"] = str(root / "cache")
-    try:
+    with pytest.MonkeyPatch.context() as env:  # module-scoped, so no monkeypatch fixture
+        env.setenv("ROUTECOLLAPSE_DATA", str(root / "cache"))
         for i, (position, seed) in enumerate(ARMS):
             out = root / "multirun" / f"{i}_router" / f"position={position},seed={seed}"
             train.train(compose_train(out, TINY + STEPS + [f"router/position={position}", f"seed={seed}"]))
-    finally:
-        if previous is None:
-            os.environ.pop("ROUTECOLLAPSE_DATA")
-        else:
-            os.environ["ROUTECOLLAPSE_DATA"] = previous
     return root / "multirun"
 
 

@@ -19,20 +19,12 @@ GRAPH = ["task=node_classification", "router=gat", "data=csbm", "data.homophily=
 
 @pytest.fixture(scope="module")
 def graph_run(tmp_path_factory):
-    import os
-
     import train
 
     root = tmp_path_factory.mktemp("graph")
-    previous = os.environ.get("ROUTECOLLAPSE_DATA")
-    os.environ["ROUTECOLLAPSE_DATA"] = str(root / "cache")
-    try:
+    with pytest.MonkeyPatch.context() as env:  # module-scoped, so no monkeypatch fixture
+        env.setenv("ROUTECOLLAPSE_DATA", str(root / "cache"))
         train.train(compose_train(root / "run", GRAPH))
-    finally:
-        if previous is None:
-            os.environ.pop("ROUTECOLLAPSE_DATA")
-        else:
-            os.environ["ROUTECOLLAPSE_DATA"] = previous
     return root / "run"
 
 

@@ -43,8 +43,6 @@ def test_compiled_and_eager_routers_give_the_same_loss(tmp_path, monkeypatch):
     import run
     from tests.conftest import TINY, compose_train
 
-    if not hasattr(torch, "compile"):
-        pytest.skip("torch.compile is not available in this torch build")
     monkeypatch.setenv("ROUTECOLLAPSE_DATA", str(tmp_path / "cache"))
     cfg = compose_train(tmp_path / "run", [*TINY, "compile=aot_eager"])
     datamodule = run.build(cfg.data)
