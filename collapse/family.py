@@ -105,17 +105,19 @@ class DepthHubs(FamilyStatistics):
         return out
 
 
+# family -> a layer's accumulator; routers with no family statistics ("") are absent
+FAMILY_STATISTICS = {
+    "graph": lambda layer: GraphFeatures(),
+    "mamba": lambda layer: SelectiveScan(),
+    "rwkv": lambda layer: LateQueryContentRecency(layer.keys.shape[-2]),
+    "attnres": lambda layer: DepthHubs(),
+}
+
+
 def family_statistics(family: str, layer: "RoutingLayer") -> FamilyStatistics | None:
     """The accumulator of ``family`` for one layer; None for routers with no family statistics."""
-    if family == "graph":
-        return GraphFeatures()
-    if family == "mamba":
-        return SelectiveScan()
-    if family == "rwkv":
-        return LateQueryContentRecency(layer.keys.shape[-2])
-    if family == "attnres":
-        return DepthHubs()
-    return None
+    make = FAMILY_STATISTICS.get(family)
+    return None if make is None else make(layer)
 
 
 def geometry_column(family: str) -> tuple[str, str]:

@@ -187,6 +187,9 @@ def test_no_family_adds_no_columns_and_unknown_family_is_refused():
     assert not {"embedding_share", "content_r", "delta_cv", "ve@4_features"} & set(plain)
     with pytest.raises(ValueError, match="unknown routing family"):
         Routing([], family="transformer")
+    from collapse.family import FAMILY_STATISTICS
+    from routers.routing import FAMILIES
+    assert set(FAMILY_STATISTICS) == set(FAMILIES) - {""}  # every family the record admits has its statistics
 
 
 def test_sparse_layer_uses_edges_and_all_nodes():
