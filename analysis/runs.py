@@ -9,6 +9,7 @@ the studies turn what it reads into tables.
 """
 from __future__ import annotations
 
+import copy
 import csv
 import math
 import re
@@ -17,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from callbacks.checkpointing import newest_loadable
 from common.errors import UserError
 from common.failed import FAILED, read_failure
 from records import JSONL, read_records
@@ -83,10 +83,41 @@ def load_checkpoint(path: str | Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         state["state_dict"], state["hyper_parameters"]["config"]
     except Exception as e:
+        from callbacks.checkpointing import newest_loadable  # lazy: it imports Lightning, which reading does not need
+
         other, step, _ = newest_loadable(Path(path).parent, skip=Path(path))
         hint = f"pass run={other} (step {step}) instead" if other else "pass a .ckpt written by train.py"
         raise UserError(f"{path} is not a routecollapse checkpoint ({type(e).__name__}); {hint}") from None
     return state
+
+
+def _stamp(path: Path) -> tuple | None:
+    """What says a file is unchanged since it was read: (resolved path, mtime in ns, size); None if absent."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
+
+
+_READ: dict = {}  # (what, stamp) -> parsed content: a sweep's files are read once per process, not once per use
+
+
+def _cached(what: str, path: Path, read):
+    """``read(path)``, remembered while the file's stamp is unchanged (a rewritten file is read again)."""
+    stamp = _stamp(path)
+    if stamp is None:
+        return read(path)
+    key = (what, stamp)
+    if key not in _READ:
+        _READ[key] = read(path)
+    return _READ[key]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    """The run's monitor records (parsed once per process while ``collapse.jsonl`` is unchanged); a copy of
+    the list, so a caller may reorder or extend it."""
+    return list(_cached("records", Path(run_dir) / JSONL, lambda _: read_records(run_dir)))
 
 
 def run_config(run_dir: Path) -> dict:
@@ -94,7 +125,8 @@ def run_config(run_dir: Path) -> dict:
     training time), else from ``.hydra/config.yaml``, resolved too (``data.data_seed: ${data_seed}`` -> 1)."""
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if ckpt.is_file():
-        return load_checkpoint(ckpt)["hyper_parameters"]["config"]
+        # unpickling a checkpoint costs ~0.1 s; a sweep asks for each run's config three times (jobs, runs, failures)
+        return copy.deepcopy(_cached("config", ckpt, lambda c: load_checkpoint(c)["hyper_parameters"]["config"]))
     hydra_file = run_dir / ".hydra" / "config.yaml"
     if hydra_file.is_file():
         from omegaconf import OmegaConf
@@ -115,7 +147,7 @@ def _escape_hydra(value):
 
 def read_run(path: str | Path) -> Run:
     path = Path(path)
-    records = read_records(path)
+    records = _records(path)
     if not records:
         raise UserError(f"{path} has no {JSONL}; pass a run directory written by train.py")
     return Run(path=path, config=flatten(run_config(path)), records=records)
@@ -151,7 +183,7 @@ def job_failure(run_dir: Path) -> dict | None:
     stop short of its ``trainer.max_steps``. None for a finished run."""
     if failure := read_failure(run_dir):
         return failure
-    records = read_records(run_dir)
+    records = _records(run_dir)
     last = records[-1]["step"] if records else None
     max_steps = flatten(run_config(run_dir)).get("trainer.max_steps")
     if isinstance(max_steps, int) and max_steps > 0 and (last is None or last < max_steps):

@@ -63,39 +63,95 @@ def key_basis(scatter: Tensor, rank: int) -> Tensor:
     return torch.linalg.eigh(scatter).eigenvectors.flip(-1)[:, :rank]
 
 
-class _LayerPair:
+class _LayerKeys:
+    """One model's side of one layer, accumulated over probe batches: the sum of per-sequence VE@r, the pooled
+    within-sequence scatter, and each batch's token subspaces. Everything a pair row needs from this model,
+    so a run's keys are measured once however many pairs it is in (analysis.seeds)."""
+
     def __init__(self):
-        self.scatter = [None, None]
-        self.ve = [0.0, 0.0]
-        self.token_angle_sum, self.sequences, self.shape = 0.0, 0, None
+        self.scatter, self.ve, self.sequences, self.shape = None, 0.0, 0, None
+        self.batches: list[int] = []        # sequences per probe batch, in order
+        self.subspaces: list[Tensor] = []   # [batch, T, rank] per probe batch
+        self._basis: Tensor | None = None
 
-    def add(self, keys_a: Tensor, keys_b: Tensor, rank: int) -> None:
-        if keys_a.shape[0] != keys_b.shape[0] or keys_a.shape[2] != keys_b.shape[2]:
-            raise UserError(f"the two models saw different probes ({tuple(keys_a.shape)} vs {tuple(keys_b.shape)}); "
-                            "run both on the identical probe batch")
-        self.shape = (keys_a.shape[2], layer_keys(keys_a).shape[-1], layer_keys(keys_b).shape[-1])
-        for i, keys in enumerate((keys_a, keys_b)):
-            self.ve[i] += float(ve_at_rank(keys, rank).mean(dim=1).sum())
-            x = layer_keys(keys).double()
-            x = x - x.mean(dim=-2, keepdim=True)
-            scatter = (x.transpose(-1, -2) @ x).sum(0)
-            self.scatter[i] = scatter if self.scatter[i] is None else self.scatter[i] + scatter
-        angles = canonical_angles(token_subspace(layer_keys(keys_a), rank), token_subspace(layer_keys(keys_b), rank))
-        self.token_angle_sum += float(angles.mean(-1).sum())
-        self.sequences += keys_a.shape[0]
+    def add(self, keys: Tensor, rank: int) -> None:
+        self.shape = (keys.shape[2], layer_keys(keys).shape[-1])
+        self.ve += float(ve_at_rank(keys, rank).mean(dim=1).sum())
+        x = layer_keys(keys).double()
+        x = x - x.mean(dim=-2, keepdim=True)
+        scatter = (x.transpose(-1, -2) @ x).sum(0)
+        self.scatter = scatter if self.scatter is None else self.scatter + scatter
+        self.subspaces.append(token_subspace(layer_keys(keys), rank))
+        self.batches.append(keys.shape[0])
+        self.sequences += keys.shape[0]
+        self._basis = None
 
-    def row(self, index: int, rank: int) -> dict:
-        tokens, dim_a, dim_b = self.shape
-        ve_a, ve_b = self.ve[0] / self.sequences, self.ve[1] / self.sequences
-        row = {"layer": index, f"ve@{rank}_a": ve_a, f"ve@{rank}_b": ve_b, f"delta_ve@{rank}": abs(ve_a - ve_b),
-               "token_angle": self.token_angle_sum / self.sequences,
-               "token_angle_null": random_subspace_angle(tokens - 1, rank)}
-        if dim_a == dim_b:  # key-space angles need the two layers' keys in spaces of one dimension
-            angles = canonical_angles(key_basis(self.scatter[0], rank), key_basis(self.scatter[1], rank))
-            row.update({"key_angle": float(angles.mean()), "key_angle_null": random_subspace_angle(dim_a, rank)})
-        else:
-            row.update({"key_angle": math.nan, "key_angle_null": math.nan})
-        return row
+    def basis(self, rank: int) -> Tensor:
+        if self._basis is None:
+            self._basis = key_basis(self.scatter, rank)
+        return self._basis
+
+
+def _pair_row(index: int, a: _LayerKeys, b: _LayerKeys, rank: int) -> dict:
+    """One layer of a pair: VE@r of each model, |dVE@r|, and the two angles beside their nulls. Batch by batch
+    in probe order, so the numbers do not depend on whether the sides were measured together or apart."""
+    if a.batches != b.batches or a.shape[0] != b.shape[0]:
+        raise UserError(f"the two models saw different probes ({a.sequences} x {a.shape[0]} vs {b.sequences} x "
+                        f"{b.shape[0]} tokens); run both on the identical probe batches")
+    (tokens, dim_a), dim_b = a.shape, b.shape[1]
+    token_angle_sum = 0.0
+    for sub_a, sub_b in zip(a.subspaces, b.subspaces):
+        token_angle_sum += float(canonical_angles(sub_a, sub_b).mean(-1).sum())
+    ve_a, ve_b = a.ve / a.sequences, b.ve / b.sequences
+    row = {"layer": index, f"ve@{rank}_a": ve_a, f"ve@{rank}_b": ve_b, f"delta_ve@{rank}": abs(ve_a - ve_b),
+           "token_angle": token_angle_sum / a.sequences, "token_angle_null": random_subspace_angle(tokens - 1, rank)}
+    if dim_a == dim_b:  # key-space angles need the two layers' keys in spaces of one dimension
+        angles = canonical_angles(a.basis(rank), b.basis(rank))
+        row.update({"key_angle": float(angles.mean()), "key_angle_null": random_subspace_angle(dim_a, rank)})
+    else:
+        row.update({"key_angle": math.nan, "key_angle_null": math.nan})
+    return row
+
+
+class KeyAccumulator:
+    """One model's scored keys on a probe, streamed batch by batch (``update``: per layer ``[batch, units, T, d]``);
+    :func:`compare` pairs two of them measured on the identical probe batches."""
+
+    def __init__(self, rank: int = RANK):
+        if not isinstance(rank, int) or rank < 1:
+            raise UserError(f"subspace rank must be a positive integer; got {rank!r}")
+        self.rank = rank
+        self.layers: list[_LayerKeys] = []
+
+    def update(self, keys: list[Tensor], names: list[str] | None = None) -> None:
+        if not self.layers:
+            self.layers = [_LayerKeys() for _ in keys]
+        if len(keys) != len(self.layers):
+            raise UserError(f"a probe batch gave {len(keys)} layers of keys after {len(self.layers)}")
+        for i, (layer, layer_k) in enumerate(zip(self.layers, keys)):
+            if min(layer_k.shape[-2] - 1, layer_keys(layer_k).shape[-1]) < self.rank:
+                name = names[i] if names else str(i)
+                raise UserError(f"rank {self.rank} exceeds the {layer_k.shape[-2]} tokens x "
+                                f"{layer_keys(layer_k).shape[-1]} key dims of layer {name!r}; lower rank=")
+            layer.add(layer_k.detach(), self.rank)
+
+    @staticmethod
+    def of(routing) -> tuple[list[Tensor], list[str]]:
+        """The scored keys and layer names of a routing record, as :meth:`update` takes them."""
+        return [layer.scored_keys for layer in routing.layers], [layer.name for layer in routing.layers]
+
+
+def compare(a: KeyAccumulator, b: KeyAccumulator) -> list[dict]:
+    """One row per layer of two models measured on the identical probe batches: VE@r of each, |dVE@r|, and
+    the key- and token-space angles with their random-subspace nulls."""
+    if not a.layers or not b.layers:
+        raise UserError("no probe batches were compared; call update() first")
+    if len(a.layers) != len(b.layers):
+        raise UserError(f"the two routers have {len(a.layers)} and {len(b.layers)} layers; "
+                        "pair runs of the same architecture")
+    if a.rank != b.rank:
+        raise UserError(f"the two models were measured at ranks {a.rank} and {b.rank}; measure both at one rank")
+    return [_pair_row(i, la, lb, a.rank) for i, (la, lb) in enumerate(zip(a.layers, b.layers))]
 
 
 class PairAccumulator:
@@ -103,25 +159,20 @@ class PairAccumulator:
     layer: VE@r of each, |dVE@r|, and the key- and token-space angles with their random-subspace nulls."""
 
     def __init__(self, rank: int = RANK):
-        if not isinstance(rank, int) or rank < 1:
-            raise UserError(f"subspace rank must be a positive integer; got {rank!r}")
+        self.a, self.b = KeyAccumulator(rank), KeyAccumulator(rank)
         self.rank = rank
-        self.layers: list[_LayerPair] = []
 
     def update(self, routing_a, routing_b) -> None:
         if len(routing_a.layers) != len(routing_b.layers):
             raise UserError(f"the two routers have {len(routing_a.layers)} and {len(routing_b.layers)} layers; "
                             "pair runs of the same architecture")
-        if not self.layers:
-            self.layers = [_LayerPair() for _ in routing_a.layers]
-        for pair, layer_a, layer_b in zip(self.layers, routing_a.layers, routing_b.layers):
-            keys_a, keys_b = layer_a.scored_keys, layer_b.scored_keys
-            if min(keys_a.shape[-2] - 1, layer_keys(keys_a).shape[-1]) < self.rank:
-                raise UserError(f"rank {self.rank} exceeds the {keys_a.shape[-2]} tokens x "
-                                f"{layer_keys(keys_a).shape[-1]} key dims of layer {layer_a.name!r}; lower rank=")
-            pair.add(keys_a.detach(), keys_b.detach(), self.rank)
+        keys_a, keys_b = [layer.scored_keys for layer in routing_a.layers], [layer.scored_keys for layer in routing_b.layers]
+        for ka, kb in zip(keys_a, keys_b):
+            if ka.shape[0] != kb.shape[0] or ka.shape[2] != kb.shape[2]:
+                raise UserError(f"the two models saw different probes ({tuple(ka.shape)} vs {tuple(kb.shape)}); "
+                                "run both on the identical probe batch")
+        self.a.update(*KeyAccumulator.of(routing_a))
+        self.b.update(*KeyAccumulator.of(routing_b))
 
     def compute(self) -> list[dict]:
-        if not self.layers:
-            raise UserError("no probe batches were compared; call update() first")
-        return [pair.row(i, self.rank) for i, pair in enumerate(self.layers)]
+        return compare(self.a, self.b)

@@ -113,20 +113,44 @@ def test_seed_direction_study_pairs_the_weight_seeds_and_reports_angles_against_
     assert "direction no verdict, too few pairs (2; need >= 3)" in (out / "summary.md").read_text()
 
 
-def test_the_untrained_pair_is_measured_once_per_architecture_and_probe(sweep, monkeypatch):
+def test_each_run_and_the_untrained_pair_are_measured_once_per_probe(sweep, monkeypatch):
     from analysis import seeds
     from analysis.runs import find_runs
 
     calls = []
-    real = seeds._angles
-    monkeypatch.setattr(seeds, "_angles", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    real = seeds.measure_keys
+    monkeypatch.setattr(seeds, "measure_keys", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
     a, b = [r for r in find_runs(sweep) if r.get("router.position") == "nope"]
-    cache = {}
-    first = seeds.compare_pair(a, b, rank=4, untrained_cache=cache)
-    again = seeds.compare_pair(b, a, rank=4, untrained_cache=cache)  # same architecture, same probe: reused
-    assert [c.endswith("untrained") for c in calls] == [False, True, False]
+    untrained, keys = {}, {}
+    first = seeds.compare_pair(a, b, rank=4, untrained_cache=untrained, keys_cache=keys)
+    again = seeds.compare_pair(b, a, rank=4, untrained_cache=untrained, keys_cache=keys)  # nothing measured again
+    assert len(calls) == 4 and [c.startswith("untrained") for c in calls] == [False, False, True, True]
     assert [r["token_angle_untrained"] for r in again] == [r["token_angle_untrained"] for r in first]
     assert [r["token_angle"] for r in again] == pytest.approx([r["token_angle"] for r in first], abs=1e-6)
+
+
+def test_keys_measured_once_per_run_give_the_rows_of_streaming_the_pair_together(sweep):
+    """The per-run path (keys_cache, forward passes of FORWARD_BATCH, the vocabulary head skipped) against the
+    reference: both full forwards streamed through one PairAccumulator, batch by batch (batch 6 of an 8-sequence
+    probe: batches 6 + 2, forward passes 4 + 2 + 2)."""
+    from analysis import seeds
+    from analysis.runs import find_runs, load_router
+    from analysis.subspaces import PairAccumulator
+    from datamodules.probe import TokenProbe
+
+    a, b = [r for r in find_runs(sweep) if r.get("router.position") == "alibi"]
+    rows = seeds.compare_pair(a, b, rank=4, batch_size=6, keys_cache={})
+    probe = TokenProbe.load(a.path / "probe.pt")
+    router_a, router_b = load_router(a.path)[0], load_router(b.path)[0]
+    reference = PairAccumulator(4)
+    with torch.no_grad():
+        for tokens, _ in probe.batches(6):
+            reference.update(router_a(tokens, return_routing=True)[1], router_b(tokens, return_routing=True)[1])
+    expected = reference.compute()
+    assert len(rows) == len(expected) == 2
+    for row, ref in zip(rows, expected):
+        for key, value in ref.items():
+            assert row[key] == pytest.approx(value, rel=1e-12, abs=1e-12), key
 
 
 @pytest.mark.parametrize("args, message", [
