@@ -36,6 +36,12 @@ class _Probed(nn.Module):
     def probe_routing(self, inputs):
         return self.router(inputs, return_routing=True)[1]
 
+    @torch.no_grad()
+    def probe_keys(self, inputs):
+        if hasattr(self.router, "scored_keys"):  # as the LM task does, so analysis equals the monitor
+            return self.router.scored_keys(inputs)
+        return [layer.scored_keys for layer in self.probe_routing(inputs).layers]
+
 
 class _WithProgress:
     """A probe whose batches show a progress bar: a big model's pass over 150 + 150 sequences takes minutes."""

@@ -3,6 +3,7 @@
     python bench/monitor_overhead.py                          # every family, 1 thread
     python bench/monitor_overhead.py --router mamba --rounds 5
     python bench/monitor_overhead.py --router pythia data.probe_sequences=64   # extra Hydra overrides
+    python bench/monitor_overhead.py --router pythia --profile                 # where a pass spends its time
 
 Each family at its default config (bench/harness.py: the objects train.py builds). One process, one model:
 rounds of ``--steps`` training steps and one monitor pass (``measure_signature`` with the monitor's own probe
@@ -26,7 +27,8 @@ DEFAULT_INTERVAL = 250  # conf/callbacks/default.yaml: every_n_steps
 TARGET = 0.02
 
 
-def measure_family(family: str, steps: int, rounds: int, overrides: list[str], out: Path) -> dict:
+def measure_family(family: str, steps: int, rounds: int, overrides: list[str], out: Path,
+                   profile: bool = False) -> dict:
     import torch
 
     from records.measure import measure_signature
@@ -50,6 +52,13 @@ def measure_family(family: str, steps: int, rounds: int, overrides: list[str], o
     train_steps()  # warm-up: first-call allocations, data generation
     monitor_pass()  # warm-up: the Gaussian nulls, computed once per run and cached
     step_seconds.clear()
+    if profile:
+        from torch.profiler import profile as profiler
+
+        with profiler() as prof:
+            monitor_pass()
+        print(f"# {family}: one monitor pass, top operators by self CPU time\n"
+              + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
     seconds = interleaved({"train": train_steps, "monitor": monitor_pass}, rounds)
     per_round = [step_seconds[i * steps:(i + 1) * steps] for i in range(rounds)]
     shares = [p / median(s) for p, s in zip(seconds["monitor"], per_round)]  # pass in units of steps
@@ -69,6 +78,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="training steps per round")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of one pass")
     args, overrides = parser.parse_known_args()
     import torch
 
@@ -76,7 +86,7 @@ def main() -> None:
     print(f"# {load_average()}, {args.threads} thread(s), {args.rounds} rounds of {args.steps} steps + 1 pass")
     for family in args.router or list(FAMILIES):
         with tempfile.TemporaryDirectory() as tmp:
-            row = measure_family(family, args.steps, args.rounds, overrides, Path(tmp))
+            row = measure_family(family, args.steps, args.rounds, overrides, Path(tmp), args.profile)
         at_default, at_run = overhead(row, DEFAULT_INTERVAL), overhead(row, row["interval"])
         verdict = "ok" if at_default <= TARGET else "ABOVE TARGET"
         print(f"{family:8s} probe {row['probe']:4d}  step {1e3 * row['step_s']:7.1f} ms  pass {row['pass_s']:6.2f} s "

@@ -43,7 +43,8 @@ def throughput_row(label: str, text: str) -> str:
     return (f"| throughput: {label} | ours/HF **{pick(r'ratio ours/HF: ([0-9.]+)', text)}**, "
             f"ours {pick(r'ours +tokens/s: +([0-9]+)', text)} tok/s | MFU ours "
             f"{pick(r'ours .*MFU +([0-9.]+) %', text)} %, HF {pick(r'GPTNeoX.*MFU +([0-9.]+) %', text)} % of a "
-            f"measured {pick(r'matmul ([0-9.]+) GFLOP/s', text)} GFLOP/s matmul peak |")
+            f"measured {pick(r'matmul ([0-9.]+) GFLOP/s', text)} GFLOP/s matmul peak; GEMM floor: ours "
+            f"{pick(r'ours ([0-9.]+)x it', text)}x, HF {pick(r'HF ([0-9.]+)x;', text)}x |")
 
 
 def main() -> None:

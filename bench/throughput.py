@@ -3,7 +3,8 @@ both against the machine's own matmul peak (model FLOP utilisation, MFU).
 
 Both run eager in fp32 with AdamW on the same random batches; steps alternate between the two models and a
 2048 x 2048 fp32 matmul (and which goes first) so that load from other processes hits all alike; rates and
-ratios are medians over steps, robust to bursts of load. Target: ours/HF >= 1.0.
+ratios are medians over steps, robust to bursts of load. The step's dense matmuls timed alone (the GEMM
+floor) bound what any fp32 eager implementation of the model can reach.
 
     python bench/throughput.py                    # default small config, 16 x 128, CPU, about a minute
     python bench/throughput.py --steps 50 --device cuda
@@ -74,6 +75,26 @@ def matmul_peak(device: str, n: int = 2048):
     return run, 2 * n ** 3
 
 
+def gemm_floor(args):
+    """A timer of the training step's dense matmuls alone, as one fp32 mm each, on random operands of the
+    step's own shapes: per layer qkv, attention out, MLP in and out, plus the vocabulary head; forward
+    (x W) and both backward products (dX = dY W^T, dW = X^T dY). Attention's T x T products, norms,
+    activations, the loss and the optimiser are left out, so no implementation of this model in fp32 eager
+    steps faster than this: it bounds the ratio any model can reach against HF's measured step."""
+    d, n, device = args.d_model, args.batch * args.context, args.device
+    shapes = [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)] * args.n_layer + [(d, args.vocab)]
+    operands = [(torch.randn(n, k, device=device), torch.randn(k, m, device=device), torch.randn(n, m, device=device))
+                for k, m in shapes]
+
+    def run() -> None:
+        total = torch.zeros((), device=device)
+        for x, w, dy in operands:
+            total += (x @ w)[0, 0] + (dy @ w.T)[0, 0] + (x.T @ dy)[0, 0]
+        total.item()
+
+    return run
+
+
 def measure(args) -> dict:
     """Interleaved timing; returns tokens/s, the ratio ours/HF, GFLOP/s and MFU against the measured peak."""
     import contextlib
@@ -84,7 +105,8 @@ def measure(args) -> dict:
         ours.compile()
     steps = {"ours": make_step(ours, is_hf=False, bf16=args.bf16), "hf": make_step(hf, is_hf=True, bf16=args.bf16)}
     peak_run, peak_flops = matmul_peak(args.device)
-    seconds = {"ours": [], "hf": [], "peak": []}
+    floor_run = gemm_floor(args)
+    seconds = {"ours": [], "hf": [], "peak": [], "floor": []}
     kernel = contextlib.nullcontext()
     if args.sdpa == "math":
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -92,7 +114,8 @@ def measure(args) -> dict:
     with kernel:
         for i in range(args.warmup + args.steps):
             tokens = torch.randint(0, args.vocab, (args.batch, args.context), device=args.device)
-            timers = {"ours": lambda: steps["ours"](tokens), "hf": lambda: steps["hf"](tokens), "peak": peak_run}
+            timers = {"ours": lambda: steps["ours"](tokens), "hf": lambda: steps["hf"](tokens), "peak": peak_run,
+                      "floor": floor_run}
             for name in (list(timers) if i % 2 == 0 else list(reversed(timers))):
                 start = time.perf_counter()
                 timers[name]()
@@ -105,7 +128,9 @@ def measure(args) -> dict:
     return {"tokens_s": {n: args.batch * args.context / median[n] for n in ("ours", "hf")},
             "ratio": statistics.median(h / o for o, h in zip(seconds["ours"], seconds["hf"])),
             "gflops": {n: flops / median[n] / 1e9 for n in ("ours", "hf")}, "peak_gflops": peak / 1e9,
-            "mfu": {n: flops / median[n] / peak for n in ("ours", "hf")}, "step_gflop": flops / 1e9}
+            "mfu": {n: flops / median[n] / peak for n in ("ours", "hf")}, "step_gflop": flops / 1e9,
+            "over_floor": {n: statistics.median(s / f for s, f in zip(seconds[n], seconds["floor"]))
+                           for n in ("ours", "hf")}}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -146,6 +171,9 @@ def main() -> None:
     print(f"peak: 2048^2 fp32 matmul {r['peak_gflops']:.1f} GFLOP/s (median, interleaved); a step is "
           f"{r['step_gflop']:.2f} GFLOP")
     print(f"ratio ours/HF: {r['ratio']:.3f}   (median over adjacent step pairs)")
+    print(f"GEMM floor (the step's dense matmuls alone): ours {r['over_floor']['ours']:.2f}x it, HF "
+          f"{r['over_floor']['hf']:.2f}x; the most any fp32 eager model could reach against HF is "
+          f"{r['over_floor']['hf']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor
@@ -178,8 +178,9 @@ class SignatureAccumulator:
         self.family = ""
         self.layers: list[_LayerStats] = []
 
-    def update(self, routing: "Routing", shuffled: "Routing | None" = None) -> None:
-        """Add one micro-batch; ``shuffled`` is the same router's routing on the position-shuffled batch."""
+    def update(self, routing: "Routing", shuffled: "Routing | Sequence[Tensor] | None" = None) -> None:
+        """Add one micro-batch; ``shuffled`` is the same router on the position-shuffled batch: its routing,
+        or only its per-layer scored keys (all the shuffle null reads)."""
         if self.axis is None:
             self.axis, self.family = routing.axis, getattr(routing, "family", "")
             self.layers = [_LayerStats(layer, self.ranks, family_statistics(self.family, layer))
@@ -187,9 +188,12 @@ class SignatureAccumulator:
         if routing.axis != self.axis or len(routing.layers) != len(self.layers):
             raise UserError(f"routing changed between updates ({routing.axis}, {len(routing.layers)} layers vs "
                             f"{self.axis}, {len(self.layers)}); use one accumulator per router")
-        if shuffled is not None and len(shuffled.layers) != len(routing.layers):
-            raise UserError(f"shuffled routing has {len(shuffled.layers)} layers, real has {len(routing.layers)}; "
-                            "re-run the same router on the shuffled probe")
+        null_keys = None
+        if shuffled is not None:
+            null_keys = [layer.scored_keys for layer in shuffled.layers] if hasattr(shuffled, "layers") else shuffled
+            if len(null_keys) != len(routing.layers):
+                raise UserError(f"shuffled routing has {len(null_keys)} layers, real has {len(routing.layers)}; "
+                                "re-run the same router on the shuffled probe")
         for i, (stats, layer) in enumerate(zip(self.layers, routing.layers)):
             keys = layer.scored_keys
             if keys.dim() != 4 or tuple(keys.shape[-2:]) != (stats.sources, stats.dim):
@@ -199,8 +203,8 @@ class SignatureAccumulator:
             stats.add_geometry(keys)
             if stats.has_post:
                 stats.add_ve("post", layer.keys)
-            if shuffled is not None:
-                stats.add_ve("shuffle", shuffled.layers[i].scored_keys)
+            if null_keys is not None:
+                stats.add_ve("shuffle", null_keys[i])
             if layer.is_sparse:
                 stats.add_sparse(layer)
             else:

@@ -22,8 +22,13 @@ def measure_signature(module, probe, ranks=RANKS, batch_size: int = 50, onset_th
         accumulator = SignatureAccumulator(ranks=tuple(ranks))
         for inputs, shuffled in probe.batches(batch_size):
             routing = module.probe_routing(inputs)
-            null = module.probe_routing(shuffled) if shuffled is not None else None
-            accumulator.update(routing, null)
+            accumulator.update(routing, None if shuffled is None else _null_keys(module, shuffled))
         return accumulator.compute(onset_threshold=onset_threshold, completion_threshold=completion_threshold)
     finally:
         module.train(was_training)
+
+
+def _null_keys(module, shuffled):
+    """The shuffle null reads only keys: a module may offer ``probe_keys`` to skip the rest (the weights)."""
+    probe_keys = getattr(module, "probe_keys", None)
+    return probe_keys(shuffled) if probe_keys is not None else module.probe_routing(shuffled)

@@ -116,42 +116,58 @@ class Attention(nn.Module):
             return q @ (L.transpose(-1, -2) @ L), -0.5 * self.tau * metric_keys.square().sum(-1).unsqueeze(-2)
         return q, None
 
-    def forward(self, x: Tensor, return_routing: bool = False) -> tuple[Tensor, RoutingLayer | None]:
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+        """Everything before the scores: (query as scored, key as scored, value, scored_keys, per-key bias).
+        ``scored_keys`` are the keys whose geometry the metrics read: pre-position (pre-RoPE) keys."""
         B, T, C = x.shape
         q, k, v = self.qkv(x).view(B, T, self.n_head, 3 * self.d_head).transpose(1, 2).chunk(3, dim=-1)
         if self.score == "normalized":
             q = self.query_gain * F.rms_norm(q, (self.d_head,), eps=self.eps)
             k = F.rms_norm(k, (self.d_head,), eps=self.eps)
-        content_keys = k
+        scored_keys = k
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
         q, bias = self.metric(q, k)
         if self.alibi_slopes is not None:
             alibi = self.alibi_slopes * _distance(T, x.device, q.dtype)  # -m (i - j) for query i, source j
             bias = alibi if bias is None else bias + alibi
+        return q, k, v, scored_keys, bias
+
+    def forward(self, x: Tensor, return_routing: bool = False) -> tuple[Tensor, RoutingLayer | None]:
+        q, k, v, scored_keys, bias = self.project(x)
+        if not return_routing:
+            return self.attend(q, k, v, bias), None
+        # the reference path: explicit softmax, its weights go into the record
+        T = x.shape[1]
+        # in place on the fresh logits: the same numbers as the out-of-place form, with fewer T x T copies
+        logits = (q @ k.transpose(-1, -2)).mul_(self.tau)
+        if bias is not None:
+            fits = torch.broadcast_shapes(bias.shape, logits.shape) == logits.shape
+            logits = logits.add_(bias) if fits else logits + bias
+        mask = causal_mask(T, device=x.device)
+        logits = logits.masked_fill_(~mask, float("-inf"))
+        # softmax(dtype=float32) copies a float32 input first (3x slower); only half inputs need it
+        weights = (logits.softmax(-1) if logits.dtype == torch.float32
+                   else logits.softmax(-1, dtype=torch.float32).to(q.dtype))
+        out = F.dropout(weights, self.dropout, self.training) @ v
+        routing = RoutingLayer(keys=k, weights=weights, mask=mask, name=self.name,
+                               content_keys=scored_keys if self.rotary is not None else None)
+        return self._merge_heads(out), routing
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
+        """The fast path (SDPA, no weights kept): training, and the keys-only pass of the shuffle null."""
         dropout = self.dropout if self.training else 0.0
-        routing = None
-        if return_routing:  # the reference path: explicit softmax, its weights go into the record
-            # in place on the fresh logits: the same numbers as the out-of-place form, with fewer T x T copies
-            logits = (q @ k.transpose(-1, -2)).mul_(self.tau)
-            if bias is not None:
-                fits = torch.broadcast_shapes(bias.shape, logits.shape) == logits.shape
-                logits = logits.add_(bias) if fits else logits + bias
-            mask = causal_mask(T, device=x.device)
-            logits = logits.masked_fill_(~mask, float("-inf"))
-            # softmax(dtype=float32) copies a float32 input first (3x slower); only half inputs need it
-            weights = (logits.softmax(-1) if logits.dtype == torch.float32
-                       else logits.softmax(-1, dtype=torch.float32).to(q.dtype))
-            out = F.dropout(weights, dropout, self.training) @ v
-            routing = RoutingLayer(keys=k, weights=weights, mask=mask, name=self.name,
-                                   content_keys=content_keys if self.rotary is not None else None)
-        elif bias is None:
+        if bias is None:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=self.tau)
         else:
-            future = _future(T, x.device, q.dtype)
+            future = _future(q.shape[-2], q.device, q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias + future, dropout_p=dropout,
                                                  scale=self.tau)
-        return self.proj(out.transpose(1, 2).reshape(B, T, C)), routing
+        return self._merge_heads(out)
+
+    def _merge_heads(self, out: Tensor) -> Tensor:
+        B, _, T, _ = out.shape
+        return self.proj(out.transpose(1, 2).reshape(B, T, self.n_head * self.d_head))
 
 
 class MLP(nn.Module):
@@ -177,10 +193,13 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, return_routing: bool = False) -> tuple[Tensor, RoutingLayer | None]:
         attn_out, routing = self.attn(self.ln_1(x), return_routing)
+        return self.add_branches(x, attn_out), routing
+
+    def add_branches(self, x: Tensor, attn_out: Tensor) -> Tensor:
         if self.parallel_residual:  # GPT-NeoX: both branches read the same x
-            return x + self.drop(attn_out) + self.drop(self.mlp(self.ln_2(x))), routing
+            return x + self.drop(attn_out) + self.drop(self.mlp(self.ln_2(x)))
         x = x + self.drop(attn_out)
-        return x + self.drop(self.mlp(self.ln_2(x))), routing
+        return x + self.drop(self.mlp(self.ln_2(x)))
 
 
 class Transformer(nn.Module):
@@ -223,26 +242,43 @@ class Transformer(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, tokens: Tensor, return_routing: bool = False) -> Tensor | tuple[Tensor, Routing]:
-        x, layers = self._trunk(tokens, return_routing)
+        x, layers = self.embed(tokens), []
+        for block in self.blocks:
+            x, layer = block(x, return_routing)
+            layers.append(layer)
         logits = self.lm_head(self.ln_f(x))
         return (logits, Routing(layers=layers, axis="token")) if return_routing else logits
 
     def routing(self, tokens: Tensor) -> Routing:
-        """The routing record alone: skips the vocabulary head, the probe's costliest matmul."""
-        return Routing(layers=self._trunk(tokens, return_routing=True)[1], axis="token")
+        """The routing record alone, the same tensors as ``forward(tokens, return_routing=True)[1]``: skips
+        what the record never reads, the last block's MLP and the vocabulary head (the probe's costliest matmul)."""
+        x, layers = self.embed(tokens), []
+        *inner, last = self.blocks
+        for block in inner:
+            x, layer = block(x, return_routing=True)
+            layers.append(layer)
+        layers.append(last.attn(last.ln_1(x), return_routing=True)[1])
+        return Routing(layers=layers, axis="token")
 
-    def _trunk(self, tokens: Tensor, return_routing: bool) -> tuple[Tensor, list]:
+    def scored_keys(self, tokens: Tensor) -> list[Tensor]:
+        """Each layer's scored keys and nothing else (the shuffle null reads only these): SDPA instead of the
+        explicit softmax, and the last block stops at its keys. Equal to the record's ``scored_keys`` up to
+        float rounding (SDPA sums in another order, ~1e-7 relative from the second layer on)."""
+        x, keys = self.embed(tokens), []
+        *inner, last = self.blocks
+        for block in inner:
+            q, k, v, scored, bias = block.attn.project(block.ln_1(x))
+            keys.append(scored)
+            x = block.add_branches(x, block.attn.attend(q, k, v, bias))
+        keys.append(last.attn.project(last.ln_1(x))[3])
+        return keys
+
+    def embed(self, tokens: Tensor) -> Tensor:
         check_tokens(tokens, self.context_length)
-        T = tokens.shape[1]
         x = self.wte(tokens)
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(T, device=tokens.device))
-        x = self.drop(x)
-        layers = []
-        for block in self.blocks:
-            x, layer = block(x, return_routing)
-            layers.append(layer)
-        return x, layers
+            x = x + self.wpe(torch.arange(tokens.shape[1], device=tokens.device))
+        return self.drop(x)
 
     @classmethod
     def from_hf(cls, source, **shape) -> "Transformer":

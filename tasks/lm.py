@@ -60,6 +60,14 @@ class LanguageModelTask(pl.LightningModule):
             return self.model.routing(inputs)
         return self.model(inputs, return_routing=True)[1]
 
+    @torch.no_grad()
+    def probe_keys(self, inputs: Tensor) -> list[Tensor]:
+        """Per-layer scored keys on probe inputs, all the shuffle null reads; routers may offer
+        ``scored_keys(tokens)`` to skip the weights."""
+        if hasattr(self.model, "scored_keys"):
+            return self.model.scored_keys(inputs.to(self.device))
+        return [layer.scored_keys for layer in self.probe_routing(inputs).layers]
+
     def configure_optimizers(self):
         hp = self.hparams
         # Decay matrices only (nanoGPT): norms, biases and gains are not shrunk toward zero, nor parameters

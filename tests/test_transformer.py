@@ -256,13 +256,59 @@ def test_named_pythia_shapes_extend_the_default(name, shape):
     assert cfg._target_ == "routers.transformer.Transformer"
 
 
-def test_routing_only_path_equals_the_full_forward_record():
+@pytest.mark.parametrize("position,score", [("rope", "dot"), ("alibi", "euclidean"), ("nope", "learned_metric"),
+                                            ("learned", "normalized")])
+def test_routing_only_path_equals_the_full_forward_record(position, score):
     torch.manual_seed(0)
-    model = Transformer(vocab_size=50, n_layer=2, d_model=32, n_head=2, context_length=16).eval()
+    model = Transformer(vocab_size=50, n_layer=3, d_model=32, n_head=2, context_length=16, position=position,
+                        score=score).eval()
     tokens = torch.randint(0, 50, (2, 16))
-    _, full = model(tokens, return_routing=True)
-    only = model.routing(tokens)
+    with torch.no_grad():
+        _, full = model(tokens, return_routing=True)
+        only = model.routing(tokens)
     assert only.axis == full.axis and len(only) == len(full)
-    for a, b in zip(only, full):
-        torch.testing.assert_close(a.weights, b.weights)
-        torch.testing.assert_close(a.content_keys, b.content_keys)
+    for a, b in zip(only, full):  # the same operations on the same inputs: bit-identical
+        assert torch.equal(a.weights, b.weights) and torch.equal(a.keys, b.keys)
+        assert torch.equal(a.scored_keys, b.scored_keys)
+
+
+@pytest.mark.parametrize("position,score", [("rope", "dot"), ("alibi", "euclidean"), ("nope", "learned_metric"),
+                                            ("learned", "normalized")])
+def test_keys_only_path_gives_the_records_scored_keys(position, score):
+    torch.manual_seed(1)
+    model = Transformer(vocab_size=50, n_layer=3, d_model=32, n_head=2, context_length=16, position=position,
+                        score=score).eval()
+    tokens = torch.randint(0, 50, (3, 16))
+    with torch.no_grad():
+        record, keys = model.routing(tokens), model.scored_keys(tokens)
+    assert len(keys) == len(record) == 3
+    assert torch.equal(keys[0], record[0].scored_keys)  # before any attention: the same ops
+    for got, layer in zip(keys, record):  # later layers read SDPA's output: equal up to float rounding
+        assert got.shape == layer.scored_keys.shape
+        torch.testing.assert_close(got, layer.scored_keys, rtol=1e-5, atol=1e-6)
+
+
+def test_monitor_shuffle_null_from_keys_only_matches_the_full_record():
+    """The monitor's pass (records.measure) takes the shuffle null from the keys-only path: every other value is
+    bit-identical to measuring with full records, the shuffle-null VE equal up to SDPA's float rounding."""
+    from collapse import SignatureAccumulator
+    from datamodules.probe import TokenProbe
+    from records.measure import measure_signature
+    from tasks.lm import LanguageModelTask
+
+    torch.manual_seed(2)
+    task = LanguageModelTask(Transformer(vocab_size=50, n_layer=3, d_model=32, n_head=2, context_length=16))
+    probe = TokenProbe.from_tokens(torch.randint(0, 50, (6, 16)), seed=3)
+    fast = measure_signature(task, probe, ranks=(1, 4), batch_size=4)
+    reference = SignatureAccumulator((1, 4))
+    with torch.no_grad():
+        for inputs, shuffled in probe.batches(4):
+            reference.update(task.model(inputs, return_routing=True)[1], task.model(shuffled, return_routing=True)[1])
+    reference = reference.compute()
+    for got, want in zip(fast.layers, reference.layers):
+        for key, value in want.items():
+            if "shuffle" in key or key.startswith(("content@", "marginal@")):
+                assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+            else:
+                assert got[key] == value, key
+    assert fast.layers[0]["ve@4_shuffle"] == reference.layers[0]["ve@4_shuffle"]  # layer 0 sees no attention
