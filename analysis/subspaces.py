@@ -73,6 +73,7 @@ class _LayerKeys:
         self.batches: list[int] = []        # sequences per probe batch, in order
         self.subspaces: list[Tensor] = []   # [batch, T, rank] per probe batch
         self._basis: Tensor | None = None
+        self._orthonormal: Tensor | None = None
 
     def add(self, keys: Tensor, rank: int) -> None:
         self.shape = (keys.shape[2], layer_keys(keys).shape[-1])
@@ -84,12 +85,27 @@ class _LayerKeys:
         self.subspaces.append(token_subspace(layer_keys(keys), rank))
         self.batches.append(keys.shape[0])
         self.sequences += keys.shape[0]
-        self._basis = None
+        self._basis = self._orthonormal = None
 
     def basis(self, rank: int) -> Tensor:
         if self._basis is None:
             self._basis = key_basis(self.scatter, rank)
         return self._basis
+
+    def orthonormal(self) -> Tensor:
+        """Every sequence's token subspace ``[sequences, T, rank]`` orthonormalised as ``canonical_angles`` does
+        it (QR, matrix by matrix): done once per model, not once per pair."""
+        if self._orthonormal is None:
+            self._orthonormal = torch.linalg.qr(torch.cat(self.subspaces).double()).Q
+        return self._orthonormal
+
+
+def sequence_angles(qa: Tensor, qb: Tensor) -> Tensor:
+    """Mean canonical angle (degrees) per sequence between bases already orthonormalised by
+    :meth:`_LayerKeys.orthonormal`: ``collapse.canonical_angles(a, b).mean(-1)`` without its two QRs, op for op
+    the same numbers (tests/test_analyze_subspaces.py holds them equal)."""
+    cosines = torch.linalg.svdvals(qa.transpose(-1, -2) @ qb).clamp(0.0, 1.0)
+    return torch.rad2deg(torch.arccos(cosines)).mean(-1)
 
 
 def _pair_row(index: int, a: _LayerKeys, b: _LayerKeys, rank: int) -> dict:
@@ -99,9 +115,10 @@ def _pair_row(index: int, a: _LayerKeys, b: _LayerKeys, rank: int) -> dict:
         raise UserError(f"the two models saw different probes ({a.sequences} x {a.shape[0]} vs {b.sequences} x "
                         f"{b.shape[0]} tokens); run both on the identical probe batches")
     (tokens, dim_a), dim_b = a.shape, b.shape[1]
-    token_angle_sum = 0.0
-    for sub_a, sub_b in zip(a.subspaces, b.subspaces):
-        token_angle_sum += float(canonical_angles(sub_a, sub_b).mean(-1).sum())
+    per_sequence, token_angle_sum, start = sequence_angles(a.orthonormal(), b.orthonormal()), 0.0, 0
+    for size in a.batches:  # summed per probe batch, then over batches, as when the pair was streamed together
+        token_angle_sum += float(per_sequence[start:start + size].sum())
+        start += size
     ve_a, ve_b = a.ve / a.sequences, b.ve / b.sequences
     row = {"layer": index, f"ve@{rank}_a": ve_a, f"ve@{rank}_b": ve_b, f"delta_ve@{rank}": abs(ve_a - ve_b),
            "token_angle": token_angle_sum / a.sequences, "token_angle_null": random_subspace_angle(tokens - 1, rank)}

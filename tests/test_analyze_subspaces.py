@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from analysis.subspaces import PairAccumulator, random_subspace_angle
+from analysis.subspaces import PairAccumulator, _LayerKeys, random_subspace_angle, sequence_angles
 from routers.routing import Routing, RoutingLayer, causal_mask
 
 
@@ -88,3 +88,13 @@ def test_a_random_rotation_of_the_same_keys_is_chance_in_key_space_but_zero_in_t
     row = compare(keys, keys @ q, rank=8)
     assert row["token_angle"] == pytest.approx(0.0, abs=1e-4)
     assert row["key_angle"] > 55 and row["key_angle_null"] == pytest.approx(72.3, abs=0.5)
+
+
+def test_angles_from_bases_orthonormalised_once_per_model_are_canonical_angles_to_the_bit():
+    from collapse import canonical_angles
+
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(2, 7, 40, 5, generator=g, dtype=torch.float64)
+    layer_a, layer_b = _LayerKeys(), _LayerKeys()
+    layer_a.subspaces, layer_b.subspaces = [a[:4], a[4:]], [b[:4], b[4:]]
+    assert torch.equal(sequence_angles(layer_a.orthonormal(), layer_b.orthonormal()), canonical_angles(a, b).mean(-1))
