@@ -71,7 +71,7 @@ class _LayerKeys:
     def __init__(self):
         self.scatter, self.ve, self.sequences, self.shape = None, 0.0, 0, None
         self.batches: list[int] = []        # sequences per probe batch, in order
-        self.subspaces: list[Tensor] = []   # [batch, T, rank] per probe batch
+        self.subspaces: list[Tensor] = []   # [batch, T, rank] per probe batch, orthonormalised
         self._basis: Tensor | None = None
         self._orthonormal: Tensor | None = None
 
@@ -82,7 +82,9 @@ class _LayerKeys:
         x = x - x.mean(dim=-2, keepdim=True)
         scatter = (x.transpose(-1, -2) @ x).sum(0)
         self.scatter = scatter if self.scatter is None else self.scatter + scatter
-        self.subspaces.append(token_subspace(layer_keys(keys), rank))
+        # orthonormalised as canonical_angles does it (QR, matrix by matrix) once per model, not once per pair;
+        # the QR's Q is a fresh tensor, so the batch's full [batch, T, T] U is not kept alive by a slice of it
+        self.subspaces.append(torch.linalg.qr(token_subspace(layer_keys(keys), rank)).Q)
         self.batches.append(keys.shape[0])
         self.sequences += keys.shape[0]
         self._basis = self._orthonormal = None
@@ -93,17 +95,19 @@ class _LayerKeys:
         return self._basis
 
     def orthonormal(self) -> Tensor:
-        """Every sequence's token subspace ``[sequences, T, rank]`` orthonormalised as ``canonical_angles`` does
-        it (QR, matrix by matrix): done once per model, not once per pair."""
+        """Every sequence's token subspace ``[sequences, T, rank]``, orthonormalised as ``canonical_angles`` does
+        it (the per-batch QRs of :meth:`add`), in probe order."""
         if self._orthonormal is None:
-            self._orthonormal = torch.linalg.qr(torch.cat(self.subspaces).double()).Q
+            # concatenated in the QR's own (column-major) layout: matmul rounds differently in another layout
+            self._orthonormal = torch.cat([q.transpose(-1, -2) for q in self.subspaces]).transpose(-1, -2)
+            self.subspaces = [self._orthonormal]  # one copy in memory, and a later add() still appends
         return self._orthonormal
 
 
 def sequence_angles(qa: Tensor, qb: Tensor) -> Tensor:
-    """Mean canonical angle (degrees) per sequence between bases already orthonormalised by
-    :meth:`_LayerKeys.orthonormal`: ``collapse.canonical_angles(a, b).mean(-1)`` without its two QRs, op for op
-    the same numbers (tests/test_analyze_subspaces.py holds them equal)."""
+    """Mean canonical angle (degrees) per sequence between bases ``Q`` of ``torch.linalg.qr(U)``:
+    ``collapse.canonical_angles(U_a, U_b).mean(-1)`` without its two QRs, op for op the same numbers
+    (tests/test_analyze_subspaces.py holds them equal)."""
     cosines = torch.linalg.svdvals(qa.transpose(-1, -2) @ qb).clamp(0.0, 1.0)
     return torch.rad2deg(torch.arccos(cosines)).mean(-1)
 

@@ -95,6 +95,7 @@ def test_angles_from_bases_orthonormalised_once_per_model_are_canonical_angles_t
 
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn(2, 7, 40, 5, generator=g, dtype=torch.float64)
-    layer_a, layer_b = _LayerKeys(), _LayerKeys()
-    layer_a.subspaces, layer_b.subspaces = [a[:4], a[4:]], [b[:4], b[4:]]
-    assert torch.equal(sequence_angles(layer_a.orthonormal(), layer_b.orthonormal()), canonical_angles(a, b).mean(-1))
+    side_a, side_b = _LayerKeys(), _LayerKeys()
+    side_a.subspaces = [torch.linalg.qr(a[:4]).Q, torch.linalg.qr(a[4:]).Q]  # per probe batch, as add() keeps them
+    side_b.subspaces = [torch.linalg.qr(b[:3]).Q, torch.linalg.qr(b[3:]).Q]
+    assert torch.equal(sequence_angles(side_a.orthonormal(), side_b.orthonormal()), canonical_angles(a, b).mean(-1))
