@@ -99,10 +99,14 @@ def hidden_attention(delta: Tensor, A: Tensor, B: Tensor, C: Tensor, block: int 
             alpha[:, :, t0:t1, :t0] = (queries[:, :, t0:t1] * since_p) @ carried[:, :, :t0].transpose(-1, -2)
         # Inside the block only the causal pairs s <= t (L(L+1)/2 of L^2; s > t stays 0, so α is exactly causal),
         # each as q_t * exp(A (cum_t - cum_s)) * k_s, multiplied in that order.
-        rows, cols = (i + t0 for i in torch.tril_indices(t1 - t0, t1 - t0, device=delta.device))
-        segment = (cum[:, :, rows] - cum[:, :, cols]).float()                                  # [b, d, pairs]
+        # (index_select, not advanced indexing: the same gather, 5x faster on a middle axis)
+        L = t1 - t0
+        rows, cols = (i + t0 for i in torch.tril_indices(L, L, device=delta.device))
+        segment = (cum.index_select(2, rows) - cum.index_select(2, cols)).float()               # [b, d, pairs]
         decay = (segment.unsqueeze(-1) * A.view(1, d, 1, -1)).exp_()                            # [b, d, pairs, n]
-        alpha[:, :, rows, cols] = decay.mul_(queries[:, :, rows]).mul_(keys[:, :, cols]).sum(-1)
+        pairs = decay.mul_(queries.index_select(2, rows)).mul_(keys.index_select(2, cols)).sum(-1)
+        within = pairs.new_zeros(b, d, L * L).index_copy_(2, (rows - t0) * L + (cols - t0), pairs)
+        alpha[:, :, t0:t1, t0:t1] = within.view(b, d, L, L)
         # move the key side's reference from p to t1 - 1: old sources decay over the block, new ones join
         to_end = torch.exp((cum[:, :, t1 - 1, None] - cum[:, :, t0:t1]).float().unsqueeze(-1) * A.unsqueeze(1))
         block_decay = torch.exp((cum[:, :, t1 - 1] - (cum[:, :, t0 - 1] if t0 > 0 else 0)).float().unsqueeze(-1) * A)
