@@ -3,7 +3,8 @@ while its direction is not?
 
 Pairs come from a sweep over ``seed`` (weights) and ``data_seed`` (data order): two runs whose configs are
 equal except for ``seed`` form a *weight* pair, except for ``data_seed`` a *data* pair, except for both a
-*both* pair. Each pair's final checkpoints are run on the identical probe (the first run's), and per layer
+*both* pair. Each pair's final checkpoints are run on the identical probe (the first run's; each run is
+measured once and its keys reused by every pair it is in, docs/decisions.md), and per layer
 we record VE@r of each model, |dVE@r| (paper: max 0.016, always < 0.1), and the mean canonical angle
 between their attractor subspaces in key space (the paper's) and in token space (basis-free), each beside
 its random-subspace null (``analysis.subspaces``). Pairs are the replicates: each kind's effect (the
