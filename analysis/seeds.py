@@ -53,7 +53,7 @@ def find_pairs(runs: list[Run]) -> list[tuple[str, Run, Run]]:
 UNTRAINED_SEEDS = (1_000_003, 2_000_003)  # any two seeds: only "independently initialised" matters
 
 
-FORWARD_BATCH = 4  # sequences per forward pass: a CPU runs the explicit-softmax record path ~1.8x faster per
+FORWARD_BATCH = 4  # sequences per forward pass: a CPU runs the explicit-softmax record path ~1.6x faster per
 #                    sequence at 4 than at 16 (the T x T weights stay in cache); each sequence's keys are the same
 #                    at any batch, and the statistics are still accumulated per ``batch_size`` batch.
 
