@@ -99,3 +99,21 @@ def test_angles_from_bases_orthonormalised_once_per_model_are_canonical_angles_t
     side_a.subspaces = [torch.linalg.qr(a[:4]).Q, torch.linalg.qr(a[4:]).Q]  # per probe batch, as add() keeps them
     side_b.subspaces = [torch.linalg.qr(b[:3]).Q, torch.linalg.qr(b[3:]).Q]
     assert torch.equal(sequence_angles(side_a.orthonormal(), side_b.orthonormal()), canonical_angles(a, b).mean(-1))
+
+
+@pytest.mark.parametrize("tokens,dim,rank", [(32, 16, 4), (16, 40, 8), (12, 6, 8)])
+def test_token_subspace_is_the_svds_left_singular_subspace(tokens, dim, rank):
+    from analysis.subspaces import token_subspace
+    from collapse import canonical_angles
+
+    g = torch.Generator().manual_seed(4)
+    # a decaying spectrum, so the top-rank subspace is well defined
+    keys = torch.randn(5, 2, tokens, dim // 2, generator=g, dtype=torch.float64) * torch.linspace(3, 0.2, dim // 2,
+                                                                                                 dtype=torch.float64)
+    x = keys.transpose(1, 2).reshape(5, tokens, dim)
+    x = x - x.mean(dim=-2, keepdim=True)
+    want = torch.linalg.svd(x, full_matrices=False).U[..., :rank]
+    got = token_subspace(keys.transpose(1, 2).reshape(5, tokens, dim), rank)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got.transpose(-1, -2) @ got, torch.eye(got.shape[-1], dtype=torch.float64).expand(5, -1, -1))
+    assert canonical_angles(got, want).max() < 1e-4  # degrees: the same subspace up to arccos's resolution
