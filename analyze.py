@@ -47,8 +47,13 @@ def compose(argv: list[str]):
 
 
 def analyze(cfg):
+    import torch
+
     from analysis import commands
     from common.errors import UserError
+
+    if cfg.threads:  # as train.py: small models' ops run faster on one thread than split over a few
+        torch.set_num_threads(cfg.threads)
 
     targets = [key for key in ("run", "model", "sweep") if cfg[key]]
     if len(targets) != 1:

@@ -226,3 +226,13 @@ def test_pythia_revisions_draw_the_real_trajectory_beside_ours(tiny_pythia, swee
                                                                              "EleutherAI/pythia-160m@step1000"]
     assert json.loads((tmp_path / "curve" / "step1000" / "signature.json").read_text())["step"] == 1000
     assert (tmp_path / "curve" / "collapse_over_training.png").stat().st_size
+
+
+def test_threads_sets_torchs_cpu_threads_before_the_work(tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert analyze.main([f"sweep={tmp_path / 'missing'}", "threads=1"]) == 2  # fails after the setting
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
