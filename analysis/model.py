@@ -23,6 +23,7 @@ from common import atomic
 from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD, RANKS
 from common.errors import UserError
 from datamodules.probe import TokenProbe
+from routers.routing import routing_of, scored_keys_of
 
 
 class _Probed(nn.Module):
@@ -34,13 +35,11 @@ class _Probed(nn.Module):
 
     @torch.no_grad()
     def probe_routing(self, inputs):
-        return self.router(inputs, return_routing=True)[1]
+        return routing_of(self.router, inputs)
 
     @torch.no_grad()
     def probe_keys(self, inputs):
-        if hasattr(self.router, "scored_keys"):  # as the LM task does, so analysis equals the monitor
-            return self.router.scored_keys(inputs)
-        return [layer.scored_keys for layer in self.probe_routing(inputs).layers]
+        return scored_keys_of(self.router, inputs)
 
 
 class _WithProgress:

@@ -28,6 +28,7 @@ from collapse import gaussian_null
 from common.constants import RANK
 from common.errors import UserError
 from datamodules.probe import TokenProbe
+from routers.routing import routing_of
 
 KINDS = ("weight", "data", "both")
 
@@ -58,21 +59,15 @@ FORWARD_BATCH = 4  # sequences per forward pass: a CPU runs the explicit-softmax
 #                    at any batch, and the statistics are still accumulated per ``batch_size`` batch.
 
 
-def _record(router):
-    """The routing record of a batch: ``router.routing`` where the router has it (skips the vocabulary head),
-    else the full forward's."""
-    return getattr(router, "routing", None) or (lambda tokens: router(tokens, return_routing=True)[1])
-
-
 @torch.no_grad()
 def measure_keys(router, probe: TokenProbe, rank: int, batch_size: int, desc: str) -> KeyAccumulator:
     """One model's side of every pair it is in: its keys on ``probe``, accumulated per ``batch_size`` batch
     (forward passes of FORWARD_BATCH sequences)."""
     from common.progress import progress
 
-    record, side = _record(router), KeyAccumulator(rank)
+    side = KeyAccumulator(rank)
     for tokens, _ in progress(probe.batches(batch_size), desc, total=-(-len(probe.tokens) // batch_size)):
-        parts = [KeyAccumulator.of(record(part)) for part in tokens.split(FORWARD_BATCH)]
+        parts = [KeyAccumulator.of(routing_of(router, part)) for part in tokens.split(FORWARD_BATCH)]
         side.update([torch.cat(layer) for layer in zip(*(keys for keys, _ in parts))], parts[0][1])
     return side
 

@@ -171,7 +171,7 @@ class KeyAccumulator:
     @staticmethod
     def of(routing) -> tuple[list[Tensor], list[str]]:
         """The scored keys and layer names of a routing record, as :meth:`update` takes them."""
-        return [layer.scored_keys for layer in routing.layers], [layer.name for layer in routing.layers]
+        return routing.scored_keys(), [layer.name for layer in routing.layers]
 
 
 def compare(a: KeyAccumulator, b: KeyAccumulator) -> list[dict]:
@@ -199,13 +199,13 @@ class PairAccumulator:
         if len(routing_a.layers) != len(routing_b.layers):
             raise UserError(f"the two routers have {len(routing_a.layers)} and {len(routing_b.layers)} layers; "
                             "pair runs of the same architecture")
-        keys_a, keys_b = [layer.scored_keys for layer in routing_a.layers], [layer.scored_keys for layer in routing_b.layers]
+        (keys_a, names_a), (keys_b, names_b) = KeyAccumulator.of(routing_a), KeyAccumulator.of(routing_b)
         for ka, kb in zip(keys_a, keys_b):
             if ka.shape[0] != kb.shape[0] or ka.shape[2] != kb.shape[2]:
                 raise UserError(f"the two models saw different probes ({tuple(ka.shape)} vs {tuple(kb.shape)}); "
                                 "run both on the identical probe batch")
-        self.a.update(*KeyAccumulator.of(routing_a))
-        self.b.update(*KeyAccumulator.of(routing_b))
+        self.a.update(keys_a, names_a)
+        self.b.update(keys_b, names_b)
 
     def compute(self) -> list[dict]:
         return compare(self.a, self.b)

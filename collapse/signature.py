@@ -190,7 +190,7 @@ class SignatureAccumulator:
                             f"{self.axis}, {len(self.layers)}); use one accumulator per router")
         null_keys = None
         if shuffled is not None:
-            null_keys = [layer.scored_keys for layer in shuffled.layers] if hasattr(shuffled, "layers") else shuffled
+            null_keys = shuffled.scored_keys() if hasattr(shuffled, "scored_keys") else shuffled
             if len(null_keys) != len(routing.layers):
                 raise UserError(f"shuffled routing has {len(null_keys)} layers, real has {len(routing.layers)}; "
                                 "re-run the same router on the shuffled probe")

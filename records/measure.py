@@ -14,21 +14,17 @@ from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD, RANKS
 @torch.no_grad()
 def measure_signature(module, probe, ranks=RANKS, batch_size: int = 50, onset_threshold: float = ONSET_THRESHOLD,
                       completion_threshold: float = COMPLETION_THRESHOLD):
-    """The signature of ``module.probe_routing`` on ``probe``, in eval mode, micro-batched; the module's
-    train/eval mode is restored afterwards."""
+    """The signature of ``module.probe_routing`` on ``probe`` (and, where the probe has a position-shuffled
+    copy, the shuffle null from ``module.probe_keys``), in eval mode, micro-batched; the module's train/eval
+    mode is restored afterwards."""
     was_training = module.training
     module.eval()
     try:
         accumulator = SignatureAccumulator(ranks=tuple(ranks))
         for inputs, shuffled in probe.batches(batch_size):
             routing = module.probe_routing(inputs)
-            accumulator.update(routing, None if shuffled is None else _null_keys(module, shuffled))
+            accumulator.update(routing, None if shuffled is None else module.probe_keys(shuffled))
         return accumulator.compute(onset_threshold=onset_threshold, completion_threshold=completion_threshold)
     finally:
         module.train(was_training)
 
-
-def _null_keys(module, shuffled):
-    """The shuffle null reads only keys: a module may offer ``probe_keys`` to skip the rest (the weights)."""
-    probe_keys = getattr(module, "probe_keys", None)
-    return probe_keys(shuffled) if probe_keys is not None else module.probe_routing(shuffled)

@@ -23,8 +23,12 @@ SSM's step sizes Δ) and ``recency_bias`` (an AttnRes router's bias on the curre
 carries tensors only: every statistic is computed in ``collapse/`` (``collapse/family.py`` for the
 family-specific ones, chosen by ``Routing.family``), so routers import nothing from the metrics.
 
-A router may also offer ``routing(inputs) -> Routing`` that skips work the record does not need (e.g. the
-vocabulary head); the monitor prefers it, and a test must hold it equal to ``forward(..., return_routing=True)``.
+A router may also offer shortcuts that skip work a reader does not need, and every reader goes through
+:func:`routing_of` / :func:`scored_keys_of`, which prefer them:
+    routing(inputs) -> Routing            the record without e.g. the vocabulary head; a test must hold it
+                                          equal to ``forward(..., return_routing=True)``
+    scored_keys(inputs) -> list[Tensor]   each layer's scored keys alone (the shuffle null reads nothing else);
+                                          a test must hold them to the record's up to float rounding
 """
 from __future__ import annotations
 
@@ -105,6 +109,24 @@ class Routing:
 
     def __iter__(self):
         return iter(self.layers)
+
+    def scored_keys(self) -> list[Tensor]:
+        """Each layer's scored keys, in depth order."""
+        return [layer.scored_keys for layer in self.layers]
+
+
+def routing_of(router, inputs) -> Routing:
+    """The routing record of ``inputs``: the router's ``routing`` shortcut where it offers one, else the full
+    forward's."""
+    shortcut = getattr(router, "routing", None)
+    return shortcut(inputs) if shortcut is not None else router(inputs, return_routing=True)[1]
+
+
+def scored_keys_of(router, inputs) -> list[Tensor]:
+    """Each layer's scored keys on ``inputs``: the router's ``scored_keys`` shortcut where it offers one, else
+    the record's."""
+    shortcut = getattr(router, "scored_keys", None)
+    return shortcut(inputs) if shortcut is not None else routing_of(router, inputs).scored_keys()
 
 
 def check_tokens(tokens: Tensor, context_length: int) -> None:

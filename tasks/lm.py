@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from routers.routing import routing_of, scored_keys_of
 from tasks.router_args import store_router_args
 
 
@@ -53,20 +54,14 @@ class LanguageModelTask(pl.LightningModule):
 
     @torch.no_grad()
     def probe_routing(self, inputs: Tensor):
-        """The routing record on probe inputs (the monitor handles eval mode). Routers may offer
-        ``routing(tokens)`` to skip work the record does not need (the vocabulary head)."""
-        inputs = inputs.to(self.device)
-        if hasattr(self.model, "routing"):
-            return self.model.routing(inputs)
-        return self.model(inputs, return_routing=True)[1]
+        """The routing record on probe inputs (the monitor handles eval mode), through the router's shortcut
+        where it has one (routers/routing.py)."""
+        return routing_of(self.model, inputs.to(self.device))
 
     @torch.no_grad()
     def probe_keys(self, inputs: Tensor) -> list[Tensor]:
-        """Per-layer scored keys on probe inputs, all the shuffle null reads; routers may offer
-        ``scored_keys(tokens)`` to skip the weights."""
-        if hasattr(self.model, "scored_keys"):
-            return self.model.scored_keys(inputs.to(self.device))
-        return [layer.scored_keys for layer in self.probe_routing(inputs).layers]
+        """Per-layer scored keys on probe inputs, all the shuffle null reads."""
+        return scored_keys_of(self.model, inputs.to(self.device))
 
     def configure_optimizers(self):
         hp = self.hparams

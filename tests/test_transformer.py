@@ -256,12 +256,19 @@ def test_named_pythia_shapes_extend_the_default(name, shape):
     assert cfg._target_ == "routers.transformer.Transformer"
 
 
-@pytest.mark.parametrize("position,score", [("rope", "dot"), ("alibi", "euclidean"), ("nope", "learned_metric"),
-                                            ("learned", "normalized")])
+# every position scheme and score once: the shortcuts must hold for each way the keys and scores are formed
+SHORTCUT_CASES = [("rope", "dot"), ("alibi", "euclidean"), ("nope", "learned_metric"), ("learned", "normalized")]
+
+
+def _three_layers(position: str, score: str, seed: int) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(vocab_size=50, n_layer=3, d_model=32, n_head=2, context_length=16, position=position,
+                       score=score).eval()
+
+
+@pytest.mark.parametrize("position,score", SHORTCUT_CASES)
 def test_routing_only_path_equals_the_full_forward_record(position, score):
-    torch.manual_seed(0)
-    model = Transformer(vocab_size=50, n_layer=3, d_model=32, n_head=2, context_length=16, position=position,
-                        score=score).eval()
+    model = _three_layers(position, score, seed=0)
     tokens = torch.randint(0, 50, (2, 16))
     with torch.no_grad():
         _, full = model(tokens, return_routing=True)
@@ -272,12 +279,9 @@ def test_routing_only_path_equals_the_full_forward_record(position, score):
         assert torch.equal(a.scored_keys, b.scored_keys)
 
 
-@pytest.mark.parametrize("position,score", [("rope", "dot"), ("alibi", "euclidean"), ("nope", "learned_metric"),
-                                            ("learned", "normalized")])
+@pytest.mark.parametrize("position,score", SHORTCUT_CASES)
 def test_keys_only_path_gives_the_records_scored_keys(position, score):
-    torch.manual_seed(1)
-    model = Transformer(vocab_size=50, n_layer=3, d_model=32, n_head=2, context_length=16, position=position,
-                        score=score).eval()
+    model = _three_layers(position, score, seed=1)
     tokens = torch.randint(0, 50, (3, 16))
     with torch.no_grad():
         record, keys = model.routing(tokens), model.scored_keys(tokens)
@@ -286,6 +290,26 @@ def test_keys_only_path_gives_the_records_scored_keys(position, score):
     for got, layer in zip(keys, record):  # later layers read SDPA's output: equal up to float rounding
         assert got.shape == layer.scored_keys.shape
         torch.testing.assert_close(got, layer.scored_keys, rtol=1e-5, atol=1e-6)
+
+
+def test_readers_take_the_shortcuts_where_offered_and_the_full_forward_otherwise():
+    from routers.routing import routing_of, scored_keys_of
+
+    class Plain(torch.nn.Module):  # the same router without shortcuts
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, tokens, return_routing=False):
+            return self.inner(tokens, return_routing)
+
+    model = _three_layers("rope", "dot", seed=3)
+    tokens = torch.randint(0, 50, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(routing_of(Plain(model), tokens)[2].weights, model(tokens, return_routing=True)[1][2].weights)
+        fallback, shortcut = scored_keys_of(Plain(model), tokens), scored_keys_of(model, tokens)
+    assert [torch.equal(k, layer.scored_keys) for k, layer in zip(fallback, model.routing(tokens))] == [True] * 3
+    assert all(torch.equal(a, b) for a, b in zip(shortcut, model.scored_keys(tokens)))
 
 
 def test_monitor_shuffle_null_from_keys_only_matches_the_full_record():
