@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from common.constants import FEATURE_RANK, LATE_FRACTION, RANK
+from common.constants import FEATURE_RANK, LATE_FRACTION
 from collapse.geometry import gaussian_null, ve_at_rank
 from collapse.recurrent import content_recency, late_query_influence
 
@@ -119,9 +119,3 @@ def family_statistics(family: str, layer: "RoutingLayer") -> FamilyStatistics | 
     make = FAMILY_STATISTICS.get(family)
     return None if make is None else make(layer)
 
-
-def geometry_column(family: str) -> tuple[str, str]:
-    """(column, label) of the family's headline geometry: graphs report VE@4 of the node features."""
-    if family == "graph":
-        return f"ve@{FEATURE_RANK}_features", f"VE@{FEATURE_RANK} feat"
-    return f"ve@{RANK}", f"VE@{RANK}"

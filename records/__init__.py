@@ -9,8 +9,8 @@ when a figure is drawn), so reading a run's records is quick anywhere.
 """
 from records.figures import depth_profile_figure, max_share_heatmaps, save_run_figures
 from records.files import HEATMAP_PNG, JSONL, PROFILE_PNG, append_record, read_records
-from records.schema import new_record, skipped_record, ve_keys
-from records.text import geometry_column, progress_line, training_table
+from records.schema import geometry_column, new_record, skipped_record, ve_keys
+from records.text import progress_line, training_table
 
 __all__ = [
     "HEATMAP_PNG", "JSONL", "PROFILE_PNG", "append_record", "depth_profile_figure", "geometry_column",

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+from common.constants import FEATURE_RANK, RANK
+
 
 def new_record(step: int, epoch: int, seconds: float, train_loss: float, val_loss: float | None, signature) -> dict:
     """One measurement: when, how long it took, the losses (None when there is none yet) and the signature
@@ -28,3 +30,11 @@ def ve_keys(rank: int | str) -> dict[str, str]:
     suffix = key.removeprefix("ve@")
     return {"ve": key, "post": f"{key}_post", "shuffle": f"{key}_shuffle", "gauss": f"{key}_gauss",
             "content": f"content@{suffix}", "marginal": f"marginal@{suffix}"}
+
+
+def geometry_column(layer: dict) -> tuple[str, str]:
+    """(key, label) of the VE column a router family is read by: VE@RANK of the keys (tokens, time, depth), or
+    for graphs (whose layers carry it) VE@FEATURE_RANK of the full-width layer features: 8-wide GAT heads make
+    per-head VE@8 trivially 1."""
+    features = f"ve@{FEATURE_RANK}_features"
+    return (features, f"VE@{FEATURE_RANK} feat") if features in layer else (f"ve@{RANK}", f"VE@{RANK}")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from records.schema import ve_keys
+from records.schema import geometry_column, ve_keys
 
 
 def progress_line(record: dict) -> str:
@@ -39,12 +39,6 @@ def _peak_where(summary: dict) -> str:
     if summary.get("peak_sink_source") is not None:
         where += f", sink at source {summary['peak_sink_source']} in {100 * summary['peak_sink_fraction']:.0f}% of heads x sequences"
     return where
-
-
-def geometry_column(layer: dict) -> tuple[str, str]:
-    """The VE column a router family is read by: VE@8 of the keys (tokens, time, depth), or for graphs the
-    paper's VE@4 of the full-width layer features (8-wide GAT heads make per-head VE@8 trivially 1)."""
-    return ("ve@4_features", "VE@4 feat") if "ve@4_features" in layer else ("ve@8", "VE@8")
 
 
 def training_table(first: dict, last: dict) -> str:
