@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import FAMILIES, load_average  # noqa: E402
+from common import atomic  # noqa: E402
 
 
 def bench(script: str, *args: str) -> str:
@@ -62,21 +63,36 @@ def main() -> None:
     started, load = time.time(), load_average()
     rows = []
 
+    def save(done: bool = False) -> None:
+        """The table so far, rewritten atomically after every row: a bench that dies keeps the rows before it."""
+        state = f"{time.time() - started:.0f} s in all" if done else "in progress"
+        header = (f"# Bench results ({'quick' if args.quick else 'full'} run)\n\n"
+                  f"Device: {device}{f' x {gpus}' if gpus else ''}, torch {torch.__version__}, "
+                  f"{'1 thread' if device == 'cpu' else 'default threads'}; {load} at the start; {state}. "
+                  f"Made by `python bench/run_all.py{' --quick' if args.quick else ''}`; every number is a "
+                  f"side-by-side ratio or rate from one process (docs/performance.md).\n\n"
+                  f"| bench | result | detail |\n|---|---|---|\n")
+        atomic.write_text(args.out, header + "\n".join(rows) + "\n")
+
+    def add(row: str) -> None:
+        rows.append(row)
+        save()
+
     base = bench("throughput.py", "--device", device, *threads, *steps)
-    rows.append(throughput_row("fp32, eager", base))
+    add(throughput_row("fp32, eager", base))
     if device == "cuda" and torch.cuda.is_bf16_supported():
-        rows.append(throughput_row("bf16 autocast on", bench("throughput.py", "--device", device, "--bf16", *steps)))
-        rows.append(throughput_row("SDPA flash off (math kernel)",
+        add(throughput_row("bf16 autocast on", bench("throughput.py", "--device", device, "--bf16", *steps)))
+        add(throughput_row("SDPA flash off (math kernel)",
                                    bench("throughput.py", "--device", device, "--sdpa", "math", *steps)))
     else:
-        rows.append(f"| throughput: bf16 autocast on | n/a on {device} (no bf16 matmul units to measure; "
+        add(f"| throughput: bf16 autocast on | n/a on {device} (no bf16 matmul units to measure; "
                     f"correctness: tests/test_precision.py) | |")
-        rows.append(throughput_row("SDPA flash off (math kernel)",
+        add(throughput_row("SDPA flash off (math kernel)",
                                    bench("throughput.py", "--device", device, "--sdpa", "math", *threads, *steps)))
     if not args.quick:
-        rows.append(throughput_row("ours torch.compile'd", bench("throughput.py", "--device", device, "--compile",
+        add(throughput_row("ours torch.compile'd", bench("throughput.py", "--device", device, "--compile",
                                                                  *threads, *steps)))
-    rows.append(f"| DDP: 1 vs {max(gpus, 2)}+ GPUs | " + ("n/a on " + device if gpus < 2 else
+    add(f"| DDP: 1 vs {max(gpus, 2)}+ GPUs | " + ("n/a on " + device if gpus < 2 else
                 "not automated: run `python train.py trainer=ddp` and compare steps/s") + " | |")
 
     monitor_args = ["--rounds", "1", "--steps", "3"] if args.quick else ["--rounds", "3", "--steps", "10"]
@@ -85,24 +101,20 @@ def main() -> None:
         line = next((l for l in text.splitlines() if l.startswith(family)), text.strip()[-200:])
         at_default, seconds = pick(r"overhead +([0-9.]+) %", line), pick(r"pass +([0-9.]+) s", line)
         in_steps, at_run = pick(r"= +([0-9.]+) steps", line), pick(r"([0-9.]+) % every ([0-9]+) [(]the run", line)
-        rows.append(f"| monitor: {family} | **{at_default} %** of training every 250 steps (target <= 2 %) | "
+        add(f"| monitor: {family} | **{at_default} %** of training every 250 steps (target <= 2 %) | "
                     f"pass {seconds} s = {in_steps} steps; {at_run} % at the run's own interval |")
 
     loop = bench("train_loop.py", *(["--rounds", "2", "--steps", "5"] if args.quick else ["--rounds", "4", "--steps", "20"]))
-    rows.append(f"| Lightning loop vs bare PyTorch | **{pick(r'overhead +([+-][0-9.]+) %', loop)} %** (target <= 5 %) | "
+    add(f"| Lightning loop vs bare PyTorch | **{pick(r'overhead +([+-][0-9.]+) %', loop)} %** (target <= 5 %) | "
                 f"lightning {pick(r'lightning step +([0-9.]+) ms', loop)} ms, bare {pick(r'bare step +([0-9.]+) ms', loop)} ms "
                 f"per step |")
     if not args.quick:
         scan = bench("scan.py", "--quick")
-        rows += [f"| scan (bench/scan.py --quick) | {line.strip()} | |" for line in scan.splitlines()[1:] if line.strip()]
+        for line in scan.splitlines()[1:]:
+            if line.strip():
+                add(f"| scan (bench/scan.py --quick) | {line.strip()} | |")
 
-    header = (f"# Bench results ({'quick' if args.quick else 'full'} run)\n\n"
-              f"Device: {device}{f' x {gpus}' if gpus else ''}, torch {torch.__version__}, "
-              f"{'1 thread' if device == 'cpu' else 'default threads'}; {load} at the start; "
-              f"{time.time() - started:.0f} s in all. Made by `python bench/run_all.py"
-              f"{' --quick' if args.quick else ''}`; every number is a side-by-side ratio or rate from one "
-              f"process (docs/performance.md).\n\n| bench | result | detail |\n|---|---|---|\n")
-    args.out.write_text(header + "\n".join(rows) + "\n")
+    save(done=True)
     print(args.out.read_text())
 
 
