@@ -59,15 +59,19 @@ def token_subspace(keys: Tensor, rank: int) -> Tensor:
     syevr for an index range (scipy) costs 0.4x a full SVD, which is most of the seed-direction study's time.
     The subspace equals the SVD's to float64 rounding (canonical angles ~1e-6 deg, the resolution of arccos
     near 1; tested against torch.linalg.svd)."""
+    x = keys.double()
+    return _top_left_vectors(x - x.mean(dim=-2, keepdim=True), rank)
+
+
+def _top_left_vectors(x: Tensor, rank: int) -> Tensor:
+    """:func:`token_subspace` of keys already centred and in float64."""
     from scipy.linalg import eigh
 
-    x = keys.double()
-    x = x - x.mean(dim=-2, keepdim=True)
     T, D = x.shape[-2:]
     k = min(rank, T, D)
     gram = (x @ x.transpose(-1, -2)).cpu().numpy()
     vectors = [eigh(g, subset_by_index=[T - k, T - 1], driver="evr", check_finite=False)[1] for g in gram]
-    return torch.from_numpy(np.ascontiguousarray(np.stack(vectors)[..., ::-1])).to(keys.device)  # largest first
+    return torch.from_numpy(np.ascontiguousarray(np.stack(vectors)[..., ::-1])).to(x.device)  # largest first
 
 
 def key_basis(scatter: Tensor, rank: int) -> Tensor:
@@ -88,15 +92,14 @@ class _LayerKeys:
         self._orthonormal: Tensor | None = None
 
     def add(self, keys: Tensor, rank: int) -> None:
-        self.shape = (keys.shape[2], layer_keys(keys).shape[-1])
-        self.ve += float(ve_at_rank(keys, rank).mean(dim=1).sum())
         x = layer_keys(keys).double()
-        x = x - x.mean(dim=-2, keepdim=True)
+        x = x - x.mean(dim=-2, keepdim=True)  # centred once, for the scatter and the token subspace
+        self.shape = (keys.shape[2], x.shape[-1])
+        self.ve += float(ve_at_rank(keys, rank).mean(dim=1).sum())
         scatter = (x.transpose(-1, -2) @ x).sum(0)
         self.scatter = scatter if self.scatter is None else self.scatter + scatter
-        # orthonormalised as canonical_angles does it (QR, matrix by matrix) once per model, not once per pair;
-        # the QR's Q is a fresh tensor, so the batch's full [batch, T, T] U is not kept alive by a slice of it
-        self.subspaces.append(torch.linalg.qr(token_subspace(layer_keys(keys), rank)).Q)
+        # orthonormalised as canonical_angles does it (QR, matrix by matrix) once per model, not once per pair
+        self.subspaces.append(torch.linalg.qr(_top_left_vectors(x, rank)).Q)
         self.batches.append(keys.shape[0])
         self.sequences += keys.shape[0]
         self._basis = self._orthonormal = None
