@@ -23,7 +23,7 @@ import math
 from analysis import studies
 from analysis.arms import MIN_SEEDS, add_matched_loss, arm_curves, arm_label, arm_summary, group, run_row
 from analysis.runs import Run
-from analysis.stats import bootstrap_difference_ci, order_probability, spearman, spearman_ci
+from analysis.stats import bootstrap_difference_ci, nanmean, order_probability, spearman, spearman_ci
 from analysis.studies import Comparison, Study
 from analysis.tables import cell
 from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD
@@ -60,17 +60,12 @@ def observed_order(arm_rows: dict, key: str, descending: bool = False, labels: d
     def name(arm) -> str:
         return (labels or {}).get(arm, str(arm))
 
-    means = {arm: _mean([r[key] for r in rows]) for arm, rows in arm_rows.items()}
+    means = {arm: nanmean([r[key] for r in rows]) for arm, rows in arm_rows.items()}
     ranked = sorted(means, key=lambda a: (math.isnan(means[a]), -means[a] if descending else means[a]))
     text = f"{name(ranked[0])} {means[ranked[0]]:.3g}"
     for prev, arm in zip(ranked, ranked[1:]):
         text += f" {'=' if means[arm] == means[prev] else '>' if descending else '<'} {name(arm)} {means[arm]:.3g}"
     return text
-
-
-def _mean(values) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else math.nan
 
 
 def ordering_checks(arm_rows: dict, order: list, comparisons: tuple[Comparison, ...], threshold: float,

@@ -10,13 +10,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from analysis.tables import number  # noqa: E402
 from common.constants import ONSET_THRESHOLD, RANK  # noqa: E402
 from records.figures import mark_threshold  # noqa: E402  (one rule for the threshold line, run and study figures)
-
-
-def _column(rows: list[dict], key: str) -> list[float]:
-    return [number(row.get(key)) for row in rows]
+from records.schema import column, number  # noqa: E402
 
 
 def _has(values: list[float]) -> bool:
@@ -52,25 +48,25 @@ def signature_figure(layers: list[dict], rank: int = RANK, threshold: float = ON
         heads = row.get("max_share_units") or []
         units += heads
         ax.scatter([i] * len(heads), heads, s=6, color="tab:blue", alpha=0.35, lw=0, label="per head" if i == 0 else None)
-    ax.plot(x, _column(layers, "baseline"), ":", color="grey", label="uniform (causal) baseline", zorder=1)
-    ax.plot(x, _column(layers, "max_share"), "o-", color="tab:blue", label="mean over heads", zorder=3)
-    mark_threshold(ax, threshold, units + _column(layers, "max_share"))
+    ax.plot(x, column(layers, "baseline"), ":", color="grey", label="uniform (causal) baseline", zorder=1)
+    ax.plot(x, column(layers, "max_share"), "o-", color="tab:blue", label="mean over heads", zorder=3)
+    mark_threshold(ax, threshold, units + column(layers, "max_share"))
     ax.set(xlabel="layer", ylabel="max share")
     ax.set_title("concentration", loc="left")  # the right is kept for the threshold note
     ax = axes[1]
-    shuffle = _column(layers, f"ve@{rank}_shuffle")
+    shuffle = column(layers, f"ve@{rank}_shuffle")
     if _has(shuffle):
         ax.plot(x, shuffle, "-.", color="black", label="shuffle null", zorder=1)
-    ax.plot(x, _column(layers, f"ve@{rank}_gauss"), "--", color="grey", label="Gaussian null", zorder=1)
-    ax.plot(x, _column(layers, f"ve@{rank}"), "o-", label="real (pre-RoPE)", zorder=3)
-    post = _column(layers, f"ve@{rank}_post")
+    ax.plot(x, column(layers, f"ve@{rank}_gauss"), "--", color="grey", label="Gaussian null", zorder=1)
+    ax.plot(x, column(layers, f"ve@{rank}"), "o-", label="real (pre-RoPE)", zorder=3)
+    post = column(layers, f"ve@{rank}_post")
     if _has(post):
         ax.plot(x, post, "s-", ms=3, label="real post-RoPE", zorder=3)
     ax.set(xlabel="layer", ylabel=f"VE@{rank}", ylim=(0, 1))
     ax.set_title("key geometry", loc="left")
     ax = axes[2]
-    ax.plot(x, _column(layers, "norm_cv_gauss"), "--", color="grey", label="Gaussian 1/sqrt(2d)", zorder=1)
-    ax.plot(x, _column(layers, "norm_cv"), "o-", label="norm-CV", zorder=3)
+    ax.plot(x, column(layers, "norm_cv_gauss"), "--", color="grey", label="Gaussian 1/sqrt(2d)", zorder=1)
+    ax.plot(x, column(layers, "norm_cv"), "o-", label="norm-CV", zorder=3)
     ax.set(xlabel="layer", ylabel="norm-CV")
     ax.set_title("norm stratification", loc="left")
     ax.set_ylim(bottom=0)
@@ -185,15 +181,15 @@ def seed_direction_figure(profiles: dict[str, list[dict]], rank: int = RANK, tit
     first = profiles.get("weight") or next(iter(profiles.values()))
     x = [row["layer"] for row in first]
     which = "weight" if "weight" in profiles else next(iter(profiles))
-    axes[0].plot(x, _column(first, f"ve@{rank}_a"), "o-", label=f"model A ({which} pair)")
-    axes[0].plot(x, _column(first, f"ve@{rank}_b"), "s--", label=f"model B ({which} pair)")
-    axes[0].plot(x, _column(first, f"ve@{rank}_gauss"), ":", color="grey", label="Gaussian null")
+    axes[0].plot(x, column(first, f"ve@{rank}_a"), "o-", label=f"model A ({which} pair)")
+    axes[0].plot(x, column(first, f"ve@{rank}_b"), "s--", label=f"model B ({which} pair)")
+    axes[0].plot(x, column(first, f"ve@{rank}_gauss"), ":", color="grey", label="Gaussian null")
     axes[0].set(xlabel="layer", ylabel=f"VE@{rank}", ylim=(0, 1),
-                title=f"geometry: |dVE@{rank}| (pair mean) <= {max(_column(first, f'delta_ve@{rank}')):.3f}")
+                title=f"geometry: |dVE@{rank}| (pair mean) <= {max(column(first, f'delta_ve@{rank}')):.3f}")
     for ax, key, name in ((axes[1], "key_angle", "key space (paper)"), (axes[2], "token_angle", "token space (basis-free)")):
         for kind, rows in profiles.items():
-            ax.plot(x, _column(rows, key), "o-", ms=3, label=f"{kind} reseed", zorder=3)
-        null, untrained = _column(first, f"{key}_null"), _column(first, f"{key}_untrained")
+            ax.plot(x, column(rows, key), "o-", ms=3, label=f"{kind} reseed", zorder=3)
+        null, untrained = column(first, f"{key}_null"), column(first, f"{key}_untrained")
         if _has(null):
             ax.plot(x, null, "--", color="grey", label="random-subspace null", zorder=1)
         if _has(untrained):

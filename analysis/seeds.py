@@ -16,13 +16,12 @@ from __future__ import annotations
 import hashlib
 
 import itertools
-import math
 
 import torch
 
 from analysis.arms import MIN_SEEDS
 from analysis.runs import SEED_KEYS, Run, factors, load_router
-from analysis.stats import bootstrap_ci
+from analysis.stats import bootstrap_ci, nanmean
 from analysis.subspaces import KeyAccumulator, compare
 from collapse import gaussian_null
 from common.constants import RANK
@@ -136,14 +135,9 @@ def seed_study(runs: list[Run], rank: int = RANK, batch_size: int = 16) -> dict:
         if not kind_rows:
             continue
         layers = sorted({r["layer"] for r in kind_rows})
-        profiles[kind] = [{key: _mean([r[key] for r in kind_rows if r["layer"] == layer])
+        profiles[kind] = [{key: nanmean([r[key] for r in kind_rows if r["layer"] == layer])
                            for key in kind_rows[0] if key not in ("kind", "run_a", "run_b")} for layer in layers]
     return {"rows": rows, "profiles": profiles, "rank": rank}
-
-
-def _mean(values) -> float:
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else math.nan
 
 
 def _per_pair(rows: list[dict], value) -> list[float]:
@@ -151,7 +145,7 @@ def _per_pair(rows: list[dict], value) -> list[float]:
     pairs: dict = {}
     for r in rows:
         pairs.setdefault((r["run_a"], r["run_b"]), []).append(value(r))
-    return [_mean(v) for v in pairs.values()]
+    return [nanmean(v) for v in pairs.values()]
 
 
 def summary_rows(result: dict, level: float = 0.95) -> list[dict]:
@@ -170,9 +164,9 @@ def summary_rows(result: dict, level: float = 0.95) -> list[dict]:
                "token angle - untrained": gap, "token angle - untrained low": gap_low,
                "token angle - untrained high": gap_high}
         for space in ("key", "token"):
-            row.update({f"{space} angle": _mean([r[f"{space}_angle"] for r in layers]),
-                        f"{space} untrained": _mean([r[f"{space}_angle_untrained"] for r in layers]),
-                        f"{space} null": _mean([r[f"{space}_angle_null"] for r in layers])})
+            row.update({f"{space} angle": nanmean([r[f"{space}_angle"] for r in layers]),
+                        f"{space} untrained": nanmean([r[f"{space}_angle_untrained"] for r in layers]),
+                        f"{space} null": nanmean([r[f"{space}_angle_null"] for r in layers])})
         out.append(row)
     return out
 

@@ -18,6 +18,12 @@ from common.errors import UserError
 N_BOOT = 4000  # resamples: the Monte Carlo error of a 95% percentile bound is then well under its width
 
 
+def nanmean(values: Sequence[float]) -> float:
+    """Mean of the values that are not NaN (a layer or a run that was not measured); NaN when none are."""
+    kept = [v for v in values if not math.isnan(v)]
+    return sum(kept) / len(kept) if kept else math.nan
+
+
 def _finite(values: Sequence[float]) -> np.ndarray:
     x = np.asarray(values, dtype=np.float64).ravel()
     return x[np.isfinite(x)]

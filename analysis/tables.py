@@ -11,15 +11,11 @@ import json
 import math
 from pathlib import Path
 
+from analysis.stats import nanmean
 from collapse import completion_layer, onset_layer
 from common import atomic
-from records import ve_keys
+from records.schema import number, ve_keys  # number: re-exported to the studies
 from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD, RANK
-
-
-def number(value) -> float:
-    """JSON null / None -> nan; anything numeric -> float."""
-    return math.nan if value is None else float(value)
 
 
 def finite(value) -> bool:
@@ -55,9 +51,7 @@ def run_statistics(record: dict, threshold: float = ONSET_THRESHOLD, completion:
 
 
 def _depth_mean(layers: list[dict], key: str) -> float:
-    values = [number(layer.get(key)) for layer in layers]
-    finite_values = [v for v in values if not math.isnan(v)]
-    return sum(finite_values) / len(finite_values) if finite_values else math.nan
+    return nanmean([number(layer.get(key)) for layer in layers])
 
 
 def onset_step(records: list[dict], threshold: float = ONSET_THRESHOLD) -> float:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from common import atomic
 from records.files import HEATMAP_PNG, PROFILE_PNG
-from records.schema import ve_keys
+from records.schema import column, ve_keys
 from common.constants import ONSET_THRESHOLD, RANK
 
 if TYPE_CHECKING:
@@ -25,10 +25,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _column(layers: list[dict], key: str) -> list[float]:
-    return [math.nan if layer.get(key) is None else float(layer[key]) for layer in layers]
 
 
 def _top(values) -> float:
@@ -64,18 +60,18 @@ def depth_profile_figure(records: list[dict], rank: int = RANK, threshold: float
         style = {"marker": "o", "ms": 3, "color": cmap(i / max(1, n - 1)), "lw": 2.2 if last else 1.2,
                  "zorder": 3 + i / n}
         x = list(range(len(layers)))
-        shares += _column(layers, "max_share")
-        ax_share.plot(x, _column(layers, "max_share"), label=f"step {record['step']}" if i in labelled else None,
+        shares += column(layers, "max_share")
+        ax_share.plot(x, column(layers, "max_share"), label=f"step {record['step']}" if i in labelled else None,
                       **style)
-        ax_ve.plot(x, _column(layers, keys["ve"]), **style)
+        ax_ve.plot(x, column(layers, keys["ve"]), **style)
     last = records[-1]["layers"]
     x = list(range(len(last)))
-    baseline = _column(last, "baseline")
+    baseline = column(last, "baseline")
     if not all(math.isnan(b) for b in baseline):
         ax_share.plot(x, baseline, ls=":", color="grey", label="uniform baseline", zorder=1)
     mark_threshold(ax_share, threshold, shares)
-    ax_ve.plot(x, _column(last, keys["gauss"]), ls="--", color="grey", label="Gaussian null", zorder=1)
-    shuffle = _column(last, keys["shuffle"])
+    ax_ve.plot(x, column(last, keys["gauss"]), ls="--", color="grey", label="Gaussian null", zorder=1)
+    shuffle = column(last, keys["shuffle"])
     if not all(math.isnan(v) for v in shuffle):
         ax_ve.plot(x, shuffle, ls="-.", color="black", lw=1, label="shuffle null (last step)", zorder=2)
     ax_share.set(xlabel="layer", ylabel="mean max share")
@@ -99,7 +95,7 @@ def max_share_heatmaps(panels: list[tuple[str, list[dict]]], threshold: float = 
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    grids = [[_column(r["layers"], "max_share") for r in records] for _, records in panels]
+    grids = [[column(r["layers"], "max_share") for r in records] for _, records in panels]
     finite = [v for grid in grids for col in grid for v in col if not math.isnan(v)]
     low, top = min(finite, default=0.0), _top(finite)
     if threshold <= 1.3 * top:

@@ -38,3 +38,13 @@ def geometry_column(layer: dict) -> tuple[str, str]:
     per-head VE@8 trivially 1."""
     features = f"ve@{FEATURE_RANK}_features"
     return (features, f"VE@{FEATURE_RANK} feat") if features in layer else (f"ve@{RANK}", f"VE@{RANK}")
+
+
+def number(value) -> float:
+    """A record's value as a float: JSON null (not measured) -> nan."""
+    return math.nan if value is None else float(value)
+
+
+def column(rows: list[dict], key: str) -> list[float]:
+    """One key across rows (e.g. a record's layers), null -> nan."""
+    return [number(row.get(key)) for row in rows]
