@@ -56,13 +56,13 @@ def signature_figure(layers: list[dict], rank: int = RANK, threshold: float = ON
     ax = axes[1]
     shuffle = column(layers, f"ve@{rank}_shuffle")
     if _has(shuffle):
-        ax.plot(x, shuffle, "-.", color="black", label="shuffle null", zorder=1)
+        ax.plot(x, shuffle, "-.", color="black", label="shuffle null", zorder=5)  # on top: it often lies on the keys near 1
     ax.plot(x, column(layers, f"ve@{rank}_gauss"), "--", color="grey", label="Gaussian null", zorder=1)
     ax.plot(x, column(layers, f"ve@{rank}"), "o-", label="real (pre-RoPE)", zorder=3)
     post = column(layers, f"ve@{rank}_post")
     if _has(post):
         ax.plot(x, post, "s-", ms=3, label="real post-RoPE", zorder=3)
-    ax.set(xlabel="layer", ylabel=f"VE@{rank}", ylim=(0, 1))
+    ax.set(xlabel="layer", ylabel=f"VE@{rank}", ylim=(0, 1.03))  # headroom: curves at VE = 1 stay off the frame
     ax.set_title("key geometry", loc="left")
     ax = axes[2]
     ax.plot(x, column(layers, "norm_cv_gauss"), "--", color="grey", label="Gaussian 1/sqrt(2d)", zorder=1)
