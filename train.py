@@ -10,6 +10,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from common import resolvers
+
+resolvers.register()  # before Hydra composes: the local launcher's job count (conf/hydra/launcher/local.yaml)
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:

@@ -1,19 +1,28 @@
-"""Hydra callbacks for train.py: unwritable output folders as one-line errors, and a sweep's failed jobs.
+"""Hydra callbacks for train.py: unwritable output folders as one-line errors, a sweep's progress and its
+failed jobs.
 
 Hydra creates the run or sweep folder (and writes ``.hydra/``) before train.py runs, so an unwritable
-``hydra.run.dir`` would otherwise end in Hydra's traceback. A failed multirun job returns normally (so the
-sweep goes on) after writing its ``FAILED`` marker; ``on_multirun_end`` lists them and exits 1.
+``hydra.run.dir`` would otherwise end in Hydra's traceback. Each job of a sweep writes one progress line as it
+ends (``common.sweep_log``; the job hooks run in the process that ran the job, a parallel launcher's worker
+included). A failed multirun job returns normally (so the sweep goes on) after writing its ``FAILED``
+marker; ``on_multirun_end`` lists them and exits 1.
 """
 from __future__ import annotations
 
+import logging
 import sys
+import time
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from common import sweep_log
 from common.atomic import check_writable
 from common.failed import FAILED, read_failure
+
+log = logging.getLogger(__name__)
 
 
 def _check(folder: str, key: str) -> None:
@@ -22,15 +31,57 @@ def _check(folder: str, key: str) -> None:
         sys.exit(2)  # SystemExit passes through Hydra's error reporting, which catches Exception only
 
 
+def sweep_size(config: DictConfig) -> int | None:
+    """How many jobs Hydra's basic sweeper makes of this command line and the config's sweeper params (the
+    same parsing and cross product it runs); None for another sweeper or anything it cannot parse."""
+    if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
+        return None
+    try:
+        from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
+        parsed = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
+        return sum(len(batch) for batch in BasicSweeper.split_arguments(parsed, None))
+    except Exception as e:  # a progress count must never stop a sweep
+        log.warning(f"sweep size unknown ({type(e).__name__}: {e})")
+        return None
+
+
 class RunGuard(Callback):
+    def __init__(self):
+        self._job_started: float | None = None
+
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         _check(config.hydra.run.dir, "hydra.run.dir")
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         _check(config.hydra.sweep.dir, "hydra.sweep.dir")
+        launcher = str(config.hydra.launcher.get("_target_", "")).rsplit(".", 1)[-1]
+        jobs = config.hydra.launcher.get("n_jobs")
+        sweep_log.start(Path(config.hydra.sweep.dir), sweep_size(config),
+                        f"{launcher}{f' ({jobs} at a time)' if jobs else ''}")
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        self._job_started = time.monotonic()
+
+    def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        from common.run_names import run_label
+
+        job = Path(config.hydra.runtime.output_dir)
+        try:
+            name = f"{job.name} ({label})" if (label := run_label(job)) != job.name else job.name
+        except Exception:  # a label is a nicety; the count is what matters
+            name = job.name
+        failed = (job / FAILED).is_file() or getattr(job_return.status, "name", "") == "FAILED"
+        seconds = None if self._job_started is None else time.monotonic() - self._job_started
+        sweep_log.job_finished(Path(config.hydra.sweep.dir), name, failed, seconds)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         sweep = Path(config.hydra.sweep.dir)
+        sweep_log.finish(sweep)
         failed = sorted(p.parent for p in sweep.rglob(FAILED))
         if not failed:
             return

@@ -9,6 +9,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from common import resolvers
+
+resolvers.register()
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 
 

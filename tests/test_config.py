@@ -63,6 +63,7 @@ def test_multirun_sweep_makes_one_dir_per_job_and_one_wandb_group(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and (p / "collapse.jsonl").exists())
     assert len(jobs) == 4
+    assert "sweep ended: 4/4 jobs done, 0 failed" in (sweep / "sweep.log").read_text()
     for job in jobs:
         (run,) = (job / "wandb").glob("offline-run-*")
         assert any(run.rglob("*.wandb"))

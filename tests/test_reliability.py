@@ -452,6 +452,9 @@ def test_a_failing_sweep_job_leaves_a_marker_and_the_other_jobs_finish(tmp_path,
     failure = (sweep / "1" / "FAILED").read_text()
     assert "n_head" in failure and "step: null" in failure
     assert "1 job(s) of the sweep failed" in err and "1: " in err
+    progress = (sweep / "sweep.log").read_text()  # the local launcher ran them in parallel workers
+    assert "3 jobs on JoblibLauncher" in progress and "job 1 (n_head3) FAILED" in progress
+    assert "sweep ended: 3/3 jobs done, 1 failed" in progress
     for job in ("0", "2"):
         assert [r["step"] for r in records(sweep / job)][-1] == 24
         assert not (sweep / job / "FAILED").exists()
