@@ -30,16 +30,28 @@ class CollapseMonitor(pl.Callback):
     route the probe set (and its position-shuffled copy, for the shuffle null), compute the per-layer
     signature, log it to every logger, and append one JSON line to ``<run dir>/collapse.jsonl``.
 
+    With ``live_probe_sequences`` set, the measurements in between run on the probe's first that many
+    sequences (a live view, several times cheaper), and the full probe is measured at every
+    ``full_probe_every_n_steps`` (the checkpoint interval by default) and always at the last step, so a run's
+    final record is the paper's probe. Each record says how many sequences it measured
+    (``probe_sequences``).
+
     Rank zero computes alone and no collective is called, so DDP cannot deadlock here; the other ranks
     simply wait for rank zero at the next gradient all-reduce.
     """
 
     def __init__(self, every_n_steps: int = 250, ranks: tuple[int, ...] = RANKS, probe_batch_size: int = 50,
-                 onset_threshold: float = ONSET_THRESHOLD, completion_threshold: float = COMPLETION_THRESHOLD):
+                 onset_threshold: float = ONSET_THRESHOLD, completion_threshold: float = COMPLETION_THRESHOLD,
+                 live_probe_sequences: int | None = None, full_probe_every_n_steps: int | None = None):
         if every_n_steps <= 0:
             raise UserError(f"callbacks.collapse_monitor.every_n_steps must be positive, got {every_n_steps}; "
                             "pass e.g. callbacks.collapse_monitor.every_n_steps=250")
+        if live_probe_sequences is not None and live_probe_sequences <= 0:
+            raise UserError(f"callbacks.collapse_monitor.live_probe_sequences must be positive or null (the full "
+                            f"probe every time), got {live_probe_sequences}")
         self.every_n_steps = every_n_steps
+        self.live_probe_sequences = live_probe_sequences
+        self.full_probe_every_n_steps = full_probe_every_n_steps
         self.ranks = tuple(ranks)
         self.probe_batch_size = probe_batch_size
         self.onset_threshold = onset_threshold
@@ -83,6 +95,16 @@ class CollapseMonitor(pl.Callback):
         if trainer.global_step % self.every_n_steps == 0:
             self._measure(trainer, pl_module)
 
+    def _probe(self, trainer: pl.Trainer, final: bool):
+        """The full probe at the last step, at full-probe steps and without a live size; else its live head."""
+        probe, step = trainer.datamodule.probe, trainer.global_step
+        full_every = self.full_probe_every_n_steps
+        if (final or self.live_probe_sequences is None or not hasattr(probe, "head")
+                or (trainer.max_steps and trainer.max_steps > 0 and step >= trainer.max_steps)
+                or (full_every and step % full_every == 0 and step > 0)):
+            return probe
+        return probe.head(self.live_probe_sequences)
+
     def _flush(self) -> None:
         if self._pending is not None:
             total, count = self._pending
@@ -106,11 +128,11 @@ class CollapseMonitor(pl.Callback):
             self._val_loss = float(val_loss)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        self._measure(trainer, pl_module)
+        self._measure(trainer, pl_module, final=True)
         if trainer.is_global_zero:
             self._plot(trainer)
 
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False) -> None:
         step = trainer.global_step
         # Mean training loss since the previous measurement: what the studies match arms on. Reset at every
         # measured step, also one a resumed run finds already measured, so the next mean covers the same steps.
@@ -123,15 +145,17 @@ class CollapseMonitor(pl.Callback):
             log.warning(f"collapse step {step}: weights are not finite, measurement skipped")
             self._append(trainer, skipped_record(step, "non-finite weights"))
             return
+        probe = self._probe(trainer, final)
         start = time.perf_counter()
-        signature = measure_signature(pl_module, trainer.datamodule.probe, self.ranks, self.probe_batch_size,
+        signature = measure_signature(pl_module, probe, self.ranks, self.probe_batch_size,
                                       self.onset_threshold, self.completion_threshold)
         seconds = time.perf_counter() - start
         if self.onset_step is None and signature.summary["onset_layer"] is not None:
             self.onset_step = step
         signature.summary["onset_step"] = self.onset_step
-        record = new_record(step, trainer.current_epoch, seconds, train_loss, self._val_loss, signature)
-        metrics = {**signature.flat(), "collapse/seconds": seconds}
+        record = new_record(step, trainer.current_epoch, seconds, train_loss, self._val_loss, signature,
+                            probe_sequences=len(probe))
+        metrics = {**signature.flat(), "collapse/seconds": seconds, "collapse/probe_sequences": float(len(probe))}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
             logger.save()

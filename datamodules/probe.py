@@ -27,6 +27,13 @@ class TokenProbe:
     def __len__(self) -> int:
         return self.tokens.shape[0]
 
+    def head(self, n: int) -> "TokenProbe":
+        """The first ``n`` sequences and their shuffled copies (the monitor's live probe); the whole probe if
+        ``n`` covers it."""
+        if n >= len(self):
+            return self
+        return TokenProbe(tokens=self.tokens[:n], shuffled=self.shuffled[:n], seed=self.seed)
+
     def batches(self, batch_size: int) -> Iterator[tuple[Tensor, Tensor]]:
         for i in range(0, len(self), batch_size):
             yield self.tokens[i:i + batch_size], self.shuffled[i:i + batch_size]

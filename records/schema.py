@@ -6,12 +6,16 @@ import math
 from common.constants import FEATURE_RANK, RANK
 
 
-def new_record(step: int, epoch: int, seconds: float, train_loss: float, val_loss: float | None, signature) -> dict:
-    """One measurement: when, how long it took, the losses (None when there is none yet) and the signature
-    (``Signature.to_dict()``: ``ranks``, ``layers``, ``summary``)."""
-    return {"step": step, "epoch": epoch, "seconds": seconds,
-            "train_loss": None if math.isnan(train_loss) else train_loss,
-            "val_loss": val_loss, **signature.to_dict()}
+def new_record(step: int, epoch: int, seconds: float, train_loss: float, val_loss: float | None, signature,
+               probe_sequences: int | None = None) -> dict:
+    """One measurement: when, how long it took, the losses (None when there is none yet), how many probe
+    sequences it measured (the monitor's live probe or the whole one; absent in records written before it
+    existed) and the signature (``Signature.to_dict()``: ``ranks``, ``layers``, ``summary``)."""
+    record = {"step": step, "epoch": epoch, "seconds": seconds,
+              "train_loss": None if math.isnan(train_loss) else train_loss, "val_loss": val_loss}
+    if probe_sequences is not None:
+        record["probe_sequences"] = probe_sequences
+    return {**record, **signature.to_dict()}
 
 
 def skipped_record(step: int, reason: str) -> dict:

@@ -103,3 +103,29 @@ def test_ddp_on_two_cpu_processes_trains_and_the_monitor_writes_each_step_once(t
     assert result.returncode == 0, result.stderr[-2000:]
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "collapse.jsonl").read_text().splitlines()]
     assert steps == [0, 10, 20]  # rank zero alone measures: no duplicate lines from the second process
+
+
+def test_the_live_probe_measures_its_head_between_full_probe_steps_and_the_last_record_is_the_full_probe(tiny_run):
+    """Probe of 8, live head of 4; full probe every 20 steps and at the last step (25, not a multiple)."""
+    from analysis.runs import load_router
+    from analysis.model import _Probed
+    from datamodules.probe import TokenProbe
+    from records.measure import measure_signature
+
+    out, _ = tiny_run("logger=csv", "trainer.max_steps=25", "callbacks.collapse_monitor.live_probe_sequences=4",
+                      "callbacks.collapse_monitor.full_probe_every_n_steps=20")
+    records = [json.loads(line) for line in (out / "collapse.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["probe_sequences"]) for r in records] == [(0, 4), (10, 4), (20, 8), (25, 8)]
+    probe = TokenProbe.load(out / "probe.pt")
+    router, _, step = load_router(out / "checkpoints" / "step000010.ckpt")
+    assert step == 10
+    for sequences, record in ((4, records[1]), (8, None)):  # the live record is the head's own signature
+        signature = measure_signature(_Probed(router), probe.head(sequences), batch_size=4)
+        if record is not None:
+            for ours, logged in zip(signature.to_dict()["layers"], record["layers"]):
+                for key in ("max_share", "norm_cv", "ve@8", "ve@8_shuffle", "ve@1", "max_share_exposure"):
+                    assert ours[key] == pytest.approx(logged[key], rel=1e-12), key
+        else:  # and it is not the full probe's: the head is a different measurement
+            assert signature.layers[0]["norm_cv"] != records[1]["layers"][0]["norm_cv"]
+    metrics = list(csv.DictReader(open(out / "csv" / "metrics.csv")))
+    assert sorted({r["collapse/probe_sequences"] for r in metrics if r.get("collapse/probe_sequences")}) == ["4.0", "8.0"]
