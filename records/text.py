@@ -49,7 +49,9 @@ def training_table(first: dict, last: dict) -> str:
     keys = ve_keys(key)
     header = (f"{'layer':>5} | {'norm-CV':^15} | {ve:^15} | {'gauss':>6} | {'shuffle':^15} | {'max share':^15}\n"
               f"{'':>5} | {f'{a} -> {b}':^15} | {f'{a} -> {b}':^15} | {'':>6} | {f'{a} -> {b}':^15} | {f'{a} -> {b}':^15}")
-    lines = [f"collapse signature, step {a} -> step {b}", header, "-" * len(header.splitlines()[0])]
+    probes = [r.get("probe_sequences") for r in (first, last)]
+    measured = f" (probe of {probes[0]} -> {probes[1]} sequences)" if all(probes) and probes[0] != probes[1] else ""
+    lines = [f"collapse signature, step {a} -> step {b}{measured}", header, "-" * len(header.splitlines()[0])]
     for i, (r0, r1) in enumerate(zip(first["layers"], last["layers"])):
         lines.append(
             f"{'L' + str(i):>5} | {_fmt(r0['norm_cv'])} -> {_fmt(r1['norm_cv'])} | "

@@ -23,6 +23,22 @@ def check_training_length(trainer_cfg: DictConfig) -> None:
                         f"endless); pass trainer.max_steps=<N> with N > 0")
 
 
+def check_sweep_strategy(trainer_cfg: DictConfig) -> None:
+    """Lightning's subprocess DDP relaunches ``sys.argv``, which in a sweep is the whole ``-m`` command line: each
+    rank would start the sweep again. ``ddp_spawn`` forks from the job instead, and under SLURM (or torchrun)
+    the ranks are launched outside, so nothing is relaunched."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment, TorchElasticEnvironment
+
+    from run.compose import in_multirun
+
+    strategy = str(trainer_cfg.get("strategy") or "")
+    if SLURMEnvironment.detect() or TorchElasticEnvironment.detect():
+        return
+    if in_multirun() and strategy.startswith("ddp") and not strategy.startswith("ddp_spawn"):
+        raise UserError(f"trainer.strategy={strategy} relaunches the command line, which in a sweep restarts the "
+                        "sweep; pass trainer.strategy=ddp_spawn, or send the sweep to SLURM (hydra/launcher=slurm)")
+
+
 def plain(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 

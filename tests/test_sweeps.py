@@ -98,3 +98,23 @@ def test_a_progress_failure_is_a_warning_not_an_error(tmp_path, caplog):
     blocked.write_text("")  # a file where the sweep folder should be
     sweep_log.job_finished(blocked, "0", failed=False, job_seconds=1.0)
     assert "sweep progress not written" in caplog.text
+
+
+def test_subprocess_ddp_in_a_local_sweep_is_refused_in_one_line_but_not_under_slurm(monkeypatch):
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from common.errors import UserError
+    from run import check_sweep_strategy
+
+    trainer = OmegaConf.create({"strategy": "ddp"})
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: OmegaConf.create({"mode": RunMode.MULTIRUN})))
+    with pytest.raises(UserError, match="trainer.strategy=ddp_spawn"):
+        check_sweep_strategy(trainer)
+    check_sweep_strategy(OmegaConf.create({"strategy": "ddp_spawn"}))  # forks from the job: fine
+    check_sweep_strategy(OmegaConf.create({"strategy": "auto"}))
+    for key, value in {"SLURM_NTASKS": "4", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+                       "SLURM_NODEID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    check_sweep_strategy(trainer)  # SLURM launched the ranks: nothing is relaunched
