@@ -147,8 +147,16 @@ class CollapseMonitor(pl.Callback):
             return
         probe = self._probe(trainer, final)
         start = time.perf_counter()
-        signature = measure_signature(pl_module, probe, self.ranks, self.probe_batch_size,
-                                      self.onset_threshold, self.completion_threshold)
+        try:
+            signature = measure_signature(pl_module, probe, self.ranks, self.probe_batch_size,
+                                          self.onset_threshold, self.completion_threshold)
+        except torch.linalg.LinAlgError as e:
+            # Finite but huge weights (a diverging run) can overflow the keys' spectra: the run's own guard
+            # reports the divergence; the monitor records why this step has no signature and goes on.
+            reason = f"key spectra failed ({str(e).splitlines()[0][:120]}); the weights are likely diverging"
+            log.warning(f"collapse step {step}: measurement skipped: {reason}")
+            self._append(trainer, skipped_record(step, reason))
+            return
         seconds = time.perf_counter() - start
         if self.onset_step is None and signature.summary["onset_layer"] is not None:
             self.onset_step = step

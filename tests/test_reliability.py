@@ -416,6 +416,33 @@ def test_the_monitor_records_a_skipped_measurement_instead_of_measuring_non_fini
     monitor._measure(trainer, module)
     assert len(read_records(tmp_path, skipped=True)) == 1  # once per step, like a measurement
 
+
+def test_a_measurement_whose_key_spectra_fail_is_recorded_as_skipped_and_training_goes_on(tiny_run, monkeypatch,
+                                                                                          caplog):
+    """Finite but huge weights (lr 1e6 without clipping) made eigh fail to converge at the end-of-run pass: the
+    traceback hid the non-finite guard's message. The failing step is recorded as skipped, with the reason."""
+    import callbacks.collapse_monitor as monitor_module
+    from records import read_records
+
+    measure = monitor_module.measure_signature
+
+    def does_not_converge(a):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    def measure_failing_at_step_10(module, *args):  # the real pass, its eigensolver failing at step 10
+        if module.global_step != 10:
+            return measure(module, *args)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(torch.linalg, "eigvalsh", does_not_converge)
+            return measure(module, *args)
+
+    monkeypatch.setattr(monitor_module, "measure_signature", measure_failing_at_step_10)
+    out, _ = tiny_run("logger=csv")
+    assert [r["step"] for r in read_records(out)] == [0, 20]
+    (skipped,) = [r for r in read_records(out, skipped=True) if "skipped" in r]
+    assert skipped["step"] == 10 and "key spectra failed" in skipped["skipped"]
+    assert "measurement skipped" in caplog.text and not (out / "FAILED").exists()
+
 # --- 7. a sweep with a failing job ------------------------------------------------------------------
 
 def cli(script: str, argv: list[str], capsys) -> tuple[int, str, str]:
