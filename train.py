@@ -38,18 +38,23 @@ def train(cfg: DictConfig) -> None:
     from run import prepare_run_dir, record_failure, report, run_dir
 
     out = run_dir()  # the one source of the run directory; everything below is handed it
-    prepare_run_dir(out)
+    lock = prepare_run_dir(out)  # one writer per run dir, held until this function returns
     trainer = None
     try:
         trainer, task, datamodule, loggers, ckpt_path = setup(cfg, out)
         fit(trainer, task, datamodule, loggers, ckpt_path, out)
     except Preempted as p:
         print(f"preempted: {p}", file=sys.stderr, flush=True)
+        if lock:
+            lock.release()  # the requeued job may start while this process still winds down
         print(requeue(trainer.checkpoint_callback, p), file=sys.stderr)  # under submitit, this exits
         sys.exit(128 + p.signum)  # what a shell reports for a process ended by that signal
     except BaseException as e:
         record_failure(out, e, None if trainer is None else trainer.global_step)
         raise
+    finally:
+        if lock:
+            lock.release()
     if trainer.is_global_zero:
         report(out, print_table=cfg.print_table)
 

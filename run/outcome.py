@@ -2,6 +2,10 @@
 and the closing report of what training did and where everything is."""
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
+import time
 from pathlib import Path
 
 from callbacks.checkpointing import newest_loadable
@@ -11,17 +15,56 @@ from common.failed import clear_failure, mark_failed
 from records import HEATMAP_PNG, JSONL, PROFILE_PNG, read_records, training_table
 
 
-def prepare_run_dir(out: Path) -> None:
-    """Fail early on an unwritable run dir; on (re)start, clear what a killed or failed earlier run left:
-    temp files of interrupted writes and the ``FAILED`` marker. Rank zero only: under DDP the other ranks
-    start while rank zero is already writing."""
+LOCK = ".run.lock"
+
+
+class RunDirLock:
+    """One writer per run directory: an exclusive ``flock`` on ``<run dir>/.run.lock`` for the life of the run.
+    The kernel drops it when its process ends, however it ends, so a killed run's lock is never stale; the
+    file's text (pid, host, start) only names the holder in the refusal."""
+
+    def __init__(self, out: Path):
+        self.path, self.file = Path(out) / LOCK, None
+
+    def acquire(self) -> "RunDirLock":
+        file = open(self.path, "a+")
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            file.seek(0)
+            holder = file.read().strip() or "another process"
+            file.close()
+            raise UserError(f"the run directory {self.path.parent} is in use by {holder}; wait for that run to end "
+                            f"(a resume needs it stopped) or pass hydra.run.dir=<another folder>") from None
+        file.seek(0)
+        file.truncate()
+        file.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        file.flush()
+        self.file = file
+        return self
+
+    def release(self) -> None:
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
+
+
+def prepare_run_dir(out: Path) -> RunDirLock | None:
+    """Fail early on an unwritable run dir or one another run is writing (its lock, returned held: release it
+    when the run ends); on (re)start, clear what a killed or failed earlier run left: temp files of
+    interrupted writes and the ``FAILED`` marker. Rank zero only: under DDP the other ranks start while rank
+    zero is already writing."""
     from lightning.pytorch.utilities import rank_zero_only
 
     if problem := atomic.check_writable(out):
         raise UserError(f"cannot write to the run directory {out} ({problem}); pass hydra.run.dir=<a writable folder>")
-    if rank_zero_only.rank == 0:
-        atomic.remove_stale_temps(out, out / "csv")
-        clear_failure(out)
+    if rank_zero_only.rank != 0:
+        return None
+    lock = RunDirLock(out).acquire()  # before clearing anything: a second writer must not touch the first's files
+    atomic.remove_stale_temps(out, out / "csv")
+    clear_failure(out)
+    return lock
 
 
 def record_failure(out: Path, error: BaseException, step: int | None) -> None:

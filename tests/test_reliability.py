@@ -678,3 +678,34 @@ def test_slurm_launcher_presets_requeue_on_time_outs_and_the_cpu_one_asks_for_no
         assert launcher.max_num_timeout > 0 and launcher.signal_delay_s >= 60
         if name == "slurm_cpu":
             assert launcher.gpus_per_node is None and launcher.gres is None and launcher.tasks_per_node == 1
+
+
+# --- one writer per run dir ---------------------------------------------------------------------------------
+
+def _hold_run_dir(out: str, ready) -> None:
+    from run.outcome import RunDirLock
+
+    lock = RunDirLock(Path(out)).acquire()  # noqa: F841  (held while this process lives)
+    ready.set()
+    time.sleep(120)
+
+
+def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holders_lock_is_taken_over(tiny_run, tmp_path):
+    from common.errors import UserError
+
+    out = tmp_path / "run"
+    out.mkdir()
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    holder = context.Process(target=_hold_run_dir, args=(str(out), ready))
+    holder.start()
+    try:
+        assert ready.wait(60)
+        with pytest.raises(UserError, match=rf"in use by pid {holder.pid} on .* wait for that run to end"):
+            tiny_run("logger=csv")
+        assert not (out / "collapse.jsonl").exists() and not (out / "FAILED").exists()  # nothing of its touched
+    finally:
+        os.kill(holder.pid, signal.SIGKILL)  # dies holding the lock: the kernel releases it
+        holder.join(30)
+    out, _ = tiny_run("logger=csv")
+    assert [r["step"] for r in records(out)] == [0, 10, 20]
