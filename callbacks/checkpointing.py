@@ -144,7 +144,14 @@ class Checkpoint(ModelCheckpoint):
         self._write_held(trainer)
         self._preempt_path = None  # training is complete: nothing left to requeue for
         self._flush_loggers(trainer)
-        super().on_train_end(trainer, pl_module)
+        # Lightning saves last.ckpt at the end only if this process saved nothing before, so with max_steps not
+        # a multiple of the interval the final weights were never written: save them whenever last.ckpt lags.
+        # Not after a non-finite stop: its last good checkpoint stays the resume point the error message names.
+        diverged = any(getattr(c, "failure", None) for c in trainer.callbacks)
+        if self.save_last and self._last_global_step_saved != trainer.global_step and not diverged:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        else:
+            super().on_train_end(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         # A step that raised may not have logged everything: keep the previous checkpoint as the resume point.

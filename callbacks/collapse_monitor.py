@@ -129,10 +129,18 @@ class CollapseMonitor(pl.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._measure(trainer, pl_module, final=True)
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        # Also called when a resume finds training already done (Lightning then skips on_train_end): a run killed
+        # between its last checkpoint and its final record or figures completes them here instead of never.
+        if trainer.global_step not in self.measured_steps:
+            # The loop that would have ended the epoch did not run: record the epoch the uninterrupted run ends in.
+            self._measure(trainer, pl_module, final=True, epoch=trainer.current_epoch + 1)
         if trainer.is_global_zero:
             self._plot(trainer)
 
-    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False) -> None:
+    def _measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, final: bool = False,
+                 epoch: int | None = None) -> None:
         step = trainer.global_step
         # Mean training loss since the previous measurement: what the studies match arms on. Reset at every
         # measured step, also one a resumed run finds already measured, so the next mean covers the same steps.
@@ -161,7 +169,7 @@ class CollapseMonitor(pl.Callback):
         if self.onset_step is None and signature.summary["onset_layer"] is not None:
             self.onset_step = step
         signature.summary["onset_step"] = self.onset_step
-        record = new_record(step, trainer.current_epoch, seconds, train_loss, self._val_loss, signature,
+        record = new_record(step, trainer.current_epoch if epoch is None else epoch, seconds, train_loss, self._val_loss, signature,
                             probe_sequences=len(probe))
         metrics = {**signature.flat(), "collapse/seconds": seconds, "collapse/probe_sequences": float(len(probe))}
         for logger in trainer.loggers:

@@ -77,6 +77,22 @@ def _arm(event: str, n: int) -> None:
                 _kill_self()
             write_bytes(path, data)
         atomic.write_bytes = torn_write
+    elif event == "final_measure":  # the end-of-run measurement, after the last checkpoint was written
+        def killed_at_the_end(self, trainer, *args):
+            if hit():
+                _kill_self()
+        CollapseMonitor.on_train_end = killed_at_the_end
+    elif event == "figures":  # halfway through drawing the run's figures
+        import callbacks.collapse_monitor as monitor_module
+
+        save_run_figures = monitor_module.save_run_figures
+
+        def torn_figures(run_dir, *args):
+            if hit():
+                (Path(run_dir) / "collapse_profile.png").write_bytes(b"\x89PNG half")
+                _kill_self()
+            return save_run_figures(run_dir, *args)
+        monitor_module.save_run_figures = torn_figures
     elif event in ("jsonl_append", "csv_append"):
         append_lines, name = atomic.append_lines, {"jsonl_append": "collapse.jsonl", "csv_append": "metrics.csv"}[event]
 
@@ -242,6 +258,38 @@ def test_a_kill_while_writing_a_checkpoint_resumes_from_the_previous_good_one(fo
     assert forked(out, "ckpt_path=auto") == 0, _log(out)
     assert f"resuming from {out / 'checkpoints'}/{resumes_from}" in _log(out)
     assert_same_run(out, reference)
+
+
+# --- 2b. the end of a run: final measurement, final weights, figures -----------------------------------------
+
+@pytest.fixture(scope="module")
+def reference_30(forked, tmp_path_factory):
+    """30 steps: a checkpoint step (every 6) that is no monitor step (every 4), so the final checkpoint is written
+    after the last validation and before the end-of-run measurement."""
+    out = tmp_path_factory.mktemp("reference_30") / "run"
+    assert forked(out, "trainer.max_steps=30") == 0, (out.parent / "run.log").read_text()[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("event", ["final_measure", "figures"])
+def test_a_kill_at_the_end_of_a_run_is_completed_by_the_resume(forked, reference_30, tmp_path, event):
+    out = tmp_path / "run"
+    assert forked(out, "trainer.max_steps=30", kill=(event, 1)) == -signal.SIGKILL
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 30
+    if event == "final_measure":
+        assert [r["step"] for r in records(out)][-1] == 28  # the final record is missing; training is done
+    assert forked(out, "trainer.max_steps=30", "ckpt_path=auto") == 0, _log(out)
+    assert [r["step"] for r in records(out)][-1] == 30
+    assert_same_run(out, reference_30)
+    for png in ("collapse_profile.png", "max_share_heatmap.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / png).stat().st_size > 10_000, png
+
+
+def test_the_final_weights_are_saved_when_max_steps_is_no_multiple_of_the_checkpoint_interval(forked, tmp_path):
+    out = tmp_path / "run"
+    assert forked(out, "trainer.max_steps=26") == 0, _log(out)  # checkpoints every 6: 24, then the end at 26
+    assert torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 26
+    assert [r["step"] for r in records(out)][-1] == 26
 
 
 # --- 3. a corrupt last.ckpt ---------------------------------------------------------------------------------
