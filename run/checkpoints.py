@@ -43,8 +43,35 @@ def resolve_checkpoint(ckpt_path: str | None, folder: Path, task) -> str | None:
             hint = (f"resume from {other} (step {step}) instead" if other else
                     "no other checkpoint beside it loads: train from step 0 without ckpt_path")
             raise UserError(f"checkpoint {path} is corrupt or not a Lightning checkpoint ({problem}); {hint}")
+    check_identity(state, task, path)
     check_architecture(state, task, path)
     return str(path)
+
+
+# What makes a run this run: the keys that shape its weights or its records. Execution settings (trainer
+# devices and length, threads, logger, tags, compile, printing) may change between a run and its resume.
+IDENTITY = ("router.", "task.", "data.", "seed", "data_seed", "probe_sequences", "callbacks.collapse_monitor.")
+
+
+def _refuse(path: Path, changed: list[str]) -> None:
+    more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+    raise UserError(f"checkpoint {path} holds a different run ({', '.join(changed[:3])}{more}); resume with the "
+                    f"settings it was trained with, or start a new run without ckpt_path (in another folder: "
+                    f"hydra.run.dir=<new folder>)")
+
+
+def check_identity(state: dict, task, path: Path) -> None:
+    """A resume must continue the same run: the resolved model, task, data, seeds and monitor settings stored
+    in the checkpoint must equal today's (checkpoints from before configs were stored are not checked)."""
+    stored = state.get("hyper_parameters", {}).get("config")
+    current = task.hparams.get("config")
+    if not stored or not current:
+        return
+    then, now = _flat(stored, ""), _flat(current, "")
+    keys = sorted(k for k in then.keys() | now.keys() if k.startswith(IDENTITY) or k in IDENTITY)
+    changed = [f"{k}={then.get(k)} there, {now.get(k)} here" for k in keys if then.get(k) != now.get(k)]
+    if changed:
+        _refuse(path, changed)
 
 
 def check_architecture(state: dict, task, path: Path) -> None:
@@ -52,15 +79,8 @@ def check_architecture(state: dict, task, path: Path) -> None:
     ours, theirs = task.state_dict(), state["state_dict"]
     differ = sorted(k for k in ours.keys() | theirs.keys()
                     if k not in ours or k not in theirs or ours[k].shape != theirs[k].shape)
-    if not differ:
-        return
-    then = _flat(state.get("hyper_parameters", {}).get("config", {}).get("router", {}), "router.")
-    now = _flat(task.hparams.get("config", {}).get("router", {}), "router.")
-    changed = [f"{k}={then.get(k)} there, {now.get(k)} here" for k in sorted(then.keys() | now.keys())
-               if then.get(k) != now.get(k)]
-    what = ", ".join(changed[:3]) or f"{len(differ)} tensors differ, e.g. {differ[0]}"
-    raise UserError(f"checkpoint {path} holds a different model ({what}); resume with the settings it was trained "
-                    f"with, or train a new run without ckpt_path")
+    if differ:
+        _refuse(path, [f"{len(differ)} tensors differ, e.g. {differ[0]}"])
 
 
 def _flat(config: dict, prefix: str) -> dict:

@@ -757,3 +757,28 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_killed_holders_lock_
         holder.join(30)
     out, _ = tiny_run("logger=csv")
     assert [r["step"] for r in records(out)] == [0, 10, 20]
+
+
+# --- a resume continues the same run, or is refused ----------------------------------------------------------
+
+@pytest.mark.parametrize("changed, named", [
+    ("router/position=alibi", "router.position=rope there, alibi here"),
+    ("router.n_head=1", "router.n_head=2 there, 1 here"),
+    ("router/score=euclidean", "router.score=dot there, euclidean here"),
+    ("seed=1", "seed=0 there, 1 here"),
+    ("task.lr=0.01", "task.lr="),
+])
+def test_a_resume_with_another_model_data_or_seed_is_refused_naming_the_keys(train_here, tmp_path, changed, named):
+    from common.errors import UserError
+
+    out = train_here("trainer.max_steps=8")
+    before = (out / "collapse.jsonl").read_text()
+    with pytest.raises(UserError, match=r"holds a different run \(.*" + re.escape(named)):
+        train_here("trainer.max_steps=12", "ckpt_path=auto", changed)
+    assert (out / "collapse.jsonl").read_text() == before  # nothing mixed in
+
+
+def test_a_resume_may_change_execution_settings(train_here):
+    out = train_here("trainer.max_steps=8")
+    train_here("trainer.max_steps=12", "ckpt_path=auto", "threads=1", "print_table=true", "tags=[more]")
+    assert [r["step"] for r in records(out)] == [0, 4, 8, 12]
