@@ -62,13 +62,15 @@ def _refuse(path: Path, changed: list[str]) -> None:
 
 def check_identity(state: dict, task, path: Path) -> None:
     """A resume must continue the same run: the resolved model, task, data, seeds and monitor settings stored
-    in the checkpoint must equal today's (checkpoints from before configs were stored are not checked)."""
+    in the checkpoint must equal today's (checkpoints from before configs were stored are not checked, nor keys
+    added to the configs after the checkpoint was written)."""
     stored = state.get("hyper_parameters", {}).get("config")
     current = task.hparams.get("config")
     if not stored or not current:
         return
     then, now = _flat(stored, ""), _flat(current, "")
-    keys = sorted(k for k in then.keys() | now.keys() if k.startswith(IDENTITY) or k in IDENTITY)
+    # Keys the stored config lacks came with a newer version of this code: not a change the user made.
+    keys = sorted(k for k in then if k.startswith(IDENTITY) or k in IDENTITY)
     changed = [f"{k}={then.get(k)} there, {now.get(k)} here" for k in keys if then.get(k) != now.get(k)]
     if changed:
         _refuse(path, changed)
