@@ -30,19 +30,31 @@ class Built:
     task: object
     optimizer: object
     batches: object  # an endless iterator of training batches
+    device: str = "cpu"
+    bf16: bool = False  # bf16 autocast around the loss, as trainer=gpu's precision bf16-mixed
 
     def step(self) -> float:
         """One optimiser step of the task's own loss, as Lightning's automatic optimisation runs it."""
-        loss = training_loss(self.task, next(self.batches))
+        import torch
+
+        batch = next(self.batches)
+        if self.device != "cpu":
+            batch = batch.to(self.device)
+        with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.bf16):
+            loss = training_loss(self.task, batch)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return loss.item()
+        return loss.item()  # .item() synchronises on GPU, so timing a step holds all of it
 
 
-def build_family(family: str, out: Path, overrides: list[str] = ()) -> Built:
+def build_family(family: str, out: Path, overrides: list[str] = (), device: str = "cpu",
+                 bf16: bool = False, vocab_size: int | None = None) -> Built:
     """The config, data, router and task that ``python train.py <family's overrides>`` builds, plus the
-    optimiser its task configures (and its scheduler's first learning rate)."""
+    optimiser its task configures (and its scheduler's first learning rate); the task moved to ``device``.
+    Token batches only go to a GPU (graph batches stay where their datamodule puts them). ``vocab_size``
+    replaces the data's vocabulary in the router (a larger one keeps every token valid): a preset's real head
+    over synthetic data, whose generator holds a V x V table and cannot reach a 50k vocabulary."""
     import lightning.pytorch as pl
 
     import run
@@ -52,9 +64,9 @@ def build_family(family: str, out: Path, overrides: list[str] = ()) -> Built:
     datamodule = run.build(cfg.data)
     datamodule.prepare_data()
     datamodule.setup("fit")
-    model = run.build(cfg.router, **datamodule.model_kwargs())
-    task = run.build(cfg.task, model=model, config=run.plain(cfg))
-    return Built(cfg, datamodule, task, optimizer_of(task, cfg.trainer.max_steps), endless(datamodule))
+    model = run.build(cfg.router, **{**datamodule.model_kwargs(), **({"vocab_size": vocab_size} if vocab_size else {})})
+    task = run.build(cfg.task, model=model, config=run.plain(cfg)).to(device)
+    return Built(cfg, datamodule, task, optimizer_of(task, cfg.trainer.max_steps), endless(datamodule), device, bf16)
 
 
 def training_loss(task, batch):

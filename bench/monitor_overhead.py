@@ -4,6 +4,8 @@
     python bench/monitor_overhead.py --router mamba --rounds 5
     python bench/monitor_overhead.py --router pythia data.probe_sequences=64   # extra Hydra overrides
     python bench/monitor_overhead.py --router pythia --profile                 # where a pass spends its time
+    python bench/monitor_overhead.py --router pythia --device cuda --bf16 --vocab 50304 router=pythia_160m \
+        data=synthetic data.context_length=2048 data.batch_size=8           # a GPU preset (bench/run_all.py)
 
 Each family at its default config (bench/harness.py: the objects train.py builds). One process, one model:
 rounds of ``--steps`` training steps and one monitor pass (``measure_signature`` with the monitor's own probe
@@ -28,18 +30,20 @@ TARGET = 0.02
 
 
 def measure_family(family: str, steps: int, rounds: int, overrides: list[str], out: Path,
-                   profile: bool = False) -> dict:
+                   profile: bool = False, device: str = "cpu", bf16: bool = False, vocab: int | None = None) -> dict:
     import torch
 
     from records.measure import measure_signature
 
-    built = build_family(family, out, overrides)
+    built = build_family(family, out, overrides, device=device, bf16=bf16, vocab_size=vocab)
     monitor = built.cfg.callbacks.collapse_monitor
     probe = built.datamodule.probe
 
     def monitor_pass():
         measure_signature(built.task, probe, tuple(monitor.ranks), monitor.probe_batch_size,
                           monitor.onset_threshold, monitor.completion_threshold)
+        if device != "cpu":
+            torch.cuda.synchronize()  # the pass's last kernels inside its wall clock
 
     step_seconds = []
 
@@ -79,14 +83,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--profile", action="store_true", help="also print a torch.profiler table of one pass")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the task trains and the monitor runs")
+    parser.add_argument("--vocab", type=int, default=None, help="the router's vocabulary instead of the data's "
+                        "(at least the data's): a preset's real head over synthetic data")
+    parser.add_argument("--bf16", action="store_true", help="training steps under bf16 autocast (trainer=gpu's "
+                        "bf16-mixed); the monitor computes in fp32 either way")
     args, overrides = parser.parse_known_args()
     import torch
 
     torch.set_num_threads(args.threads)
-    print(f"# {load_average()}, {args.threads} thread(s), {args.rounds} rounds of {args.steps} steps + 1 pass")
+    print(f"# {load_average()}, {args.threads} thread(s), {args.device}{', bf16 steps' if args.bf16 else ''}, "
+          f"{args.rounds} rounds of {args.steps} steps + 1 pass")
     for family in args.router or list(FAMILIES):
         with tempfile.TemporaryDirectory() as tmp:
-            row = measure_family(family, args.steps, args.rounds, overrides, Path(tmp), args.profile)
+            row = measure_family(family, args.steps, args.rounds, overrides, Path(tmp), args.profile,
+                                 args.device, args.bf16, args.vocab)
         at_default, at_run = overhead(row, DEFAULT_INTERVAL), overhead(row, row["interval"])
         verdict = "ok" if at_default <= TARGET else "ABOVE TARGET"
         print(f"{family:8s} probe {row['probe']:4d}  step {1e3 * row['step_s']:7.1f} ms  pass {row['pass_s']:6.2f} s "

@@ -11,6 +11,10 @@ floor) bound what any fp32 eager implementation of the model can reach.
     python bench/throughput.py --compile          # ours under torch.compile (HF stays eager)
     python bench/throughput.py --bf16             # both under bf16 autocast
     python bench/throughput.py --sdpa math        # SDPA's math kernel instead of flash (both models)
+    python bench/throughput.py --no-fused         # ours with the plain logits + F.cross_entropy loss too
+
+Ours trains with the LM task's own loss (tasks/fused_loss.py: the fused linear + cross-entropy head, the
+default of conf/task/lm.yaml); HF with its logits and F.cross_entropy, as a user of transformers would.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from routers.transformer import Transformer  # noqa: E402
+from tasks.fused_loss import has_features, language_model_loss  # noqa: E402
 
 
 def build_models(args) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -42,16 +47,20 @@ def build_models(args) -> tuple[torch.nn.Module, torch.nn.Module]:
     return ours.to(args.device).train(), hf.to(args.device).train()
 
 
-def make_step(model: torch.nn.Module, is_hf: bool, bf16: bool = False):
+def make_step(model: torch.nn.Module, is_hf: bool, bf16: bool = False, fused: bool = True):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)  # as tasks/lm.py
 
     def step(tokens: torch.Tensor) -> float:
         # as tasks/lm.py: the window is context + 1 tokens, inputs and targets are its two shifted views, so the
         # logits are never sliced (a slice of [B, T, V] logits costs a copy forward and a zero-fill backward)
         inputs, targets = tokens[:, :-1], tokens[:, 1:]
-        with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(inputs).logits if is_hf else model(inputs)
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+        if is_hf:
+            with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=bf16):
+                logits = model(inputs).logits
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+        else:  # the LM task's loss, fused head or plain (float32 loss either way)
+            with torch.autocast(tokens.device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = language_model_loss(model, inputs, targets, fused=fused)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -68,12 +77,18 @@ def train_flops(args) -> float:
     return 3 * forward_per_token * args.batch * T
 
 
-def matmul_peak(device: str, n: int = 2048):
-    """A timer of one n x n fp32 matmul (2 n^3 FLOPs): the machine's attainable peak, measured in this run."""
-    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+def peak_size(device: str) -> int:
+    """The peak matmul's side: 2048 on a CPU; 8192 on a GPU, where 2048^2 is too small to fill the device."""
+    return 2048 if torch.device(device).type == "cpu" else 8192
+
+
+def matmul_peak(device: str, n: int = 2048, dtype: torch.dtype = torch.float32):
+    """A timer of one n x n matmul (2 n^3 FLOPs) in ``dtype``: the machine's attainable peak, measured in this
+    run (fp32 for fp32 steps; bf16 for the bf16-autocast row, whose matmuls run on the bf16 units)."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
 
     def run() -> None:
-        (a @ b).sum().item()  # .item() synchronises on GPU
+        (a @ b).float().sum().item()  # .item() synchronises on GPU, so the wall clock holds the whole matmul
 
     return run, 2 * n ** 3
 
@@ -85,12 +100,13 @@ def gemm_floor(args):
     activations, the loss and the optimiser are left out, so no implementation of this model in fp32 eager
     steps faster than this: it bounds the ratio any model can reach against HF's measured step."""
     d, n, device = args.d_model, args.batch * args.context, args.device
+    dtype = torch.bfloat16 if args.bf16 else torch.float32  # autocast runs these matmuls in bf16
     shapes = [(d, 3 * d), (d, d), (d, 4 * d), (4 * d, d)] * args.n_layer + [(d, args.vocab)]
-    operands = [(torch.randn(n, k, device=device), torch.randn(k, m, device=device), torch.randn(n, m, device=device))
+    operands = [tuple(torch.randn(*shape, device=device, dtype=dtype) for shape in ((n, k), (k, m), (n, m)))
                 for k, m in shapes]
 
     def run() -> None:
-        total = torch.zeros((), device=device)
+        total = torch.zeros((), device=device, dtype=dtype)
         for x, w, dy in operands:
             total += (x @ w)[0, 0] + (dy @ w.T)[0, 0] + (x.T @ dy)[0, 0]
         total.item()
@@ -106,8 +122,10 @@ def measure(args) -> dict:
     ours, hf = build_models(args)
     if args.compile:
         ours.compile()
-    steps = {"ours": make_step(ours, is_hf=False, bf16=args.bf16), "hf": make_step(hf, is_hf=True, bf16=args.bf16)}
-    peak_run, peak_flops = matmul_peak(args.device)
+    steps = {"ours": make_step(ours, is_hf=False, bf16=args.bf16, fused=not args.no_fused),
+             "hf": make_step(hf, is_hf=True, bf16=args.bf16)}
+    peak_dtype = torch.bfloat16 if args.bf16 else torch.float32
+    peak_run, peak_flops = matmul_peak(args.device, peak_size(args.device), peak_dtype)
     floor_run = gemm_floor(args)
     seconds = {"ours": [], "hf": [], "peak": [], "floor": []}
     kernel = contextlib.nullcontext()
@@ -128,7 +146,8 @@ def measure(args) -> dict:
     flops = train_flops(args)
     median = {name: statistics.median(s) for name, s in seconds.items()}
     peak = peak_flops / median["peak"]
-    return {"tokens_s": {n: args.batch * args.context / median[n] for n in ("ours", "hf")},
+    return {"fused": not args.no_fused and has_features(ours),
+            "tokens_s": {n: args.batch * args.context / median[n] for n in ("ours", "hf")},
             "ratio": statistics.median(h / o for o, h in zip(seconds["ours"], seconds["hf"])),
             "gflops": {n: flops / median[n] / 1e9 for n in ("ours", "hf")}, "peak_gflops": peak / 1e9,
             "mfu": {n: flops / median[n] / peak for n in ("ours", "hf")}, "step_gflop": flops / 1e9,
@@ -153,6 +172,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--compile", action="store_true", help="torch.compile our model (HF stays eager)")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for both models")
+    parser.add_argument("--no-fused", action="store_true",
+                        help="ours with logits + F.cross_entropy (task.fused_loss=false) instead of the fused head")
     parser.add_argument("--sdpa", default="default", choices=["default", "math"],
                         help="SDPA kernel: the default choice (flash where it exists) or the math reference")
     return parser
@@ -166,16 +187,18 @@ def main() -> None:
     print(f"config: {args.n_layer} layers, d_model {args.d_model}, {args.n_head} heads, batch {args.batch} x "
           f"{args.context}, vocab {args.vocab}, {args.device}, {'bf16 autocast' if args.bf16 else 'fp32'}, "
           f"{'ours compiled' if args.compile else 'eager'}, SDPA {args.sdpa}, HF attention {args.hf_attn}, "
+          f"ours' loss {'fused head' if r['fused'] else 'plain logits + F.cross_entropy'}, "
           f"{args.steps} timed steps after {args.warmup} warm-up, {torch.get_num_threads()} threads")
     print(f"ours                tokens/s: {r['tokens_s']['ours']:10.0f}   {r['gflops']['ours']:6.1f} GFLOP/s   "
           f"MFU {100 * r['mfu']['ours']:5.1f} %")
     print(f"GPTNeoXForCausalLM  tokens/s: {r['tokens_s']['hf']:10.0f}   {r['gflops']['hf']:6.1f} GFLOP/s   "
           f"MFU {100 * r['mfu']['hf']:5.1f} %")
-    print(f"peak: 2048^2 fp32 matmul {r['peak_gflops']:.1f} GFLOP/s (median, interleaved); a step is "
+    print(f"peak: {peak_size(args.device)}^2 {'bf16' if args.bf16 else 'fp32'} matmul {r['peak_gflops']:.1f} GFLOP/s "
+          f"(median, interleaved); a step is "
           f"{r['step_gflop']:.2f} GFLOP")
     print(f"ratio ours/HF: {r['ratio']:.3f}   (median over adjacent step pairs)")
     print(f"GEMM floor (the step's dense matmuls alone): ours {r['over_floor']['ours']:.2f}x it, HF "
-          f"{r['over_floor']['hf']:.2f}x; the most any fp32 eager model could reach against HF is "
+          f"{r['over_floor']['hf']:.2f}x; the most any eager model at this precision could reach against HF is "
           f"{r['over_floor']['hf']:.2f}x")
 
 

@@ -212,6 +212,24 @@ class Qwen3Decoder(nn.Module):
         return h
 
     def forward(self, tokens: Tensor, return_routing: bool = False):
+        normed, depth, token = self._trunk(tokens, return_routing)
+        logits = self.lm_head(normed)
+        if not return_routing:
+            return logits
+        return logits, Routing(layers=depth if depth is not None else token, axis=self.routing_axis,
+                               family="attnres" if depth is not None else "")
+
+    def features(self, tokens: Tensor) -> Tensor:
+        """What the vocabulary head reads, [B, T, d] after the final norm: ``output_head(features(x))`` is
+        ``forward(x)`` exactly (the LM task's fused loss, tasks/fused_loss.py)."""
+        return self._trunk(tokens, False)[0]
+
+    @property
+    def output_head(self) -> nn.Linear:
+        return self.lm_head
+
+    def _trunk(self, tokens: Tensor, return_routing: bool):
+        """Everything before the head: (the final-norm output, depth records, token records)."""
         check_tokens(tokens, self.context_length)
         T = tokens.shape[1]
         cos, sin = self.rope_cos[:T], self.rope_sin[:T]
@@ -231,11 +249,7 @@ class Qwen3Decoder(nn.Module):
             stream = stream + layer.mlp(layer.post_attention_layernorm(h))
             if (i + 1) % self.layers_per_block == 0:
                 blocks.append(stream)
-        logits = self.lm_head(self.norm(stream))
-        if not return_routing:
-            return logits
-        return logits, Routing(layers=depth if depth is not None else token, axis=self.routing_axis,
-                               family="attnres" if depth is not None else "")
+        return self.norm(stream), depth, token
 
     @classmethod
     def from_hf(cls, hf, **overrides) -> "Qwen3Decoder":

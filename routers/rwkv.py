@@ -277,6 +277,19 @@ class RWKV(nn.Module):
         logits = self.head(self.ln_out(x))
         return (logits, Routing(layers=layers, axis="time", family="rwkv")) if return_routing else logits
 
+    def features(self, tokens: Tensor) -> Tensor:
+        """What the vocabulary head reads, [B, T, d] after the final norm: ``output_head(features(x))`` is
+        ``forward(x)`` exactly (the LM task's fused loss, tasks/fused_loss.py)."""
+        check_tokens(tokens, self.context_length)
+        x = self.embeddings(tokens)
+        for block in self.blocks:
+            x = block(x)[0]
+        return self.ln_out(x)
+
+    @property
+    def output_head(self) -> nn.Linear:
+        return self.head
+
     @classmethod
     def from_hf(cls, hf_model, **knobs) -> "RWKV":
         """Build from a `transformers` RwkvForCausalLM (e.g. RWKV/rwkv-4-169m-pile), weights copied.

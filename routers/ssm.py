@@ -249,6 +249,19 @@ class Mamba(nn.Module):
         logits = self.lm_head(self.norm_f(x))
         return (logits, Routing(layers=layers, axis="time", family="mamba")) if return_routing else logits
 
+    def features(self, tokens: Tensor) -> Tensor:
+        """What the vocabulary head reads, [B, T, d] after the final norm: ``output_head(features(x))`` is
+        ``forward(x)`` exactly (the LM task's fused loss, tasks/fused_loss.py)."""
+        check_tokens(tokens, self.context_length)
+        x = self.embeddings(tokens)
+        for block in self.layers:
+            x = block(x)[0]
+        return self.norm_f(x)
+
+    @property
+    def output_head(self) -> nn.Linear:
+        return self.lm_head
+
     @classmethod
     def from_hf(cls, hf_model, **knobs) -> "Mamba":
         """Build from a `transformers` MambaForCausalLM (e.g. state-spaces/mamba-130m-hf), weights copied."""

@@ -249,6 +249,18 @@ class Transformer(nn.Module):
         logits = self.lm_head(self.ln_f(x))
         return (logits, Routing(layers=layers, axis="token")) if return_routing else logits
 
+    def features(self, tokens: Tensor) -> Tensor:
+        """What the vocabulary head reads, [B, T, d] after the final norm: ``output_head(features(x))`` is
+        ``forward(x)`` exactly. The LM task's fused loss (tasks/fused_loss.py) takes these and the head."""
+        x = self.embed(tokens)
+        for block in self.blocks:
+            x = block(x)[0]
+        return self.ln_f(x)
+
+    @property
+    def output_head(self) -> nn.Linear:
+        return self.lm_head
+
     def routing(self, tokens: Tensor) -> Routing:
         """The routing record alone, the same tensors as ``forward(tokens, return_routing=True)[1]``: skips
         what the record never reads, the last block's MLP and the vocabulary head (the probe's costliest matmul)."""

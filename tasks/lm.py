@@ -5,10 +5,10 @@ import math
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from routers.routing import routing_of, scored_keys_of
+from tasks.fused_loss import language_model_loss
 from tasks.router_args import store_router_args
 
 
@@ -17,12 +17,14 @@ class LanguageModelTask(pl.LightningModule):
 
     ``config`` is the resolved run config and ``router`` the router's resolved constructor arguments
     (filled in at ``setup`` from the datamodule when not given: tasks.router_args); both are stored in every
-    checkpoint so ``analyze.py`` can rebuild the router from a ``.ckpt`` alone.
+    checkpoint so ``analyze.py`` can rebuild the router from a ``.ckpt`` alone. ``fused_loss`` computes the
+    loss with the fused linear + cross-entropy head (tasks/fused_loss.py) where the router exposes its
+    features; ``false`` materialises the logits as before (the same numbers up to float rounding).
     """
 
     def __init__(self, model: nn.Module, lr: float = 1e-3, weight_decay: float = 0.1,
                  betas: tuple[float, float] = (0.9, 0.95), warmup_steps: int = 100, min_lr_ratio: float = 0.1,
-                 config: dict | None = None, router: dict | None = None):
+                 config: dict | None = None, router: dict | None = None, fused_loss: bool = True):
         super().__init__()
         self.model = model
         self.save_hyperparameters(ignore=["model"])
@@ -36,8 +38,7 @@ class LanguageModelTask(pl.LightningModule):
 
     def _loss(self, batch: Tensor) -> Tensor:
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        logits = self.model(inputs)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1))
+        return language_model_loss(self.model, inputs, targets, fused=self.hparams.get("fused_loss", True))
 
     def training_step(self, batch: Tensor, batch_idx: int):
         loss = self._loss(batch)
