@@ -66,7 +66,7 @@ def setup(cfg: DictConfig, out):
     import run
 
     run.print_config(cfg)
-    run.check_training_length(cfg.trainer)
+    run.check_config(cfg)
     run.check_sweep_strategy(cfg.trainer)
     if cfg.threads:  # e.g. threads=1 on a shared machine, where OpenMP threads thrash on tiny ops
         torch.set_num_threads(cfg.threads)

@@ -16,13 +16,6 @@ from common.errors import UserError
 from common.loggers import WandbLogger
 
 
-def check_training_length(trainer_cfg: DictConfig) -> None:
-    steps = trainer_cfg.get("max_steps")
-    if steps is None or steps <= 0:
-        raise UserError(f"trainer.max_steps={steps} trains nothing (training length is in steps; the loader is "
-                        f"endless); pass trainer.max_steps=<N> with N > 0")
-
-
 def check_sweep_strategy(trainer_cfg: DictConfig) -> None:
     """Lightning's subprocess DDP relaunches ``sys.argv``, which in a sweep is the whole ``-m`` command line: each
     rank would start the sweep again. ``ddp_spawn`` forks from the job instead, and under SLURM (or torchrun)

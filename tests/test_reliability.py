@@ -634,6 +634,13 @@ def _bad_input(case: str, tmp: Path, reference: Path) -> tuple[str, list[str]]:
         "checkpoint-dir-unwritable": [f"callbacks.checkpoint.dirpath={tmp}/a-file/checkpoints"],
         "monitor-interval": ["callbacks.collapse_monitor.every_n_steps=0"],
         "max-steps": ["trainer.max_steps=0"],
+        "max-steps-word": ["trainer.max_steps=abc"],
+        "max-steps-fraction": ["trainer.max_steps=1.5"],
+        "threads": ["threads=-1"],
+        "learning-rate": ["task.lr=-1"],
+        "batch-size": ["data.batch_size=0"],
+        "layers": ["router.n_layer=0"],
+        "probe-size": ["data.probe_sequences=-3"],
         "non-finite": ["router._target_=tests.nan_router.NaNAfter", "+router.nan_after_steps=2"],
     }
     if case in train:
