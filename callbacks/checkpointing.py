@@ -22,6 +22,7 @@ import os
 import signal
 import subprocess
 import threading
+import zlib
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -35,6 +36,23 @@ from common.errors import UserError
 log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
+CHECKSUM = "tensor_crc32"  # a checkpoint's key: the CRC-32 of every tensor's bytes, in the order they are stored
+
+
+def tensor_checksum(state, crc: int = 0) -> int:
+    """CRC-32 over the bytes of every tensor in a (nested) checkpoint, in iteration order, ``CHECKSUM`` left out.
+    torch.load reads a zip whose entries it does not verify: bytes flipped inside a tensor load silently."""
+    if isinstance(state, torch.Tensor):
+        data = state.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+        return zlib.crc32(data.numpy(), crc)
+    if isinstance(state, dict):
+        for key, value in state.items():
+            if key != CHECKSUM:
+                crc = tensor_checksum(value, zlib.crc32(repr(key).encode(), crc))
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            crc = tensor_checksum(value, crc)
+    return crc
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -45,6 +63,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self.held: dict[str, bytes] | None = None
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        checkpoint[CHECKSUM] = tensor_checksum(checkpoint)  # checked by inspect(): flipped bytes fall back
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)
         if self.held is not None:
@@ -228,6 +247,11 @@ def inspect(path: Path) -> tuple[dict | None, str | None]:
         return None, f"unreadable ({type(e).__name__})"
     if not isinstance(state, dict) or not {"state_dict", "loops", "global_step"} <= state.keys():
         return None, "not a Lightning training checkpoint"
+    try:
+        if CHECKSUM in state and tensor_checksum(state) != state[CHECKSUM]:
+            return None, "corrupt (its tensors' checksum does not match: bytes changed after it was written)"
+    except Exception as e:  # a tensor whose storage cannot be read back
+        return None, f"unreadable ({type(e).__name__})"
     return state, None
 
 

@@ -789,3 +789,26 @@ def test_a_resume_may_change_execution_settings(train_here):
     out = train_here("trainer.max_steps=8")
     train_here("trainer.max_steps=12", "ckpt_path=auto", "threads=1", "print_table=true", "tags=[more]")
     assert [r["step"] for r in records(out)] == [0, 4, 8, 12]
+
+
+def test_a_checkpoint_with_flipped_bytes_inside_an_intact_zip_falls_back_to_the_newest_good_one(train_here, capsys):
+    import zipfile
+
+    from callbacks.checkpointing import inspect
+
+    out = train_here()
+    last = out / "checkpoints" / "last.ckpt"
+    data = bytearray(last.read_bytes())
+    with zipfile.ZipFile(last) as archive:  # the largest tensor's stored bytes
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
+    data[start + info.file_size // 2] ^= 0xFF
+    last.write_bytes(bytes(data))
+    assert zipfile.ZipFile(last).namelist()  # still a readable zip, and torch.load would take it
+    assert torch.load(last, weights_only=False)["global_step"] == 24
+    state, problem = inspect(last)
+    assert state is None and "checksum does not match" in problem
+    train_here("ckpt_path=auto", "trainer.max_steps=30")
+    assert f"resuming from {out / 'checkpoints' / 'step000024.ckpt'}, step 24 (last.ckpt is corrupt" in \
+        capsys.readouterr().out
+    assert [r["step"] for r in records(out)][-1] == 30
