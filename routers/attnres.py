@@ -195,10 +195,6 @@ class Qwen3Decoder(nn.Module):
                 scale = 1 / math.sqrt(2 * n_layer) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1
                 nn.init.normal_(p, std=init_std * scale)
 
-    @property
-    def n_sublayers(self) -> int:
-        return 2 * len(self.layers)
-
     def _read(self, router: DepthRouter | None, blocks: list[Tensor], stream: Tensor, record: list | None,
               name: str) -> Tensor:
         """The sublayer's input: the running stream (additive) or AttnRes over [embeddings, blocks, stream]."""
