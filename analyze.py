@@ -54,6 +54,9 @@ def analyze(cfg):
 
     if cfg.threads:  # as train.py: small models' ops run faster on one thread than split over a few
         torch.set_num_threads(cfg.threads)
+    if cfg.workers is not None and (not isinstance(cfg.workers, int) or isinstance(cfg.workers, bool)
+                                    or cfg.workers < 1):
+        raise UserError(f"workers must be a positive integer (1: no worker processes); got {cfg.workers!r}")
 
     targets = [key for key in ("run", "model", "sweep") if cfg[key]]
     if len(targets) != 1:

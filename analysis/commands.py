@@ -357,7 +357,7 @@ def _seed_direction(cfg, runs, out: Path, study):
 
     if not all(run.path.is_dir() and (run.path / "checkpoints" / "last.ckpt").is_file() for run in runs):
         raise UserError("the seed-direction study reruns the checkpoints: pass the local multirun folder as sweep=<dir>")
-    result = seed_study(runs, study.rank, cfg.batch_size)
+    result = seed_study(runs, study.rank, cfg.batch_size, cfg.get("workers"))
     summary = summary_rows(result)
     write_csv(result["rows"], out / "layers.csv")
     write_csv(summary, out / "summary.csv")

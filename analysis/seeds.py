@@ -14,8 +14,11 @@ with fewer than ``MIN_SEEDS`` pairs of a kind no verdict is given.
 from __future__ import annotations
 
 import hashlib
-
 import itertools
+import os
+import pickle
+from collections import deque
+from dataclasses import dataclass
 
 import torch
 
@@ -59,13 +62,16 @@ FORWARD_BATCH = 4  # sequences per forward pass: a CPU runs the explicit-softmax
 
 
 @torch.no_grad()
-def measure_keys(router, probe: TokenProbe, rank: int, batch_size: int, desc: str) -> KeyAccumulator:
+def measure_keys(router, probe: TokenProbe, rank: int, batch_size: int, desc: str, show: bool = True) -> KeyAccumulator:
     """One model's side of every pair it is in: its keys on ``probe``, accumulated per ``batch_size`` batch
-    (forward passes of FORWARD_BATCH sequences)."""
+    (forward passes of FORWARD_BATCH sequences). ``show``: a progress bar (not in pool workers)."""
     from common.progress import progress
 
     side = KeyAccumulator(rank)
-    for tokens, _ in progress(probe.batches(batch_size), desc, total=-(-len(probe.tokens) // batch_size)):
+    batches = probe.batches(batch_size)
+    if show:
+        batches = progress(batches, desc, total=-(-len(probe.tokens) // batch_size))
+    for tokens, _ in batches:
         parts = [KeyAccumulator.of(routing_of(router, part)) for part in tokens.split(FORWARD_BATCH)]
         side.update([torch.cat(layer) for layer in zip(*(keys for keys, _ in parts))], parts[0][1])
     return side
@@ -75,9 +81,26 @@ def _probe_digest(probe: TokenProbe) -> str:
     return hashlib.sha1(probe.tokens.numpy().tobytes()).hexdigest()
 
 
+def _pair_probe(a: Run, b: Run, loaded: dict | None = None) -> TokenProbe:
+    """Run ``a``'s saved probe, which both models of the pair are run on; ``b``'s must be the same.
+    ``loaded``: probes already read, by path."""
+    loaded = {} if loaded is None else loaded
+    load = lambda path: loaded[path] if path in loaded else loaded.setdefault(path, TokenProbe.load(path))
+    probe = load(a.path / "probe.pt")
+    other = b.path / "probe.pt"
+    if other.exists() and not torch.equal(load(other).tokens, probe.tokens):
+        raise UserError(f"{a.name} and {b.name} saved different probes; the study needs runs on the same data "
+                        "(data_seed changes only the batch order, never the probe)")
+    return probe
+
+
+def _keys_key(run: Run, probe: TokenProbe, rank: int, batch_size: int) -> tuple:
+    return str(run.path), tuple(probe.tokens.shape), _probe_digest(probe), rank, batch_size
+
+
 def _run_keys(run: Run, probe: TokenProbe, rank: int, batch_size: int, cache: dict) -> KeyAccumulator:
     """A trained run's keys on ``probe``, measured once per (run, probe) and kept in ``cache``."""
-    key = (str(run.path), tuple(probe.tokens.shape), _probe_digest(probe), rank, batch_size)
+    key = _keys_key(run, probe, rank, batch_size)
     if key not in cache:
         cache[key] = measure_keys(load_router(run.path)[0], probe, rank, batch_size, run.name)
     return cache[key]
@@ -102,11 +125,7 @@ def compare_pair(a: Run, b: Run, rank: int = RANK, batch_size: int = 16, untrain
     only an angle below that baseline is direction shared by training. ``keys_cache``: each run's keys,
     measured once across the pairs that share it (``seed_study`` passes one for the whole sweep).
     """
-    probe = TokenProbe.load(a.path / "probe.pt")
-    other = b.path / "probe.pt"
-    if other.exists() and not torch.equal(TokenProbe.load(other).tokens, probe.tokens):
-        raise UserError(f"{a.name} and {b.name} saved different probes; the study needs runs on the same data "
-                        "(data_seed changes only the batch order, never the probe)")
+    probe = _pair_probe(a, b)
     keys = {} if keys_cache is None else keys_cache
     rows = compare(_run_keys(a, probe, rank, batch_size, keys), _run_keys(b, probe, rank, batch_size, keys))
     cache = {} if untrained_cache is None else untrained_cache
@@ -123,10 +142,121 @@ def compare_pair(a: Run, b: Run, rank: int = RANK, batch_size: int = 16, untrain
     return rows
 
 
-def seed_study(runs: list[Run], rank: int = RANK, batch_size: int = 16) -> dict:
-    """Rows per (pair, layer), and per reseed kind the per-layer mean over its pairs."""
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """One model pass of the study: a run's checkpoint (or, with ``untrained_seed``, its architecture freshly
+    initialised) over a saved probe. What a pool worker is sent: paths and numbers, no tensors."""
+    checkpoint: str
+    probe: str
+    rank: int
+    batch_size: int
+    desc: str
+    untrained_seed: int | None = None
+
+
+def _measure_pass(job: _Pass, show: bool = True) -> KeyAccumulator:
+    router = load_router(job.checkpoint, untrained_seed=job.untrained_seed)[0]
+    return measure_keys(router, TokenProbe.load(job.probe), job.rank, job.batch_size, job.desc, show)
+
+
+def _worker_start() -> None:
+    torch.set_num_threads(1)  # one process per core: each at one torch thread (the BLAS eigenproblems are at one)
+
+
+def _worker_pass(job: _Pass) -> bytes:
+    """A pass in a pool worker, its keys pickled by value (not through torch's shared-memory file descriptors).
+    A bad input comes back as its one-line UserError; anything else as one line naming the pass."""
+    try:
+        return pickle.dumps(_measure_pass(job, show=False), protocol=pickle.HIGHEST_PROTOCOL)
+    except UserError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"measuring {job.desc} failed in a worker ({type(e).__name__}: {first}); rerun with "
+                        "workers=1 for the traceback") from None
+
+
+def _plan(pairs: list, rank: int, batch_size: int, keys: dict, untrained: dict) -> tuple[dict, dict]:
+    """The model passes the pairs need that ``keys`` / ``untrained`` do not hold yet: {keys_cache key: pass} for
+    trained runs, {untrained_cache key: (pass, pass)} for the untrained pair of each architecture and probe."""
+    probes, runs, bases = {}, {}, {}
+    for _, a, b in pairs:
+        probe = _pair_probe(a, b, probes)
+        for run in (a, b):
+            key = _keys_key(run, probe, rank, batch_size)
+            if key not in keys and key not in runs:
+                runs[key] = _Pass(str(run.path), str(a.path / "probe.pt"), rank, batch_size, run.name)
+        key = (_untrained_key(a, probe), rank, batch_size)
+        if key not in untrained and key not in bases:
+            bases[key] = tuple(_Pass(str(a.path), str(a.path / "probe.pt"), rank, batch_size,
+                                     f"untrained ({a.name}'s architecture, seed {s})", s) for s in UNTRAINED_SEEDS)
+    return runs, bases
+
+
+def default_workers(passes: int) -> int:
+    """One process per core this process may use, at most one per pass."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(cores, passes))
+
+
+def measure_passes(jobs: list[_Pass], workers: int) -> list[KeyAccumulator]:
+    """Every pass's keys, in ``jobs`` order. ``workers`` = 1: one after the other in this process, at its torch
+    threads. More: this process and ``workers - 1`` spawned ones (each at one torch thread) share the passes,
+    workers from the front of the list, this process from the back, so this process keeps measuring while the
+    workers start (each imports torch). A pass's numbers do not depend on which process ran it."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [_measure_pass(job) for job in jobs]
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    results, todo, running = [None] * len(jobs), deque(range(len(jobs))), {}
+    threads, spawned = torch.get_num_threads(), min(workers, len(jobs)) - 1
+    pool = ProcessPoolExecutor(spawned, mp_context=multiprocessing.get_context("spawn"), initializer=_worker_start)
+    try:
+        torch.set_num_threads(1)
+
+        def collect(block: bool) -> None:
+            done, _ = wait(list(running), timeout=None if block else 0, return_when=FIRST_COMPLETED)
+            for future in done:
+                results[running.pop(future)] = pickle.loads(future.result())
+            while todo and len(running) < spawned:
+                index = todo.popleft()
+                running[pool.submit(_worker_pass, jobs[index])] = index
+
+        collect(block=False)
+        while todo:
+            index = todo.pop()
+            results[index] = _measure_pass(jobs[index])
+            collect(block=False)
+        while running:
+            collect(block=True)
+    except BrokenProcessPool:
+        raise UserError("a measurement worker died (out of memory, or a script that calls seed_study outside "
+                        "`if __name__ == '__main__':`); rerun with workers=1") from None
+    finally:
+        torch.set_num_threads(threads)
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results
+
+
+def seed_study(runs: list[Run], rank: int = RANK, batch_size: int = 16, workers: int | None = None) -> dict:
+    """Rows per (pair, layer), and per reseed kind the per-layer mean over its pairs.
+
+    The model passes (each run once, the untrained pair once per architecture) run first, in ``workers``
+    processes (:func:`measure_passes`; default one per core); the rows do not depend on it."""
     rows, untrained, keys = [], {}, {}
-    for kind, a, b in find_pairs(runs):
+    pairs = find_pairs(runs)
+    trained, bases = _plan(pairs, rank, batch_size, keys, untrained)
+    jobs = list(trained.values()) + [job for pair in bases.values() for job in pair]
+    workers = workers or default_workers(len(jobs))
+    measured = measure_passes(jobs, workers)
+    keys.update(zip(trained, measured))
+    for i, key in enumerate(bases):
+        untrained[key] = compare(*measured[len(trained) + 2 * i:len(trained) + 2 * i + 2])
+    for kind, a, b in pairs:
         for row in compare_pair(a, b, rank, batch_size, untrained, keys):
             rows.append({"kind": kind, "run_a": a.name, "run_b": b.name, **row})
     profiles = {}

@@ -17,7 +17,9 @@ Both keys are the scored (pre-position, i.e. pre-RoPE) keys of the routing recor
 """
 from __future__ import annotations
 
+import ctypes
 import math
+from contextlib import contextmanager
 from functools import lru_cache
 
 import numpy as np
@@ -70,8 +72,54 @@ def _top_left_vectors(x: Tensor, rank: int) -> Tensor:
     T, D = x.shape[-2:]
     k = min(rank, T, D)
     gram = (x @ x.transpose(-1, -2)).cpu().numpy()
-    vectors = [eigh(g, subset_by_index=[T - k, T - 1], driver="evr", check_finite=False)[1] for g in gram]
+    with one_blas_thread():
+        vectors = [eigh(g, subset_by_index=[T - k, T - 1], driver="evr", check_finite=False)[1] for g in gram]
     return torch.from_numpy(np.ascontiguousarray(np.stack(vectors)[..., ::-1])).to(x.device)  # largest first
+
+
+# scipy's OpenBLAS starts one thread per core and ignores torch.set_num_threads. A T x T eigenproblem (T ~ 128) is
+# too small to split: on 2 shared cores its threads spin against each other and every other process, and the
+# seed-direction study's 900 eigenproblems a model pass took 5-10 ms each instead of 0.6-0.8 ms (docs/performance.md
+# section 5). The written numbers were the same at 1 thread as at 2 (every output byte-identical on the 12-run grid).
+_BLAS_THREADS = ("scipy_openblas_set_num_threads", "scipy_openblas_set_num_threads64_", "openblas_set_num_threads")
+_BLAS_GET = ("scipy_openblas_get_num_threads", "scipy_openblas_get_num_threads64_", "openblas_get_num_threads")
+
+
+@lru_cache(maxsize=1)
+def _openblas_controls() -> tuple:
+    """(set, get) of every OpenBLAS this process has loaded (numpy's and scipy's are separate copies); empty where
+    the loaded libraries cannot be listed (not Linux) or none is OpenBLAS (MKL, Accelerate: nothing to do)."""
+    try:
+        with open("/proc/self/maps") as maps:
+            paths = sorted({line.split()[-1] for line in maps if "openblas" in line.rsplit("/", 1)[-1].lower()})
+    except OSError:
+        return ()
+    controls = []
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)  # already loaded: the same handle, nothing is loaded twice
+        except OSError:
+            continue
+        setter = next((getattr(lib, name) for name in _BLAS_THREADS if hasattr(lib, name)), None)
+        getter = next((getattr(lib, name) for name in _BLAS_GET if hasattr(lib, name)), None)
+        if setter is not None and getter is not None:
+            setter.argtypes, setter.restype, getter.restype = [ctypes.c_int], None, ctypes.c_int
+            controls.append((setter, getter))
+    return tuple(controls)
+
+
+@contextmanager
+def one_blas_thread():
+    """Run the block with every loaded OpenBLAS at one thread, then restore each one's own count."""
+    controls = _openblas_controls()
+    before = [get() for _, get in controls]
+    for set_threads, _ in controls:
+        set_threads(1)
+    try:
+        yield
+    finally:
+        for (set_threads, _), n in zip(controls, before):
+            set_threads(n)
 
 
 def key_basis(scatter: Tensor, rank: int) -> Tensor:

@@ -117,3 +117,68 @@ def test_token_subspace_is_the_svds_left_singular_subspace(tokens, dim, rank):
     assert got.shape == want.shape
     torch.testing.assert_close(got.transpose(-1, -2) @ got, torch.eye(got.shape[-1], dtype=torch.float64).expand(5, -1, -1))
     assert canonical_angles(got, want).max() < 1e-4  # degrees: the same subspace up to arccos's resolution
+
+
+def test_one_blas_thread_restores_each_openblas_thread_count():
+    from analysis.subspaces import _openblas_controls, one_blas_thread, token_subspace
+
+    token_subspace(torch.randn(2, 16, 8, dtype=torch.float64), 2)  # scipy's LAPACK loaded
+    before = [get() for _, get in _openblas_controls()]
+    with one_blas_thread():
+        assert all(get() == 1 for _, get in _openblas_controls())
+    assert [get() for _, get in _openblas_controls()] == before
+
+
+def seed_runs(root, vocab=32, tokens=16):
+    """Four finished runs of a tiny 2-layer Transformer (weight seeds 0/1 x data seeds 0/1, random weights),
+    each a run directory with checkpoints/last.ckpt and the one probe.pt: what the seed study reads."""
+    from analysis.runs import Run
+    from datamodules.probe import TokenProbe
+    from routers.transformer import Transformer
+
+    args = {"_target_": "routers.transformer.Transformer", "vocab_size": vocab, "n_layer": 2, "d_model": 32,
+            "n_head": 2, "context_length": tokens}
+    probe = TokenProbe.from_tokens(torch.randint(0, vocab, (6, tokens), generator=torch.Generator().manual_seed(0)))
+    runs = []
+    for i, (seed, data_seed) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        path = root / str(i)
+        (path / "checkpoints").mkdir(parents=True)
+        torch.manual_seed(10 + i)
+        router = Transformer(**{k: v for k, v in args.items() if k != "_target_"})
+        config = {"seed": seed, "data_seed": data_seed, "router": args}
+        torch.save({"state_dict": {f"model.{k}": v for k, v in router.state_dict().items()},
+                    "hyper_parameters": {"config": config, "router": args}}, path / "checkpoints" / "last.ckpt")
+        probe.save(path / "probe.pt")
+        runs.append(Run(path=path, config={"seed": seed, "data_seed": data_seed},
+                        records=[{"step": 1, "layers": [{"dim": 32}, {"dim": 32}]}]))
+    return runs
+
+
+def test_the_seed_study_gives_the_same_numbers_in_worker_processes_as_in_one(tmp_path):
+    """Model passes shared between this process and spawned workers (each at one torch thread) give the rows
+    of running them all here, to the bit, and leave no worker process behind."""
+    import multiprocessing
+
+    from analysis.seeds import seed_study
+
+    runs = seed_runs(tmp_path)
+    serial = seed_study(runs, rank=4, batch_size=4, workers=1)
+    pooled = seed_study(runs, rank=4, batch_size=4, workers=3)  # this process and 2 workers, 6 passes
+    assert len(serial["rows"]) == 6 * 2  # 6 pairs (2 of each kind) x 2 layers
+    assert pooled["rows"] == serial["rows"] and pooled["profiles"] == serial["profiles"]
+    assert not multiprocessing.active_children()
+
+
+def test_a_failing_pass_in_a_worker_is_one_line_and_leaves_no_worker(tmp_path):
+    import multiprocessing
+
+    from analysis.seeds import _Pass, measure_passes
+    from common.errors import UserError
+
+    runs = seed_runs(tmp_path)
+    good = _Pass(str(runs[0].path), str(runs[0].path / "probe.pt"), 4, 4, "good")
+    bad = _Pass(str(tmp_path / "gone"), str(runs[0].path / "probe.pt"), 4, 4, "bad")
+    with pytest.raises(UserError, match="no checkpoint at .*gone") as error:  # the worker's pass, from the front
+        measure_passes([bad, good], workers=2)
+    assert "\n" not in str(error.value)
+    assert not multiprocessing.active_children()
