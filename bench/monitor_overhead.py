@@ -8,10 +8,11 @@
         data=synthetic data.context_length=2048 data.batch_size=8           # a GPU preset (bench/run_all.py)
 
 Each family at its default config (bench/harness.py: the objects train.py builds). One process, one model:
-rounds of ``--steps`` training steps and one monitor pass (``measure_signature`` with the monitor's own probe
-batch size, exactly what the callback calls), alternating which goes first. The overhead of a round is
-pass / (interval x median step); reported is the median over rounds, at the default interval of
-conf/callbacks/default.yaml (250) and at the composed run's interval (the laptop regime measures every 50).
+rounds of ``--steps`` training steps, one full-probe monitor pass (``measure_signature`` with the monitor's own
+probe batch size, exactly what the callback calls) and one pass on the live probe, alternating which goes
+first. The overhead of a round is pass / (interval x median step); reported is the median over rounds, at the
+default interval of conf/callbacks/default.yaml (250) with the full probe, and for the composed run's own
+schedule (the laptop regime: a live pass every 50 steps, the full probe at the last step).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def measure_family(family: str, steps: int, rounds: int, overrides: list[str], o
                    profile: bool = False, device: str = "cpu", bf16: bool = False, vocab: int | None = None) -> dict:
     import torch
 
+    from callbacks.collapse_monitor import measurement_plan
     from records.measure import measure_signature
 
     built = build_family(family, out, overrides, device=device, bf16=bf16, vocab_size=vocab)
@@ -44,6 +46,16 @@ def measure_family(family: str, steps: int, rounds: int, overrides: list[str], o
                           monitor.onset_threshold, monitor.completion_threshold)
         if device != "cpu":
             torch.cuda.synchronize()  # the pass's last kernels inside its wall clock
+
+    # The live probe (callbacks/collapse_monitor.py): the steps between full-probe steps measure its head.
+    live = monitor.get("live_probe_sequences")
+    live_probe = probe.head(live) if live and hasattr(probe, "head") and live < len(probe) else None
+
+    def live_pass():
+        measure_signature(built.task, live_probe, tuple(monitor.ranks), monitor.probe_batch_size,
+                          monitor.onset_threshold, monitor.completion_threshold)
+        if device != "cpu":
+            torch.cuda.synchronize()
 
     step_seconds = []
 
@@ -63,12 +75,20 @@ def measure_family(family: str, steps: int, rounds: int, overrides: list[str], o
             monitor_pass()
         print(f"# {family}: one monitor pass, top operators by self CPU time\n"
               + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12), flush=True)
-    seconds = interleaved({"train": train_steps, "monitor": monitor_pass}, rounds)
+    timers = {"train": train_steps, "monitor": monitor_pass, **({"live": live_pass} if live_probe else {})}
+    seconds = interleaved(timers, rounds)
     per_round = [step_seconds[i * steps:(i + 1) * steps] for i in range(rounds)]
     shares = [p / median(s) for p, s in zip(seconds["monitor"], per_round)]  # pass in units of steps
+    live_shares = [p / median(s) for p, s in zip(seconds.get("live", []), per_round)]
+    n_live, n_full = measurement_plan(int(built.cfg.trainer.max_steps), int(monitor.every_n_steps),
+                                      monitor.get("full_probe_every_n_steps"), live_probe is not None)
+    pass_in_steps, live_in_steps = median(shares), median(live_shares) if live_shares else median(shares)
     return {"family": family, "step_s": median(step_seconds), "pass_s": median(seconds["monitor"]),
-            "pass_in_steps": median(shares), "interval": int(monitor.every_n_steps),
-            "probe": len(probe), "threads": torch.get_num_threads()}
+            "pass_in_steps": pass_in_steps, "interval": int(monitor.every_n_steps),
+            "probe": len(probe), "live_probe": len(live_probe) if live_probe else None,
+            "live_in_steps": live_in_steps, "max_steps": int(built.cfg.trainer.max_steps),
+            "run_share": (n_live * live_in_steps + n_full * pass_in_steps) / int(built.cfg.trainer.max_steps),
+            "schedule": (n_live, n_full), "threads": torch.get_num_threads()}
 
 
 def overhead(row: dict, interval: int) -> float:
@@ -98,11 +118,15 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             row = measure_family(family, args.steps, args.rounds, overrides, Path(tmp), args.profile,
                                  args.device, args.bf16, args.vocab)
-        at_default, at_run = overhead(row, DEFAULT_INTERVAL), overhead(row, row["interval"])
+        at_default = overhead(row, DEFAULT_INTERVAL)
         verdict = "ok" if at_default <= TARGET else "ABOVE TARGET"
+        n_live, n_full = row["schedule"]
+        live = (f"; live probe {row['live_probe']}: {row['live_in_steps']:.2f} steps a pass"
+                if row["live_probe"] else "")
         print(f"{family:8s} probe {row['probe']:4d}  step {1e3 * row['step_s']:7.1f} ms  pass {row['pass_s']:6.2f} s "
               f"= {row['pass_in_steps']:6.1f} steps  overhead {100 * at_default:5.2f} % every {DEFAULT_INTERVAL} "
-              f"({verdict}), {100 * at_run:5.2f} % every {row['interval']} (the run's)", flush=True)
+              f"({verdict}), {100 * row['run_share']:5.2f} % every {row['interval']} (the run's schedule: "
+              f"{n_live} live + {n_full} full passes in {row['max_steps']} steps{live})", flush=True)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,19 @@ from records.measure import measure_signature
 log = logging.getLogger(__name__)
 
 
+def full_probe_at(step: int, max_steps: int | None, full_every: int | None) -> bool:
+    """Whether a scheduled measurement at ``step`` takes the full probe: the last step, or a multiple of
+    ``full_every`` (the checkpoint steps); with a live probe, every other step takes its head."""
+    return bool((max_steps and max_steps > 0 and step >= max_steps) or (full_every and step > 0 and step % full_every == 0))
+
+
+def measurement_plan(max_steps: int, every: int, full_every: int | None, live: bool) -> tuple[int, int]:
+    """(live passes, full passes) of an uninterrupted run: step 0, every ``every`` steps and the last step."""
+    steps = sorted({*range(0, max_steps + 1, every), max_steps})
+    full = [s for s in steps if not live or full_probe_at(s, max_steps, full_every)]
+    return len(steps) - len(full), len(full)
+
+
 class CollapseMonitor(pl.Callback):
     """At step 0, every ``every_n_steps`` and at the end of training, in eval mode and without gradients:
     route the probe set (and its position-shuffled copy, for the shuffle null), compute the per-layer
@@ -97,11 +110,9 @@ class CollapseMonitor(pl.Callback):
 
     def _probe(self, trainer: pl.Trainer, final: bool):
         """The full probe at the last step, at full-probe steps and without a live size; else its live head."""
-        probe, step = trainer.datamodule.probe, trainer.global_step
-        full_every = self.full_probe_every_n_steps
+        probe = trainer.datamodule.probe
         if (final or self.live_probe_sequences is None or not hasattr(probe, "head")
-                or (trainer.max_steps and trainer.max_steps > 0 and step >= trainer.max_steps)
-                or (full_every and step % full_every == 0 and step > 0)):
+                or full_probe_at(trainer.global_step, trainer.max_steps, self.full_probe_every_n_steps)):
             return probe
         return probe.head(self.live_probe_sequences)
 

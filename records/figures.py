@@ -54,6 +54,7 @@ def depth_profile_figure(records: list[dict], rank: int = RANK, threshold: float
     spacing = max(1.0, (n - 1) / (LABELLED_STEPS - 1))
     labelled = {round(i * spacing) for i in range(LABELLED_STEPS)} | {n - 1}
     shares = []
+    most = max((r.get("probe_sequences") or 0 for r in records), default=0)
     for i, record in enumerate(records):
         layers = record["layers"]
         last = i == n - 1
@@ -61,8 +62,9 @@ def depth_profile_figure(records: list[dict], rank: int = RANK, threshold: float
                  "zorder": 3 + i / n}
         x = list(range(len(layers)))
         shares += column(layers, "max_share")
-        ax_share.plot(x, column(layers, "max_share"), label=f"step {record['step']}" if i in labelled else None,
-                      **style)
+        live = (record.get("probe_sequences") or most) < most  # the monitor's live probe (callbacks/collapse_monitor.py)
+        label = f"step {record['step']}" + (f" ({record['probe_sequences']} seq)" if live else "")
+        ax_share.plot(x, column(layers, "max_share"), label=label if i in labelled else None, **style)
         ax_ve.plot(x, column(layers, keys["ve"]), **style)
     last = records[-1]["layers"]
     x = list(range(len(last)))

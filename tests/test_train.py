@@ -116,6 +116,10 @@ def test_the_live_probe_measures_its_head_between_full_probe_steps_and_the_last_
                       "callbacks.collapse_monitor.full_probe_every_n_steps=20")
     records = [json.loads(line) for line in (out / "collapse.jsonl").read_text().splitlines()]
     assert [(r["step"], r["probe_sequences"]) for r in records] == [(0, 4), (10, 4), (20, 8), (25, 8)]
+    from callbacks.collapse_monitor import measurement_plan
+
+    assert measurement_plan(25, 10, 20, live=True) == (2, 2)  # what the bench costs a run at: the same schedule
+    assert measurement_plan(25, 10, 20, live=False) == (0, 4)
     probe = TokenProbe.load(out / "probe.pt")
     router, _, step = load_router(out / "checkpoints" / "step000010.ckpt")
     assert step == 10
@@ -129,3 +133,18 @@ def test_the_live_probe_measures_its_head_between_full_probe_steps_and_the_last_
             assert signature.layers[0]["norm_cv"] != records[1]["layers"][0]["norm_cv"]
     metrics = list(csv.DictReader(open(out / "csv" / "metrics.csv")))
     assert sorted({r["collapse/probe_sequences"] for r in metrics if r.get("collapse/probe_sequences")}) == ["4.0", "8.0"]
+
+
+def test_the_live_probe_changes_no_digit_of_training_or_of_the_final_record(tiny_run):
+    """The monitor reads in eval mode without gradients: measuring a live head (step 0; 10 and 20 are checkpoint
+    and last steps, so full) cannot change the
+    weights, so the final record (the full probe) is the one a full-probe-every-time run writes."""
+    live, _ = tiny_run("logger=csv", "callbacks.collapse_monitor.live_probe_sequences=4", name="live")
+    full, _ = tiny_run("logger=csv", "callbacks.collapse_monitor.live_probe_sequences=null", name="full")
+    a, b = ([json.loads(line) for line in (run / "collapse.jsonl").read_text().splitlines()] for run in (live, full))
+    assert [r["probe_sequences"] for r in a] == [4, 8, 8] and [r["probe_sequences"] for r in b] == [8, 8, 8]
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("seconds", "summary")}  # noqa: E731
+    assert strip(a[-1]) == strip(b[-1])
+    assert {k: v for k, v in a[-1]["summary"].items() if k != "onset_step"} == \
+        {k: v for k, v in b[-1]["summary"].items() if k != "onset_step"}
+    assert read_losses(live) == read_losses(full)
