@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from common.checksum import CHECKSUM, tensor_checksum
 from common.errors import UserError
 from common.failed import FAILED, read_failure
 from records import JSONL, read_records
@@ -67,14 +68,27 @@ def flatten(config: dict, prefix: str = "") -> dict:
 
 
 def checkpoint_path(path: str | Path) -> Path:
-    """A ``.ckpt`` as given, or a run directory's ``checkpoints/last.ckpt``."""
+    """A ``.ckpt`` as given, or a run directory's newest checkpoint: ``checkpoints/last.ckpt``, unless a step file
+    is further along (a kill while last.ckpt was rewritten leaves it stale beside the newer step file)."""
     path = Path(path)
     if path.is_file():
         return path
     last = path / "checkpoints" / "last.ckpt"
+    steps = {int(p.stem[4:]): p for p in last.parent.glob("step*.ckpt") if p.stem[4:].isdigit()}
     if last.is_file():
-        return last
+        try:
+            last_step = int(torch.load(last, map_location="cpu", weights_only=False, mmap=True)["global_step"])
+        except Exception:
+            last_step = -1  # unreadable: load_checkpoint names it and the good one beside it
+        newest = max(steps, default=-1)
+        return steps[newest] if newest > last_step and last_step >= 0 else last
+    if steps:
+        return steps[max(steps)]
     raise UserError(f"no checkpoint at {path}; pass run=<run dir with checkpoints/last.ckpt> or run=<file.ckpt>")
+
+
+class ChecksumMismatch(Exception):
+    """A checkpoint whose tensors changed after it was written (common/checksum.py)."""
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -82,12 +96,15 @@ def load_checkpoint(path: str | Path) -> dict:
         # Our own Lightning checkpoints (hparams, loop state): not weights-only. mmap keeps big ones cheap.
         state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         state["state_dict"], state["hyper_parameters"]["config"]
+        if CHECKSUM in state and tensor_checksum(state) != state[CHECKSUM]:
+            raise ChecksumMismatch
     except Exception as e:
         from callbacks.checkpointing import newest_loadable  # lazy: it imports Lightning, which reading does not need
 
         other, step, _ = newest_loadable(Path(path).parent, skip=Path(path))
         hint = f"pass run={other} (step {step}) instead" if other else "pass a .ckpt written by train.py"
-        raise UserError(f"{path} is not a routecollapse checkpoint ({type(e).__name__}); {hint}") from None
+        what = "its tensors' checksum does not match" if isinstance(e, ChecksumMismatch) else type(e).__name__
+        raise UserError(f"{path} is not a routecollapse checkpoint ({what}); {hint}") from None
     return state
 
 

@@ -22,7 +22,6 @@ import os
 import signal
 import subprocess
 import threading
-import zlib
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -31,28 +30,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from common import atomic
+from common.checksum import CHECKSUM, tensor_checksum
 from common.errors import UserError
 
 log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
-CHECKSUM = "tensor_crc32"  # a checkpoint's key: the CRC-32 of every tensor's bytes, in the order they are stored
-
-
-def tensor_checksum(state, crc: int = 0) -> int:
-    """CRC-32 over the bytes of every tensor in a (nested) checkpoint, in iteration order, ``CHECKSUM`` left out.
-    torch.load reads a zip whose entries it does not verify: bytes flipped inside a tensor load silently."""
-    if isinstance(state, torch.Tensor):
-        data = state.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
-        return zlib.crc32(data.numpy(), crc)
-    if isinstance(state, dict):
-        for key, value in state.items():
-            if key != CHECKSUM:
-                crc = tensor_checksum(value, zlib.crc32(repr(key).encode(), crc))
-    elif isinstance(state, (list, tuple)):
-        for value in state:
-            crc = tensor_checksum(value, crc)
-    return crc
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -812,3 +812,24 @@ def test_a_checkpoint_with_flipped_bytes_inside_an_intact_zip_falls_back_to_the_
     assert f"resuming from {out / 'checkpoints' / 'step000024.ckpt'}, step 24 (last.ckpt is corrupt" in \
         capsys.readouterr().out
     assert [r["step"] for r in records(out)][-1] == 30
+
+
+def test_analysis_of_a_run_reads_its_newest_checkpoint_and_refuses_flipped_bytes(train_here, tmp_path, capsys):
+    import shutil
+    import zipfile
+
+    out = train_here("trainer.max_steps=30")  # checkpoints at 6, ..., 30; last.ckpt at 30
+    checkpoints = out / "checkpoints"
+    shutil.copy(checkpoints / "step000024.ckpt", checkpoints / "last.ckpt")  # a kill left last.ckpt stale
+    code, _, err = cli("analyze.py", [f"run={out}", f"out={tmp_path / 'analysis'}"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "analysis" / "signature.json").read_text())["step"] == 30  # step000030.ckpt
+
+    data = bytearray((checkpoints / "step000030.ckpt").read_bytes())
+    with zipfile.ZipFile(checkpoints / "step000030.ckpt") as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data[info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + info.file_size // 2] ^= 0xFF
+    (checkpoints / "step000030.ckpt").write_bytes(bytes(data))
+    code, _, err = cli("analyze.py", [f"run={out}", f"out={tmp_path / 'analysis2'}"], capsys)
+    assert code == 2 and "its tensors' checksum does not match" in err and "step000030.ckpt" in err
+    assert "instead" in err  # names a good checkpoint beside it
