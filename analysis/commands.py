@@ -222,7 +222,7 @@ def analyse_sweep(cfg) -> Path:
         write_csv([{"job": job, **failure} for job, failure in failed], out / "failed_jobs.csv")
         print(f"{len(failed)} job(s) left out, not results ({out / 'failed_jobs.csv'}):")
         for job, failure in failed:
-            print(f"  {job}: {failure['reason']}")
+            print(f"  {job}: {failure['reason']}\n      {failure['command']}")
     group = run_names.sweep_group(Path(cfg.sweep)) if local else Path(str(cfg.sweep)).name
     if study is None:
         tables, images = _sweep_table(cfg, runs, out)

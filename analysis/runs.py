@@ -189,10 +189,54 @@ def find_runs(sweep: str | Path) -> list[Run]:
 
 
 def failed_jobs(sweep: str | Path) -> list[tuple[str, dict]]:
-    """(job, ``{"reason", "step"}``) for each job of a local sweep that is not a result (:func:`job_failure`)."""
+    """(job, ``{"reason", "step", "command"}``) for each job of a local sweep that is not a result: failed or
+    unfinished (:func:`job_failure`), or never started (:func:`never_started`), in job order. ``command``
+    completes the job in its own folder (for a failed one, once its cause is fixed)."""
     if str(sweep).startswith("wandb:"):
         return []
-    return [(str(job), failure) for job in _jobs(sweep) if (failure := job_failure(Path(sweep) / job))]
+    rows = [(str(job), {**failure, "command": _resume_command(Path(sweep) / job, _job_overrides(Path(sweep) / job))})
+            for job in _jobs(sweep) if (failure := job_failure(Path(sweep) / job))]
+    return sorted(rows + never_started(sweep), key=lambda row: _job_order(Path(row[0])))
+
+
+def never_started(sweep: str | Path) -> list[tuple[str, dict]]:
+    """Jobs the sweep's ``multirun.yaml`` asked for that left no record and no ``FAILED`` (a sweep stopped or
+    killed before them): one row each with the command that runs it. Only for Hydra's basic sweeper and job
+    folders named by job number (this project's ``hydra.sweep.subdir``)."""
+    from omegaconf import OmegaConf
+
+    from common.hydra_callback import sweep_jobs
+
+    sweep = Path(sweep)
+    path = sweep / "multirun.yaml"
+    if not path.is_file():
+        return []
+    config = OmegaConf.load(path)
+    jobs = sweep_jobs(config)
+    subdir = OmegaConf.to_container(config, resolve=False).get("hydra", {}).get("sweep", {}).get("subdir")
+    if jobs is None or subdir != "${hydra.job.num}":
+        return []
+    found = {p.parent.relative_to(sweep).parts[0] for name in (JSONL, FAILED) for p in sweep.rglob(name)}
+    return [(str(number), {"reason": "never started: the sweep stopped before this job", "step": None,
+                           "command": _resume_command(sweep / str(number), overrides)})
+            for number, overrides in enumerate(jobs) if str(number) not in found]
+
+
+def _job_overrides(run_dir: Path) -> list[str]:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return []
+    from omegaconf import OmegaConf
+
+    return [str(o) for o in OmegaConf.load(path)]
+
+
+def _resume_command(run_dir: Path, overrides: list[str]) -> str:
+    """The command that runs (or resumes) one job of a sweep by itself, in the job's own folder."""
+    import shlex
+
+    return " ".join(["python train.py", *(shlex.quote(o) for o in overrides),
+                     shlex.quote(f"hydra.run.dir={run_dir}"), "ckpt_path=auto"])
 
 
 def job_failure(run_dir: Path) -> dict | None:

@@ -31,9 +31,10 @@ def _check(folder: str, key: str) -> None:
         sys.exit(2)  # SystemExit passes through Hydra's error reporting, which catches Exception only
 
 
-def sweep_size(config: DictConfig) -> int | None:
-    """How many jobs Hydra's basic sweeper makes of this command line and the config's sweeper params (the
-    same parsing and cross product it runs); None for another sweeper or anything it cannot parse."""
+def sweep_jobs(config: DictConfig) -> list[list[str]] | None:
+    """Each job's overrides as Hydra's basic sweeper makes them of the command line and the config's sweeper
+    params (its own parsing and cross product), in job-number order; None for another sweeper or anything it
+    cannot parse. ``config`` is the sweep's Hydra config, or ``<sweep>/multirun.yaml`` read back."""
     if not str(config.hydra.sweeper.get("_target_", "")).endswith("BasicSweeper"):
         return None
     try:
@@ -42,10 +43,16 @@ def sweep_size(config: DictConfig) -> int | None:
 
         params = [f"{key}={value}" for key, value in (config.hydra.sweeper.get("params") or {}).items()]
         parsed = OverridesParser.create().parse_overrides(params + list(config.hydra.overrides.task))
-        return sum(len(batch) for batch in BasicSweeper.split_arguments(parsed, None))
+        return [list(job) for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
     except Exception as e:  # a progress count must never stop a sweep
-        log.warning(f"sweep size unknown ({type(e).__name__}: {e})")
+        log.warning(f"sweep jobs unknown ({type(e).__name__}: {e})")
         return None
+
+
+def sweep_size(config: DictConfig) -> int | None:
+    """How many jobs the sweep makes (:func:`sweep_jobs`)."""
+    jobs = sweep_jobs(config)
+    return None if jobs is None else len(jobs)
 
 
 class RunGuard(Callback):

@@ -833,3 +833,27 @@ def test_analysis_of_a_run_reads_its_newest_checkpoint_and_refuses_flipped_bytes
     code, _, err = cli("analyze.py", [f"run={out}", f"out={tmp_path / 'analysis2'}"], capsys)
     assert code == 2 and "its tensors' checksum does not match" in err and "step000030.ckpt" in err
     assert "instead" in err  # names a good checkpoint beside it
+
+
+def test_analysis_lists_jobs_that_never_started_with_the_command_that_runs_them(tmp_path, cache, monkeypatch, capsys):
+    import shlex
+    import shutil
+
+    monkeypatch.setenv("ROUTECOLLAPSE_DATA", cache)
+    sweep = tmp_path / "sweep"
+    code, _, err = cli("train.py", ["-m", "hydra/launcher=basic", *SMALL, "trainer.max_steps=8",
+                                    f"hydra.sweep.dir={sweep}", "seed=0,1,2"], capsys)
+    assert code == 0, err[-2000:]
+    shutil.rmtree(sweep / "1")  # as if the sweep had been killed before job 1 began
+    code, out, err = cli("analyze.py", [f"sweep={sweep}"], capsys)
+    assert code == 0, err
+    assert "1 job(s) left out, not results" in out and "1: never started" in out
+    (row,) = list(csv.DictReader(open(sweep / "analysis" / "failed_jobs.csv")))
+    assert row["job"] == "1" and "seed=1" in row["command"] and f"hydra.run.dir={sweep / '1'}" in row["command"]
+    args = shlex.split(row["command"])
+    assert args[:2] == ["python", "train.py"]
+    code, _, err = cli("train.py", args[2:], capsys)  # the printed command completes the sweep
+    assert code == 0, err[-2000:]
+    code, out, _ = cli("analyze.py", [f"sweep={sweep}"], capsys)
+    assert code == 0 and "left out" not in out
+    assert len(list(csv.DictReader(open(sweep / "analysis" / "sweep.csv")))) == 3
