@@ -102,7 +102,7 @@ class DecoderRouter(_WrappedDecoder):
         T = tokens.shape[-1]
         positions = torch.arange(T, device=tokens.device)[None]
         cos, sin = self.model.model.rotary_emb(out.hidden_states[0], positions)
-        layers = []
+        layers, windows = [], layer_windows(self.model.config, len(self.blocks))
         for i, layer in enumerate(self.blocks):
             attention = layer.self_attn
             # hidden_states[i] is layer i's input; OLMo-2 normalises after its sublayers, so its attention reads
@@ -111,8 +111,22 @@ class DecoderRouter(_WrappedDecoder):
             content = _content_keys(attention, norm(out.hidden_states[i]) if norm else out.hidden_states[i])
             _, rotated = sys.modules[type(attention).__module__].apply_rotary_pos_emb(content, content, cos, sin)
             layers.append(RoutingLayer(keys=rotated, content_keys=content, weights=out.attentions[i],
-                                       mask=causal_mask(T, tokens.device), name=f"L{i}"))
+                                       mask=causal_mask(T, tokens.device, windows[i]), name=f"L{i}"))
         return layers
+
+
+def layer_windows(config, n_layers: int) -> list[int | None]:
+    """Each layer's sliding window (None: full causal attention), as the model's own forward masks it: per
+    layer from ``layer_types`` where the config has them (Qwen2's ``max_window_layers`` and
+    ``use_sliding_window`` become ``layer_types``), else Mistral's one ``sliding_window`` for every layer.
+    The record's mask must be the layer's own: the uniform baseline and the exposure-corrected share read it."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [window if kind == "sliding_attention" and window else None for kind in types[:n_layers]]
+    if window and config.model_type == "mistral":
+        return [window] * n_layers
+    return [None] * n_layers
 
 
 def _content_keys(attention: nn.Module, x: Tensor) -> Tensor:

@@ -138,6 +138,8 @@ def check_tokens(tokens: Tensor, context_length: int) -> None:
                         f"crop the input or raise router.context_length")
 
 
-def causal_mask(n: int, device: torch.device | None = None) -> Tensor:
-    """[n, n] bool, True where query i may route to source j <= i."""
-    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+def causal_mask(n: int, device: torch.device | None = None, window: int | None = None) -> Tensor:
+    """[n, n] bool, True where query i may route to source j <= i (and, with a sliding ``window``, i - j < window:
+    the query and the window - 1 sources before it, as Hugging Face's sliding-window layers see them)."""
+    mask = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    return mask if window is None else mask.triu(-(window - 1))

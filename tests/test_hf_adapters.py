@@ -280,3 +280,40 @@ def test_the_model_is_loaded_before_the_probe_so_its_error_comes_first(capsys, m
     assert analyze.main(["model=hf:nobody/no-such-model", "probe=wikitext103"]) == 2
     err = capsys.readouterr().err
     assert "cannot load nobody/no-such-model" in err and "model=hf:<local folder>" in err
+
+
+
+# --- sliding-window layers: the record's mask is the layer's own ---------------------------------------------
+
+@pytest.mark.parametrize("family, extra, windowed", [
+    ("MistralConfig", {"sliding_window": 5}, [True, True]),
+    ("Qwen2Config", {"sliding_window": 5, "use_sliding_window": True, "max_window_layers": 1}, [False, True]),
+])
+def test_sliding_window_layers_are_recorded_with_their_own_mask_baseline_and_weights(tmp_path, family, extra,
+                                                                                      windowed):
+    import transformers
+
+    from collapse import signature
+
+    torch.manual_seed(0)
+    config = getattr(transformers, family)(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, head_dim=D_HEAD, max_position_embeddings=64, bos_token_id=0,
+        eos_token_id=0, pad_token_id=0, **extra)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    router, _ = load_hf(f"hf:{tmp_path / 'model'}")
+    tokens = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        _, routing = router(tokens, return_routing=True)
+    window = extra["sliding_window"]
+    q, s = torch.arange(T)[:, None], torch.arange(T)[None]
+    sliding = (s <= q) & (q - s < window)  # written out here: each query sees itself and window - 1 before it
+    sig = signature(routing)
+    for layer, row, is_windowed in zip(routing, sig.layers, windowed):
+        expected = sliding if is_windowed else s <= q
+        assert torch.equal(layer.mask, expected)
+        assert float(layer.weights.masked_select(~expected).abs().max()) == 0.0  # HF's weights agree with it
+        assert torch.allclose(layer.weights.sum(-1), torch.ones(2, HEADS, T), atol=1e-5)
+        received = (expected.double() / expected.sum(-1, keepdim=True)).sum(0)  # uniform routing's column sums
+        assert row["baseline"] == pytest.approx(float(received.max() / received.sum()), rel=1e-12)  # its own mask
+    assert sig.layers[0]["baseline"] != sig.layers[1]["baseline"] or windowed[0] == windowed[1]
