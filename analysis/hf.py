@@ -9,8 +9,10 @@ Families (paper Table 1 and Section 5), each giving the same record as our own r
   (``from_hf``), whose explicit-softmax path gives attention and keys pre- and post-rotary.
 * Mamba (``mamba``) and RWKV-4 (``rwkv``): through the reconstructed operators of ``routers.ssm`` and
   ``routers.rwkv`` (their ``from_hf`` copies the weights; we do not write the operators again).
-* Llama-family decoders (``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``gemma``, ``olmo``, ``olmo2``): one
-  attention design (RMSNorm, rotary on the whole head, grouped-query attention), wrapped like GPT-2: eager
+* Llama-family decoders (``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``gemma``, ``gemma2``, ``gemma3_text``,
+  ``olmo``, ``olmo2``): one attention design (RMSNorm, rotary on the whole head, grouped-query attention; Gemma-2's
+  logit soft-capping and Gemma-2/3's local/global layers are in the weights HF returns, their windows in each
+  layer's mask, Gemma-3's per-type rotary base in its keys), wrapped like GPT-2: eager
   attention weights per query head; keys recomputed from each layer's input through its own ``k_proj`` (and
   ``k_norm`` / ``clip_qkv`` where the family has them), pre-RoPE (what VE reads) and post-RoPE (as scored),
   one per key head: the signature shares each key head's norm-CV across the query heads that read it.
@@ -20,6 +22,7 @@ in the local cache fails with one line.
 """
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -29,7 +32,7 @@ from torch import Tensor, nn
 from common.errors import UserError
 from routers.routing import Routing, RoutingLayer, causal_mask
 
-LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "olmo", "olmo2")
+LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2")
 FAMILIES = ("gpt2", "gpt_neox", "mamba", "rwkv") + LLAMA_LIKE
 EAGER = ("gpt2", "gpt_neox") + LLAMA_LIKE  # families whose attention weights come from HF's forward pass
 
@@ -101,9 +104,16 @@ class DecoderRouter(_WrappedDecoder):
     def routing_layers(self, out, tokens: Tensor) -> list[RoutingLayer]:
         T = tokens.shape[-1]
         positions = torch.arange(T, device=tokens.device)[None]
-        cos, sin = self.model.model.rotary_emb(out.hidden_states[0], positions)
+        rotary, types = self.model.model.rotary_emb, getattr(self.model.config, "layer_types", None)
+        # Gemma-3 rotates local and global layers with different bases: its rotary module takes the layer type.
+        per_type = "layer_type" in inspect.signature(rotary.forward).parameters
+        tables = {}
         layers, windows = [], layer_windows(self.model.config, len(self.blocks))
         for i, layer in enumerate(self.blocks):
+            kind = types[i] if per_type and types else None
+            if kind not in tables:
+                tables[kind] = rotary(out.hidden_states[0], positions, kind) if kind else rotary(out.hidden_states[0], positions)
+            cos, sin = tables[kind]
             attention = layer.self_attn
             # hidden_states[i] is layer i's input; OLMo-2 normalises after its sublayers, so its attention reads
             # the residual stream as it is. Each family's module carries its own rotary function.

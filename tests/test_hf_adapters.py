@@ -317,3 +317,42 @@ def test_sliding_window_layers_are_recorded_with_their_own_mask_baseline_and_wei
         received = (expected.double() / expected.sum(-1, keepdim=True)).sum(0)  # uniform routing's column sums
         assert row["baseline"] == pytest.approx(float(received.max() / received.sum()), rel=1e-12)  # its own mask
     assert sig.layers[0]["baseline"] != sig.layers[1]["baseline"] or windowed[0] == windowed[1]
+
+
+@pytest.mark.parametrize("family", ["Gemma2Config", "Gemma3TextConfig"])
+def test_gemma_local_and_global_layers_match_softcapped_windowed_softmax_written_out(tmp_path, family):
+    """Gemma-2: scores scaled by query_pre_attn_scalar^-1/2 and soft-capped (cap * tanh(x / cap)); Gemma-3:
+    q/k norms per head, no cap, rotary base 10^4 on local layers and 10^6 on global ones; both alternate a
+    sliding-window layer and a full one."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = getattr(transformers, family)(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS, head_dim=D_HEAD, max_position_embeddings=64, sliding_window=5,
+        query_pre_attn_scalar=D_HEAD, layer_types=["sliding_attention", "full_attention"])
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    router, _ = load_hf(f"hf:{tmp_path / 'model'}")
+    attentions = [layer.self_attn for layer in router.model.model.layers]
+    keys, key_hooks = capture_outputs([getattr(a, "k_norm", None) or a.k_proj for a in attentions])
+    queries, query_hooks = capture_outputs([getattr(a, "q_norm", None) or a.q_proj for a in attentions])
+    tokens = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        _, routing = router(tokens, return_routing=True)
+    for h in key_hooks + query_hooks:
+        h.remove()
+    cap = config.attn_logit_softcapping if family == "Gemma2Config" else None
+    thetas = [10000.0, 10000.0] if family == "Gemma2Config" else [10000.0, 1_000_000.0]
+    q_idx, s_idx = torch.arange(T)[:, None], torch.arange(T)[None]
+    for layer, k, q, theta, window in zip(routing, keys, queries, thetas, (5, None)):
+        # Gemma-3 normalises q and k after moving heads forward ([B, heads, T, d]); Gemma-2's projections are flat
+        k, q = (x if x.dim() == 4 and x.shape[2] == T else heads(x.reshape(2, T, -1), n) for x, n in ((k, KV_HEADS), (q, HEADS)))
+        assert torch.allclose(layer.content_keys, k, atol=1e-5)
+        assert torch.allclose(layer.keys, rotary(k, theta), atol=1e-5)
+        scores = rotary(q, theta) @ rotary(k, theta).repeat_interleave(HEADS // KV_HEADS, 1).transpose(-1, -2)
+        scores = scores / math.sqrt(D_HEAD)  # query_pre_attn_scalar = d_head here
+        if cap:
+            scores = cap * torch.tanh(scores / cap)
+        mask = (s_idx <= q_idx) & ((q_idx - s_idx < window) if window else True)
+        assert torch.equal(layer.mask, mask)
+        assert torch.allclose(layer.weights, scores.masked_fill(~mask, float("-inf")).softmax(-1), atol=1e-5)
