@@ -64,6 +64,11 @@ def analyze(cfg):
                         "e.g. python analyze.py run=outputs/<date>/<time>")
     if cfg.study and targets != ["sweep"]:
         raise UserError(f"study={cfg.study.name} analyses a sweep; pass sweep=<multirun dir>")
+    if cfg.out:  # before any model pass: an output folder that cannot be written fails now, in one line
+        from common.atomic import check_writable
+
+        if problem := check_writable(cfg.out):
+            raise UserError(f"cannot write to out={cfg.out} ({problem}); pass out=<a writable folder>")
     return {"run": commands.analyse_run, "model": commands.analyse_hf, "sweep": commands.analyse_sweep}[targets[0]](cfg)
 
 

@@ -63,8 +63,19 @@ def measure(router: nn.Module, probe: TokenProbe, ranks=RANKS, batch_size: int =
     if limit is not None and probe.tokens.shape[1] > limit:
         raise UserError(f"probe windows of {probe.tokens.shape[1]} tokens exceed the model's context of {limit}; "
                         "pass probe_length=<= that with a corpus probe")
+    vocab = vocabulary_size(router)
+    if vocab is not None and probe.tokens.numel() and int(probe.tokens.max()) >= vocab:
+        raise UserError(f"the probe holds token id {int(probe.tokens.max())}, outside the model's vocabulary of "
+                        f"{vocab}: it was tokenised for another model; pass probe=<a corpus or folder> to tokenise "
+                        f"it with this model's tokenizer (or tokenizer=<its tokenizer>)")
     return measure_signature(_Probed(router), _WithProgress(probe, f"{name}: probe"), ranks, batch_size, threshold,
                              completion)
+
+
+def vocabulary_size(router: nn.Module) -> int | None:
+    """The router's input vocabulary: its (first) token embedding's rows; None if it has none."""
+    embedding = next((m for m in router.modules() if isinstance(m, nn.Embedding)), None)
+    return None if embedding is None else embedding.num_embeddings
 
 
 def probe_from_corpus(corpus: str, tokenizer, sequences: int, length: int, path: str | None = None) -> TokenProbe:

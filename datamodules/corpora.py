@@ -149,8 +149,15 @@ def fetch_shakespeare(cache_dir: Path) -> Path:
 def text_files(path: str | Path | None) -> TextSplits:
     files = _txt_files(path)
     root = Path(path).expanduser()
-    return _splits({str(p.relative_to(root)): strip_gutenberg(p.read_text(encoding="utf-8", errors="replace"))
-                    for p in files})
+    return _splits({str(p.relative_to(root)): strip_gutenberg(_read_text(p)) for p in files})
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or type(e).__name__}); fix it or move it out of "
+                        f"data.path") from None
 
 
 def text_files_fingerprint(path: str | Path | None) -> str:
@@ -168,7 +175,10 @@ def _txt_files(path: str | Path | None) -> list[Path]:
     root = Path(path).expanduser()
     if not root.is_dir():
         raise UserError(f"data.path={path} is not a folder; set data.path to a folder of .txt files")
-    files = sorted(root.rglob("*.txt"))
+    files = sorted(p for p in root.rglob("*.txt") if not p.is_dir())  # a folder named x.txt holds no text
+    for p in files:
+        if not p.exists():  # a link to nowhere: the data would silently shrink
+            raise UserError(f"cannot read {p} (a link to a missing file); fix it or move it out of data.path")
     if not files:
         raise UserError(f"data.path={path} has no .txt files; set data.path to a folder of .txt files")
     return files

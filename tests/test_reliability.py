@@ -615,6 +615,15 @@ def _bad_input(case: str, tmp: Path, reference: Path) -> tuple[str, list[str]]:
     if case == "analyze-sweep-all-failed":
         (tmp / "sweep" / "0").mkdir(parents=True)
         (tmp / "sweep" / "0" / "FAILED").write_text('reason: "ValueError: boom"\nstep: 3\n')
+    if case == "data-file-unreadable":
+        (tmp / "texts").mkdir()
+        (tmp / "texts" / "good.txt").write_text("some text " * 200)
+        (tmp / "texts" / "broken.txt").symlink_to(tmp / "nowhere.txt")
+    big_probe = tmp / "big_probe.pt"
+    if case == "analyze-probe-vocabulary":  # SMALL's vocabulary is 64
+        from datamodules.probe import TokenProbe
+
+        TokenProbe.from_tokens(torch.randint(0, 500, (4, 16), generator=torch.Generator().manual_seed(0))).save(big_probe)
     if case == "ckpt-auto-none-loads":
         (tmp / "run" / "checkpoints").mkdir(parents=True)
         (tmp / "run" / "checkpoints" / "last.ckpt").write_bytes(b"")
@@ -625,6 +634,7 @@ def _bad_input(case: str, tmp: Path, reference: Path) -> tuple[str, list[str]]:
         "context": ["data.context_length=32"],
         "config-key": ["+router.colour=red"],
         "data-path": ["data=text_files", f"data.path={tmp}/nowhere"],
+        "data-file-unreadable": ["data=text_files", f"data.path={tmp}/texts"],
         "offline-download": ["data=wikitext103"],
         "ckpt-missing": [f"ckpt_path={tmp}/nowhere.ckpt"],
         "ckpt-corrupt": [f"ckpt_path={copy}/checkpoints/step000024.ckpt"],
@@ -661,6 +671,8 @@ def _bad_input(case: str, tmp: Path, reference: Path) -> tuple[str, list[str]]:
         "analyze-corrupt-checkpoint": [f"run={copy}"],
         "analyze-unknown-probe": [f"run={reference}", "probe=nonsense"],
         "analyze-bad-argument": ["colour=blue"],
+        "analyze-probe-vocabulary": [f"run={reference}", f"probe={big_probe}"],
+        "analyze-out-unwritable": [f"run={reference}", f"out={tmp}/a-file/out"],
     }[case]
 
 
