@@ -102,9 +102,12 @@ class Attention(nn.Module):
         self.register_buffer("alibi_slopes", slopes, persistent=False)
         if score == "learned_metric":
             self.metric_factor = nn.Parameter(torch.eye(self.d_head).repeat(n_head, 1, 1))  # L, M = L^T L
+            # Not decayed: decay toward zero would shrink the metric itself, not regularise it (docs/decisions.md)
+            self.metric_factor._no_weight_decay = True
         if score == "normalized":
             # a query-side gain lets the router learn its temperature while every key keeps norm sqrt(d_head)
             self.query_gain = nn.Parameter(torch.ones(n_head, 1, self.d_head))
+            self.query_gain._no_weight_decay = True  # a gain, like a norm's: decay would lower the temperature
 
     def metric(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor | None]:
         """The query as it enters the dot product, and the score's per-key bias [B, H, 1, T] (or None)."""

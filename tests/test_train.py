@@ -148,3 +148,37 @@ def test_the_live_probe_changes_no_digit_of_training_or_of_the_final_record(tiny
     assert {k: v for k, v in a[-1]["summary"].items() if k != "onset_step"} == \
         {k: v for k, v in b[-1]["summary"].items() if k != "onset_step"}
     assert read_losses(live) == read_losses(full)
+
+
+@pytest.mark.parametrize("router, overrides", [
+    ("pythia", ["router/score=dot"]), ("pythia", ["router/score=learned_metric"]),
+    ("pythia", ["router/score=normalized"]), ("pythia", ["router/position=learned"]),
+    ("mamba", []), ("rwkv", []), ("attnres", []), ("qwen3", []),
+])
+def test_weight_decay_holds_only_linear_embedding_and_conv_weights_for_every_lm_router(router, overrides):
+    """Which parameters each optimiser group holds: the metric's factor L (init I) and the query gain are
+    parameters of the score, not weights to shrink toward zero; a 2-D shape alone must not decide."""
+    from hydra.utils import instantiate
+    from torch import nn
+
+    from tasks.lm import LanguageModelTask
+    from tests.test_config import composed
+
+    cfg = composed(f"router={router}", *overrides)
+    small = {k: v for k, v in {"n_layer": 2, "d_model": 32, "n_head": 2}.items() if k in cfg.router}
+    model = instantiate(cfg.router, **small, vocab_size=50)
+    task = LanguageModelTask(model, weight_decay=0.1)
+    task.trainer = type("T", (), {"max_steps": 10})()
+    decayed, kept = task.configure_optimizers()["optimizer"].param_groups
+    names = {id(p): n for n, p in task.named_parameters()}
+    matrices = {id(m.weight) for m in task.modules() if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv1d))}
+    assert decayed["weight_decay"] == 0.1 and kept["weight_decay"] == 0.0
+    assert decayed["params"] and all(id(p) in matrices for p in decayed["params"]), \
+        sorted(names[id(p)] for p in decayed["params"] if id(p) not in matrices)
+    kept_names = {names[id(p)] for p in kept["params"]}
+    for special in ("metric_factor", "query_gain", "A_log"):
+        assert not any(special in names[id(p)] for p in decayed["params"]), special
+    if "learned_metric" in str(overrides):
+        assert any("metric_factor" in n for n in kept_names)
+    if "normalized" in str(overrides):
+        assert any("query_gain" in n for n in kept_names)
