@@ -12,6 +12,11 @@ query cancel in the softmax, so each score is a dot product that SDPA runs plus 
     learned_metric  -tau/2 (q-k)^T M (q-k)   = tau (Mq).k - tau/2 k^T M k,  M = L^T L per head, L = I at init
     normalized      tau q^.k^,  q^ = g * q/rms(q),  k^ = k/rms(k)   (|k^| = sqrt(d_head) for every key)
 With M = I the learned metric is exactly the euclidean score.
+
+Normalisations of the scores l_j over the visible sources (the sink controls):
+    softmax         exp(l_j) / sum_k exp(l_k)                  rows sum to 1 (every query must route somewhere)
+    softmax1        exp(l_j) / (1 + sum_k exp(l_k))            an extra zero logit: a query may route nowhere (Miller 2023)
+    sigmoid         sigmoid(l_j - log T)                       each source on its own (Ramapuram et al. 2024)
 """
 from __future__ import annotations
 
@@ -27,6 +32,22 @@ from routers.routing import Routing, RoutingLayer, causal_mask, check_tokens
 
 POSITIONS = ("nope", "rope", "alibi", "learned")
 SCORES = ("dot", "euclidean", "learned_metric", "normalized")
+NORMALIZATIONS = ("softmax", "softmax1", "sigmoid")
+
+
+def normalize(logits: Tensor, normalization: str) -> Tensor:
+    """Routing weights from masked scores (-inf where a query may not look), ``[..., Q, S]``; float32 math for
+    half inputs. softmax1's zero logit enters the max, so exp never overflows and a row of -inf gives zeros."""
+    x = logits if logits.dtype == torch.float32 else logits.float()
+    if normalization == "softmax":
+        weights = x.softmax(-1)
+    elif normalization == "softmax1":
+        top = x.amax(-1, keepdim=True).clamp(min=0.0)
+        e = (x - top).exp()
+        weights = e / ((-top).exp() + e.sum(-1, keepdim=True))
+    else:  # sigmoid, with Ramapuram et al.'s bias -log(sequence length) so T sources start near a total of 1
+        weights = torch.sigmoid(x - math.log(x.shape[-1]))
+    return weights if weights.dtype == logits.dtype else weights.to(logits.dtype)
 
 
 def _check_choice(kind: str, value: str, choices: tuple[str, ...]) -> None:
@@ -87,10 +108,11 @@ def _future(T: int, device: torch.device, dtype: torch.dtype) -> Tensor:
 class Attention(nn.Module):
     def __init__(self, d_model: int, n_head: int, context_length: int, position: str, score: str,
                  rotary_pct: float, rotary_base: float, alibi_slope_scale: float, layer_norm_eps: float,
-                 dropout: float, name: str):
+                 dropout: float, name: str, normalization: str = "softmax"):
         super().__init__()
         self.n_head, self.d_head = n_head, d_model // n_head
         self.score, self.name, self.dropout = score, name, dropout
+        self.normalization = normalization
         self.tau = 1.0 / math.sqrt(self.d_head)
         self.eps = layer_norm_eps
         self.qkv = nn.Linear(d_model, 3 * d_model)
@@ -149,9 +171,7 @@ class Attention(nn.Module):
             logits = logits.add_(bias) if fits else logits + bias
         mask = causal_mask(T, device=x.device)
         logits = logits.masked_fill_(~mask, float("-inf"))
-        # softmax(dtype=float32) copies a float32 input first (3x slower); only half inputs need it
-        weights = (logits.softmax(-1) if logits.dtype == torch.float32
-                   else logits.softmax(-1, dtype=torch.float32).to(q.dtype))
+        weights = normalize(logits, self.normalization)
         out = F.dropout(weights, self.dropout, self.training) @ v
         routing = RoutingLayer(keys=k, weights=weights, mask=mask, name=self.name,
                                content_keys=scored_keys if self.rotary is not None else None)
@@ -160,6 +180,10 @@ class Attention(nn.Module):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None) -> Tensor:
         """The fast path (SDPA, no weights kept): training, and the keys-only pass of the shuffle null."""
         dropout = self.dropout if self.training else 0.0
+        if self.normalization != "softmax":  # no fused kernel for these: the explicit weights, not kept
+            logits = (q @ k.transpose(-1, -2)).mul_(self.tau) + _future(q.shape[-2], q.device, q.dtype)
+            weights = normalize(logits if bias is None else logits + bias, self.normalization)
+            return self._merge_heads(F.dropout(weights, dropout, self.training) @ v)
         if bias is None:
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True, scale=self.tau)
         else:
@@ -209,10 +233,12 @@ class Transformer(nn.Module):
     def __init__(self, vocab_size: int, n_layer: int = 6, d_model: int = 128, n_head: int = 4,
                  context_length: int = 128, position: str = "rope", score: str = "dot", rotary_pct: float = 0.25,
                  rotary_base: float = 10000, mlp_ratio: float = 4, layer_norm_eps: float = 1e-5,
-                 dropout: float = 0.0, alibi_slope_scale: float = 1.0, parallel_residual: bool = True):
+                 dropout: float = 0.0, alibi_slope_scale: float = 1.0, parallel_residual: bool = True,
+                 normalization: str = "softmax"):
         super().__init__()
         _check_choice("position", position, POSITIONS)
         _check_choice("score", score, SCORES)
+        _check_choice("normalization", normalization, NORMALIZATIONS)
         if n_head < 1 or d_model % n_head:
             raise UserError(f"n_head ({n_head}) must divide d_model ({d_model}); pick n_head among its divisors")
         rotary_ndims = int(d_model // n_head * rotary_pct)
@@ -220,14 +246,15 @@ class Transformer(nn.Module):
             raise UserError(f"rotary_pct {rotary_pct} of d_head {d_model // n_head} gives {rotary_ndims} rotary "
                             f"dims; RoPE needs a positive even number: change rotary_pct")
         self.context_length = context_length
-        self.position, self.score = position, score
+        self.position, self.score, self.normalization = position, score, normalization
         self.wte = nn.Embedding(vocab_size, d_model)
         self.wpe = nn.Embedding(context_length, d_model) if position == "learned" else None
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             Block(d_model, layer_norm_eps, mlp_ratio, dropout, parallel_residual, n_head=n_head,
                   context_length=context_length, position=position, score=score, rotary_pct=rotary_pct,
-                  rotary_base=rotary_base, alibi_slope_scale=alibi_slope_scale, name=f"L{i}")
+                  rotary_base=rotary_base, alibi_slope_scale=alibi_slope_scale, normalization=normalization,
+                  name=f"L{i}")
             for i in range(n_layer))
         self.ln_f = nn.LayerNorm(d_model, eps=layer_norm_eps)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)  # untied, as in GPT-NeoX

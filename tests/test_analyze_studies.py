@@ -263,7 +263,7 @@ def test_every_study_is_named_after_the_experiment_that_trains_it_and_reads_the_
     from pathlib import Path
 
     conf = Path(studies.SPECS).parent
-    assert studies.names() == ["alibi_slope", "brake_ordering", "metric_study", "seed_direction"]
+    assert studies.names() == ["alibi_slope", "brake_ordering", "metric_study", "normalization_study", "seed_direction"]
     for name in studies.names():
         study = studies.load(name)
         experiment = yaml.safe_load((conf / "experiment" / f"{name}.yaml").read_text())
@@ -281,7 +281,7 @@ def test_the_old_metric_study_name_still_works_and_an_unknown_one_lists_the_spec
     assert analyze.main([f"sweep={metric_sweep(tmp_path)}", "study=metric"]) == 0
     assert (tmp_path / "analysis" / "metric_study" / "statement.md").is_file()
     assert analyze.main([f"sweep={tmp_path}", "study=brakes"]) == 2
-    assert "unknown study 'brakes'; choose one of alibi_slope, brake_ordering, metric_study, seed_direction" in \
+    assert "unknown study 'brakes'; choose one of alibi_slope, brake_ordering, metric_study, normalization_study, seed_direction" in \
         capsys.readouterr().err
 
 

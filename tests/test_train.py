@@ -182,3 +182,14 @@ def test_weight_decay_holds_only_linear_embedding_and_conv_weights_for_every_lm_
         assert any("metric_factor" in n for n in kept_names)
     if "normalized" in str(overrides):
         assert any("query_gain" in n for n in kept_names)
+
+
+@pytest.mark.parametrize("normalization", ["softmax1", "sigmoid"])
+def test_the_sink_controls_train_and_are_measured(tiny_run, normalization):
+    out, cfg = tiny_run("logger=csv", f"router/normalization={normalization}")
+    assert cfg.router.normalization == normalization
+    records = [json.loads(line) for line in (out / "collapse.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 10, 20]
+    assert all(0 < layer["max_share"] <= 1 for r in records for layer in r["layers"])
+    losses = read_losses(out)
+    assert losses[max(losses)] < losses[min(losses)]  # it learns

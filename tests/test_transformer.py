@@ -336,3 +336,48 @@ def test_monitor_shuffle_null_from_keys_only_matches_the_full_record():
             else:
                 assert got[key] == value, key
     assert fast.layers[0]["ve@4_shuffle"] == reference.layers[0]["ve@4_shuffle"]  # layer 0 sees no attention
+
+
+# --- the sink controls: softmax1 and sigmoid normalisation --------------------------------------------------
+
+@pytest.mark.parametrize("normalization", ["softmax", "softmax1", "sigmoid"])
+@pytest.mark.parametrize("position", ["rope", "alibi"])
+def test_normalizations_match_their_formulas_written_out_and_the_fast_path(normalization, position):
+    import math as m
+
+    from collapse import signature
+
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=50, n_layer=2, d_model=32, n_head=2, context_length=16, position=position,
+                        normalization=normalization).eval()
+    tokens = torch.randint(0, 50, (3, 16))
+    with torch.no_grad():
+        logits, routing = model(tokens, return_routing=True)
+        fast = model(tokens)
+    assert torch.allclose(fast, logits, atol=1e-5)  # the training path routes as the record says
+    attention = model.blocks[0].attn
+    with torch.no_grad():
+        q, k, _, _, bias = attention.project(model.blocks[0].ln_1(model.embed(tokens)))
+    scores = (q.double() @ k.double().transpose(-1, -2)) / m.sqrt(attention.d_head)
+    if bias is not None:
+        scores = scores + bias.double()
+    visible = torch.ones(16, 16, dtype=torch.bool).tril()
+    e = scores.exp() * visible
+    expected = {"softmax": e / e.sum(-1, keepdim=True), "softmax1": e / (1 + e.sum(-1, keepdim=True)),
+                "sigmoid": torch.sigmoid(scores - m.log(16)) * visible}[normalization]
+    weights = routing[0].weights.double()
+    assert torch.allclose(weights, expected, atol=1e-6)
+    rows = weights.sum(-1)
+    if normalization == "softmax":
+        assert torch.allclose(rows, torch.ones_like(rows), atol=1e-6)
+    else:  # a query may route (almost) nowhere: rows do not sum to 1, and the record keeps them as they are
+        assert bool((rows < 1).all()) if normalization == "softmax1" else not torch.allclose(rows, torch.ones_like(rows))
+    row = signature(routing).layers[0]
+    assert 0 < row["max_share"] <= 1 and row["baseline"] == pytest.approx(sum(1 / i for i in range(1, 17)) / 16)
+
+
+def test_an_unknown_normalization_is_one_line():
+    from common.errors import UserError
+
+    with pytest.raises(UserError, match="unknown normalization 'tanh'; choose one of softmax, softmax1, sigmoid"):
+        Transformer(vocab_size=50, n_layer=1, d_model=32, n_head=2, context_length=16, normalization="tanh")
