@@ -18,7 +18,8 @@ ALIASES = {"seed": "s", "data_seed": "d", "data.data_seed": "d", "router.alibi_s
            "task.lr": "lr", "task.weight_decay": "wd", "router.n_layer": "L", "router.recency_offset": "offset",
            "router.decay_scale": "decay"}
 # Keys whose value names itself: a config group's choice or a categorical knob (router/position=nope -> nope).
-VALUE_ONLY = ("router", "router.position", "router.score", "data", "task", "experiment", "debug")
+VALUE_ONLY = ("router", "router.position", "router.score", "router.normalization", "data", "task", "experiment",
+              "debug")
 # Keys that say how a run was run, not what was trained: never part of a single run's name.
 HOUSEKEEPING = ("trainer", "callbacks", "logger", "hydra", "extras", "tags", "threads", "print_table", "ckpt_path")
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
