@@ -71,7 +71,7 @@ def metric_study(runs: list[Run], study: Study | None = None, threshold: float =
 def statement(result: dict) -> str:
     """Per score, in words: stratification, concentration, geometry and loss relative to the reference."""
     level, reference = int(100 * result["level"]), result["reference"]
-    lines = [f"Each difference is (score - {reference}) of the arm means, with its {level}% bootstrap interval "
+    lines = [f"Each difference is (arm - {reference}) of the arm means, with its {level}% bootstrap interval "
              "over seeds; a direction is claimed only when the interval excludes zero.", ""]
     by_score: dict = {}
     for c in result["comparisons"]:
