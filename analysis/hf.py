@@ -112,7 +112,8 @@ class DecoderRouter(_WrappedDecoder):
         for i, layer in enumerate(self.blocks):
             kind = types[i] if per_type and types else None
             if kind not in tables:
-                tables[kind] = rotary(out.hidden_states[0], positions, kind) if kind else rotary(out.hidden_states[0], positions)
+                args = (out.hidden_states[0], positions) + ((kind,) if kind else ())
+                tables[kind] = rotary(*args)
             cos, sin = tables[kind]
             attention = layer.self_attn
             # hidden_states[i] is layer i's input; OLMo-2 normalises after its sublayers, so its attention reads

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 def full_probe_at(step: int, max_steps: int | None, full_every: int | None) -> bool:
     """Whether a scheduled measurement at ``step`` takes the full probe: the last step, or a multiple of
     ``full_every`` (the checkpoint steps); with a live probe, every other step takes its head."""
-    return bool((max_steps and max_steps > 0 and step >= max_steps) or (full_every and step > 0 and step % full_every == 0))
+    last = bool(max_steps and max_steps > 0 and step >= max_steps)
+    return last or bool(full_every and step > 0 and step % full_every == 0)
 
 
 def measurement_plan(max_steps: int, every: int, full_every: int | None, live: bool) -> tuple[int, int]:
@@ -180,8 +181,8 @@ class CollapseMonitor(pl.Callback):
         if self.onset_step is None and signature.summary["onset_layer"] is not None:
             self.onset_step = step
         signature.summary["onset_step"] = self.onset_step
-        record = new_record(step, trainer.current_epoch if epoch is None else epoch, seconds, train_loss, self._val_loss, signature,
-                            probe_sequences=len(probe))
+        epoch = trainer.current_epoch if epoch is None else epoch
+        record = new_record(step, epoch, seconds, train_loss, self._val_loss, signature, probe_sequences=len(probe))
         metrics = {**signature.flat(), "collapse/seconds": seconds, "collapse/probe_sequences": float(len(probe))}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

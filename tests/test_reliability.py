@@ -803,6 +803,17 @@ def test_a_resume_may_change_execution_settings(train_here):
     assert [r["step"] for r in records(out)] == [0, 4, 8, 12]
 
 
+def flip_a_tensor_byte(path: Path) -> None:
+    """Flip one byte in the middle of a checkpoint's largest tensor, leaving the zip around it intact."""
+    import zipfile
+
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+    data[info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + info.file_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
 def test_a_checkpoint_with_flipped_bytes_inside_an_intact_zip_falls_back_to_the_newest_good_one(train_here, capsys):
     import zipfile
 
@@ -810,12 +821,7 @@ def test_a_checkpoint_with_flipped_bytes_inside_an_intact_zip_falls_back_to_the_
 
     out = train_here()
     last = out / "checkpoints" / "last.ckpt"
-    data = bytearray(last.read_bytes())
-    with zipfile.ZipFile(last) as archive:  # the largest tensor's stored bytes
-        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
-    start = info.header_offset + 30 + len(info.filename.encode()) + len(info.extra)
-    data[start + info.file_size // 2] ^= 0xFF
-    last.write_bytes(bytes(data))
+    flip_a_tensor_byte(last)
     assert zipfile.ZipFile(last).namelist()  # still a readable zip, and torch.load would take it
     assert torch.load(last, weights_only=False)["global_step"] == 24
     state, problem = inspect(last)
@@ -828,7 +834,6 @@ def test_a_checkpoint_with_flipped_bytes_inside_an_intact_zip_falls_back_to_the_
 
 def test_analysis_of_a_run_reads_its_newest_checkpoint_and_refuses_flipped_bytes(train_here, tmp_path, capsys):
     import shutil
-    import zipfile
 
     out = train_here("trainer.max_steps=30")  # checkpoints at 6, ..., 30; last.ckpt at 30
     checkpoints = out / "checkpoints"
@@ -837,11 +842,7 @@ def test_analysis_of_a_run_reads_its_newest_checkpoint_and_refuses_flipped_bytes
     assert code == 0, err
     assert json.loads((tmp_path / "analysis" / "signature.json").read_text())["step"] == 30  # step000030.ckpt
 
-    data = bytearray((checkpoints / "step000030.ckpt").read_bytes())
-    with zipfile.ZipFile(checkpoints / "step000030.ckpt") as archive:
-        info = max((i for i in archive.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
-    data[info.header_offset + 30 + len(info.filename.encode()) + len(info.extra) + info.file_size // 2] ^= 0xFF
-    (checkpoints / "step000030.ckpt").write_bytes(bytes(data))
+    flip_a_tensor_byte(checkpoints / "step000030.ckpt")
     code, _, err = cli("analyze.py", [f"run={out}", f"out={tmp_path / 'analysis2'}"], capsys)
     assert code == 2 and "its tensors' checksum does not match" in err and "step000030.ckpt" in err
     assert "instead" in err  # names a good checkpoint beside it
