@@ -13,7 +13,7 @@ from pathlib import Path
 from analysis import figures
 from analysis.runs import (SEED_KEYS, checkpoint_path, factors, failed_jobs, find_runs, load_router, read_run,
                            val_loss)
-from analysis.tables import markdown, number, onset_step, run_statistics, table1_row, write_csv
+from analysis.tables import finite, markdown, number, onset_step, run_statistics, solved_step, table1_row, write_csv
 from common import atomic, run_names
 from common.constants import RANK
 from common.errors import UserError
@@ -266,6 +266,9 @@ def _sweep_table(cfg, runs, out: Path):
         row.update(table1_row(run.name, run.final, cfg.threshold, cfg.completion, rank))
         summary = run.final["summary"]
         row.update({"step": stats["step"], "onset step": onset_step(run.records, cfg.threshold),
+                    "solved step": solved_step(run.records),
+                    "parking": _parking_cell(stats), "parking pred": stats["parking_prediction"],
+                    "excess": stats["parking_excess"],
                     "sink": summary.get("peak_sink_source"), "sink %": _percent(summary.get("peak_sink_fraction")),
                     "area": stats["area_above_baseline"], "train loss": number(run.final.get("train_loss")),
                     "val loss": val_loss(run)})
@@ -291,6 +294,11 @@ def _sweep_table(cfg, runs, out: Path):
                      out / "max_share_heatmaps.png")
     print(f"sweep table: {out / 'sweep.md'}")
     return {"sweep": rows}, [image, heatmaps]
+
+
+def _parking_cell(stats: dict) -> str:
+    """``3/4``: heads of the peak layer that park on BOS, of its heads (``-`` where the record cannot say)."""
+    return "-" if not finite(stats["parking_heads"]) else f"{stats['parking_heads']:.0f}/{stats['units']:.0f}"
 
 
 def _panel_label(run, axes: list[str]) -> str:

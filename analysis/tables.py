@@ -15,7 +15,7 @@ from analysis.stats import nanmean
 from collapse import completion_layer, onset_layer
 from common import atomic
 from records.schema import number, ve_keys  # number: re-exported to the studies
-from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD, RANK
+from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD, PARKING_SINK_FRACTION, RANK, SOLVED_MARGIN
 
 
 def finite(value) -> bool:
@@ -44,6 +44,7 @@ def run_statistics(record: dict, threshold: float = ONSET_THRESHOLD, completion:
         "max_share": number(summary.get("max_share")),
         "baseline": _depth_mean(record["layers"], "baseline"),  # the causal-uniform max share
     }
+    stats.update(parking(record, peak))
     for key in ("norm_cv", "norm_cv_min", "norm_cv_gauss", *ve_keys(rank).values(), "ve@1", "ve@1_post",
                 "r_cv_share", "r_cv_share_p"):
         stats[key] = number(summary.get(key))
@@ -60,6 +61,37 @@ def onset_step(records: list[dict], threshold: float = ONSET_THRESHOLD) -> float
         if onset_layer(max_share_curve(record), threshold) is not None:
             return float(record["step"])
     return math.nan
+
+
+def solved_step(records: list[dict], margin: float = SOLVED_MARGIN) -> float:
+    """First measured step whose validation loss is within ``margin`` nats of the task's solved loss (the
+    record's ``solved_loss``; nan when the task defines none or the run never got there). Its resolution is
+    the validation interval: a record carries the latest validation loss."""
+    for record in records:
+        solved, loss = number(record.get("solved_loss")), number(record.get("val_loss"))
+        if loss <= solved + margin:  # False for nan on either side
+            return float(record["step"])
+    return math.nan
+
+
+def parking(record: dict, layer: float, sink_fraction: float = PARKING_SINK_FRACTION) -> dict:
+    """What dormant heads explain of a layer's max share (Guo et al. 2024): a head *parks* when BOS (source 0)
+    tops its operator in at least ``sink_fraction`` of the probe sequences; if every parking head puts its idle
+    queries on BOS and nothing else there, the layer's max share is ``parking / units * idle_fraction``.
+    ``parking_excess`` is the measured max share above that prediction: concentration the parking does not
+    explain. nan where the record has no idle fraction or no per-head sinks (records before they existed)."""
+    out = {"idle_fraction": number(record.get("idle_fraction")), "parking_heads": math.nan, "units": math.nan,
+           "parking_prediction": math.nan, "parking_excess": math.nan}
+    if not finite(layer) or "sink_source_units" not in record["layers"][int(layer)]:
+        return out
+    row = record["layers"][int(layer)]
+    parked = sum(1 for source, share in zip(row["sink_source_units"], row["sink_fraction_units"])
+                 if source == 0 and share is not None and share >= sink_fraction)
+    units = len(row["sink_source_units"])
+    prediction = parked / units * out["idle_fraction"]
+    out.update({"parking_heads": float(parked), "units": float(units), "parking_prediction": prediction,
+                "parking_excess": number(row.get("max_share")) - prediction})
+    return out
 
 
 def depth_label(layer: float, n_layers: int) -> str:

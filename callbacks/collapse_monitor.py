@@ -15,7 +15,7 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 
 from common import atomic
-from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD, RANKS
+from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD, RANKS, SOLVED_MARGIN
 from common.errors import UserError
 from common.run_names import run_label
 from records import (HEATMAP_PNG, PROFILE_PNG, append_record, new_record, progress_line, read_records,
@@ -56,7 +56,8 @@ class CollapseMonitor(pl.Callback):
 
     def __init__(self, every_n_steps: int = 250, ranks: tuple[int, ...] = RANKS, probe_batch_size: int = 50,
                  onset_threshold: float = ONSET_THRESHOLD, completion_threshold: float = COMPLETION_THRESHOLD,
-                 live_probe_sequences: int | None = None, full_probe_every_n_steps: int | None = None):
+                 live_probe_sequences: int | None = None, full_probe_every_n_steps: int | None = None,
+                 solved_margin: float = SOLVED_MARGIN):
         if every_n_steps <= 0:
             raise UserError(f"callbacks.collapse_monitor.every_n_steps must be positive, got {every_n_steps}; "
                             "pass e.g. callbacks.collapse_monitor.every_n_steps=250")
@@ -72,6 +73,8 @@ class CollapseMonitor(pl.Callback):
         self.completion_threshold = completion_threshold
         self.measured_steps: set[int] = set()
         self.onset_step: int | None = None  # first measured step whose depth profile crossed onset
+        self.solved_margin = solved_margin
+        self.solved_step: int | None = None  # first measured step whose validation loss is within the margin of solved
         self._loss_sum, self._loss_count = 0.0, 0  # training loss since the last measurement
         self._pending = None  # (sum, count) tensors not yet folded into the floats above
         self._val_loss: float | None = None  # the latest validation loss (kept in checkpoints, like the sums)
@@ -91,8 +94,9 @@ class CollapseMonitor(pl.Callback):
             # A resumed run appends to the same file and skips steps it already measured.
             records = read_records(run_dir, skipped=True, repair=True)
             self.measured_steps = {r["step"] for r in records}
-            self.onset_step = next((r["summary"]["onset_step"] for r in reversed(records)
-                                    if r.get("summary", {}).get("onset_step") is not None), None)
+            self.onset_step, self.solved_step = (
+                next((r["summary"][key] for r in reversed(records) if r.get("summary", {}).get(key) is not None), None)
+                for key in ("onset_step", "solved_step"))
 
     def state_dict(self) -> dict:
         # In every checkpoint, so a resumed run's records equal an uninterrupted run's.
@@ -181,8 +185,15 @@ class CollapseMonitor(pl.Callback):
         if self.onset_step is None and signature.summary["onset_layer"] is not None:
             self.onset_step = step
         signature.summary["onset_step"] = self.onset_step
+        task = trainer.datamodule.task_levels() if hasattr(trainer.datamodule, "task_levels") else {}
+        solved = task.get("solved_loss")
+        if (self.solved_step is None and solved is not None and self._val_loss is not None
+                and self._val_loss <= solved + self.solved_margin):
+            self.solved_step = step
+        signature.summary["solved_step"] = self.solved_step
         epoch = trainer.current_epoch if epoch is None else epoch
-        record = new_record(step, epoch, seconds, train_loss, self._val_loss, signature, probe_sequences=len(probe))
+        record = new_record(step, epoch, seconds, train_loss, self._val_loss, signature, probe_sequences=len(probe),
+                            task=task)
         metrics = {**signature.flat(), "collapse/seconds": seconds, "collapse/probe_sequences": float(len(probe))}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)

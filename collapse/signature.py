@@ -69,6 +69,7 @@ class _LayerStats:
         self.norm_sum = self.norm_sq_sum = None
         self.norm_count = 0
         self.sink_counts: Tensor | None = None  # per source: how many (sequence, unit) operators it tops
+        self.unit_sink_counts: Tensor | None = None  # [units, sources]: the same, per unit (head, channel)
         self.ve = {kind: {r: _Mean() for r in ranks} for kind in ("real", "post", "shuffle")}
         self.family_sums: dict[str, list] = {}  # column -> [batch-weighted sum, sequences]
 
@@ -91,8 +92,7 @@ class _LayerStats:
         self.add_ve("real", keys)
 
     def add_dense(self, layer: "RoutingLayer", batch: int) -> None:
-        plain, exposure, ex0, start = [], [], [], 0
-        counts = torch.zeros(self.sources, dtype=torch.int64)
+        plain, exposure, ex0, unit_counts, start = [], [], [], [], 0
         for chunk in layer.iter_weights():
             if chunk.dim() != 4:
                 raise UserError(f"layer {self.name!r}: weights must be [batch, units, queries, sources]; "
@@ -105,12 +105,17 @@ class _LayerStats:
             for parts, value in zip((plain, exposure, ex0), variants):
                 parts.append(value)
             # An operator shared by the batch ([1, units]) tops its sink once per sequence.
-            counts += torch.bincount(sink.reshape(-1).cpu(), minlength=len(counts))[:len(counts)] * (batch // sink.shape[0])
+            sink = sink.reshape(-1, sink.shape[-1]).cpu()  # [operators, units in this chunk]
+            tops = torch.zeros(sink.shape[1], self.sources, dtype=torch.int64)
+            unit_counts.append(tops.scatter_add_(1, sink.T, torch.ones_like(sink.T)) * (batch // sink.shape[0]))
         if not plain:
             raise UserError(f"layer {self.name!r}: its weight chunks are empty; yield at least one chunk")
         for mean, parts in ((self.share, plain), (self.share_exposure, exposure), (self.share_ex0, ex0)):
             mean.add(torch.cat([p.expand(batch, -1) for p in parts], dim=1))
         self.baseline.add(torch.full((batch, 1), uniform_max_share(layer.mask, chunk.shape[-1]), dtype=torch.float64))
+        unit_counts = torch.cat(unit_counts)
+        self.unit_sink_counts = unit_counts if self.unit_sink_counts is None else self.unit_sink_counts + unit_counts
+        counts = unit_counts.sum(0)
         self.sink_counts = counts if self.sink_counts is None else self.sink_counts + counts
 
     def add_sparse(self, layer: "RoutingLayer") -> None:
@@ -161,6 +166,11 @@ class _LayerStats:
                         "sink_fraction": float(self.sink_counts.max() / self.sink_counts.sum())})
         else:
             row.update({"sink_source": None, "sink_fraction": math.nan})
+        if self.unit_sink_counts is not None:
+            # Per unit: its sink and how often it tops that unit's operator (parking heads, docs/metrics.md).
+            totals = self.unit_sink_counts.sum(1).clamp(min=1)
+            row.update({"sink_source_units": self.unit_sink_counts.argmax(1).tolist(),
+                        "sink_fraction_units": (self.unit_sink_counts.amax(1) / totals).tolist()})
         for key, (total, count) in self.family_sums.items():
             mean = total / count
             row[key] = float(mean) if mean.dim() == 0 else mean.tolist()

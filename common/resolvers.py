@@ -13,6 +13,19 @@ def local_jobs() -> int:
     return 1 if torch.cuda.is_available() else joblib.cpu_count()
 
 
+def constant(name: str):
+    """``${constant:ONSET_THRESHOLD}``: a paper constant from common/constants.py, so YAML never restates one."""
+    from common import constants
+
+    if not name.isupper() or not hasattr(constants, name):
+        raise ValueError(f"unknown constant {name!r}; common/constants.py defines "
+                         f"{', '.join(n for n in dir(constants) if n.isupper())}")
+    value = getattr(constants, name)
+    return list(value) if isinstance(value, tuple) else value
+
+
 def register() -> None:
     if not OmegaConf.has_resolver("local_jobs"):
         OmegaConf.register_new_resolver("local_jobs", local_jobs)
+    if not OmegaConf.has_resolver("constant"):
+        OmegaConf.register_new_resolver("constant", constant)

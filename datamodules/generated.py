@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from common.errors import UserError
 from datamodules.lm import EndlessBatches
 from datamodules.probe import TokenProbe
-from datamodules.synthetic import zipf_markov_tokens
+from datamodules.synthetic import zipf_markov_tokens, zipf_probabilities
 
 _VAL, _PROBE = 1, 2  # stream tags of the evaluation draws; training streams are seeded by data_seed instead
 
@@ -68,40 +68,81 @@ class BigramBackcopy:
 
 
 class RepeatedSegments:
-    """Content tokens of the Zipfian Markov language (``datamodules/synthetic.py``), BOS = ``vocab_size``.
+    """Content tokens ``0..vocab_size-1`` (token 0 the most frequent), BOS = ``vocab_size``.
 
-    A sequence of ``length`` tokens: BOS, a segment ``S`` of ``s`` consecutive tokens taken at a uniform
-    offset of the language's stream, then ``S[:r]`` with ``r = floor(repeat_fraction * (length - 1))`` and
-    ``s = length - 1 - r`` (so ``repeat_fraction <= 0.5``). Training segments come from the first 90 % of
-    the stream, evaluation segments from the rest.
+    A sequence of ``length`` tokens: BOS, a segment ``S`` of ``s`` tokens, then ``r = length - 1 - s`` tokens
+    that repeat ``S`` from its start (tiled when ``r > s``). ``segment`` says where ``S`` comes from:
+    ``markov`` -- ``s`` consecutive tokens of the Zipfian Markov language (``datamodules/synthetic.py``) at a
+    uniform offset of its stream (training segments from the first 90 %, evaluation from the rest); ``iid`` --
+    ``s`` independent draws of the Zipf law itself (``zipf_exponent = 0``: uniform), so nothing in the first
+    half is learnable beyond the unigram and every nat the model gains comes from the copy.
+
+    The repeat's length is set by ``repeat_fraction`` (``r = floor(f * (length - 1))``) or, instead, by
+    ``idle_fraction``: the share of query positions with nothing to retrieve (BOS and the segment,
+    ``(1 + s) / length``), so ``s = round(idle_fraction * length) - 1``.
     """
 
     def __init__(self, vocab_size: int = 1024, n_tokens: int = 300_000, zipf_exponent: float = 1.0,
-                 repeat_fraction: float = 0.5, seed: int = 0):
-        if not 0 <= repeat_fraction <= 0.5:
-            raise UserError(f"repeat_fraction must lie in [0, 0.5] (the repeat copies part of the segment); "
-                            f"got {repeat_fraction}")
-        stream = zipf_markov_tokens(vocab_size, n_tokens, zipf_exponent, seed).long()
-        n_val = max(1, n_tokens // 10)
-        self.streams = {"train": stream[:-n_val], "val": stream[-n_val:]}
-        self.repeat_fraction, self.seed = repeat_fraction, seed
+                 repeat_fraction: float = 0.5, seed: int = 0, segment: str = "markov",
+                 idle_fraction: float | None = None):
+        if segment not in ("markov", "iid"):
+            raise UserError(f"data.generator.segment must be markov or iid; got {segment!r}")
+        if not 0 <= repeat_fraction < 1:
+            raise UserError(f"repeat_fraction must lie in [0, 1) (at least one segment token); got {repeat_fraction}")
+        if idle_fraction is not None and not 0 < idle_fraction <= 1:
+            raise UserError(f"idle_fraction must lie in (0, 1] (BOS is always idle); got {idle_fraction}")
+        if vocab_size < 2 or zipf_exponent < 0 or (segment == "markov" and zipf_exponent == 0):
+            raise UserError(f"repeat data needs vocab_size >= 2 and zipf_exponent > 0 (>= 0 with segment=iid); "
+                            f"got {vocab_size}, {zipf_exponent}")
+        self.segment, self.zipf = segment, zipf_probabilities(vocab_size, zipf_exponent)
+        self.streams = {}
+        if segment == "markov":
+            stream = zipf_markov_tokens(vocab_size, n_tokens, zipf_exponent, seed).long()
+            n_val = max(1, n_tokens // 10)
+            self.streams = {"train": stream[:-n_val], "val": stream[-n_val:]}
+        self.repeat_fraction, self.idle, self.seed = repeat_fraction, idle_fraction, seed
         self.vocab_size, self.bos = vocab_size + 1, vocab_size
 
     def lengths(self, length: int) -> tuple[int, int]:
         """(segment, repeat) lengths of a ``length``-token sequence."""
-        repeat = int(self.repeat_fraction * (length - 1))
-        return length - 1 - repeat, repeat
+        if self.idle is not None:
+            segment = min(length - 1, max(1, round(self.idle * length) - 1))
+        else:
+            segment = length - 1 - int(self.repeat_fraction * (length - 1))
+        return segment, length - 1 - segment
+
+    def idle_fraction(self, length: int) -> float:
+        """Share of the ``length`` query positions with nothing to retrieve: BOS and the segment's."""
+        return (1 + self.lengths(length)[0]) / length
+
+    def solved_loss(self, length: int) -> float:
+        """The mean next-token loss (nats) of a model that knows the generator and copies perfectly, over the
+        ``length - 1`` targets of a ``length``-token sequence: the segment's entropy, nothing for the repeat.
+        Markov segments: the first token at the language's unigram entropy, the others at the Zipf entropy
+        every state's next-token law has; i.i.d. segments: the Zipf entropy for each."""
+        segment, _ = self.lengths(length)
+        h_zipf = float(-(self.zipf * np.log(self.zipf)).sum())
+        if self.segment == "iid":
+            return segment * h_zipf / (length - 1)
+        counts = np.bincount(self.streams["train"].numpy(), minlength=self.vocab_size - 1)
+        unigram = counts[counts > 0] / counts.sum()
+        h_unigram = float(-(unigram * np.log(unigram)).sum())
+        return (h_unigram + (segment - 1) * h_zipf) / (length - 1)
 
     def sample(self, n: int, length: int, rng: np.random.Generator, split: str = "train") -> Tensor:
-        stream = self.streams[split]
         segment, repeat = self.lengths(length)
-        if len(stream) < segment:
-            raise UserError(f"the {split} stream holds {len(stream)} tokens, fewer than one segment of {segment}; "
-                            "raise data.generator.n_tokens")
-        starts = torch.from_numpy(rng.integers(0, len(stream) - segment + 1, size=n))
-        body = stream[starts[:, None] + torch.arange(segment)]
+        if self.segment == "iid":
+            body = torch.from_numpy(rng.choice(len(self.zipf), size=(n, segment), p=self.zipf))
+        else:
+            stream = self.streams[split]
+            if len(stream) < segment:
+                raise UserError(f"the {split} stream holds {len(stream)} tokens, fewer than one segment of "
+                                f"{segment}; raise data.generator.n_tokens")
+            starts = torch.from_numpy(rng.integers(0, len(stream) - segment + 1, size=n))
+            body = stream[starts[:, None] + torch.arange(segment)]
         bos = torch.full((n, 1), self.bos, dtype=torch.long)
-        return torch.cat([bos, body, body[:, :repeat]], dim=1)
+        copy = body.repeat(1, -(-repeat // segment))[:, :repeat] if repeat else body[:, :0]
+        return torch.cat([bos, body, copy], dim=1)
 
 
 class GeneratedBatches(EndlessBatches):
@@ -157,6 +198,13 @@ class GeneratedDataModule(L.LightningDataModule):
 
     def model_kwargs(self) -> dict:
         return {"vocab_size": self.vocab_size}
+
+    def task_levels(self) -> dict:
+        """What the records carry about the task: the validation loss at which it is solved and the probe's
+        idle fraction (None where the generator defines none; docs/metrics.md: solved step, parking)."""
+        solved, idle = getattr(self.generator, "solved_loss", None), getattr(self.generator, "idle_fraction", None)
+        return {"solved_loss": None if solved is None else solved(self.context_length + 1),
+                "idle_fraction": None if idle is None else idle(self.probe_length)}
 
     @property
     def probe(self) -> TokenProbe:

@@ -7,7 +7,7 @@ from common.constants import FEATURE_RANK, RANK
 
 
 def new_record(step: int, epoch: int, seconds: float, train_loss: float, val_loss: float | None, signature,
-               probe_sequences: int | None = None) -> dict:
+               probe_sequences: int | None = None, task: dict | None = None) -> dict:
     """One measurement: when, how long it took, the losses (None when there is none yet), how many probe
     sequences it measured (the monitor's live probe or the whole one; absent in records written before it
     existed) and the signature (``Signature.to_dict()``: ``ranks``, ``layers``, ``summary``)."""
@@ -15,6 +15,9 @@ def new_record(step: int, epoch: int, seconds: float, train_loss: float, val_los
               "train_loss": None if math.isnan(train_loss) else train_loss, "val_loss": val_loss}
     if probe_sequences is not None:
         record["probe_sequences"] = probe_sequences
+    # The task's levels where its data defines them (generated data): ``solved_loss`` (the validation loss of a
+    # model that has solved it) and ``idle_fraction`` (the probe's share of queries with nothing to retrieve).
+    record.update({key: value for key, value in (task or {}).items() if value is not None})
     return {**record, **signature.to_dict()}
 
 

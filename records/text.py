@@ -20,6 +20,7 @@ def progress_line(record: dict) -> str:
     return (f"collapse step {record['step']}: train loss {num(record.get('train_loss'))}, val loss "
             f"{num(record.get('val_loss'))}, peak max share {peak}, onset {onset}"
             + ("" if s.get("onset_step") is None else f" (first at step {s['onset_step']})")
+            + ("" if s.get("solved_step") is None else f", solved at step {s['solved_step']}")
             + f" [{record['seconds']:.1f}s" + (f", probe {n}" if (n := record.get("probe_sequences")) else "") + "]")
 
 

@@ -108,7 +108,7 @@ def _future(T: int, device: torch.device, dtype: torch.dtype) -> Tensor:
 class Attention(nn.Module):
     def __init__(self, d_model: int, n_head: int, context_length: int, position: str, score: str,
                  rotary_pct: float, rotary_base: float, alibi_slope_scale: float, layer_norm_eps: float,
-                 dropout: float, name: str, normalization: str = "softmax"):
+                 dropout: float, name: str, normalization: str = "softmax", smear_keys: bool = False):
         super().__init__()
         self.n_head, self.d_head = n_head, d_model // n_head
         self.score, self.name, self.dropout = score, name, dropout
@@ -122,6 +122,14 @@ class Attention(nn.Module):
             self.rotary = Rotary(int(self.d_head * rotary_pct), context_length, rotary_base)
         slopes = alibi_slopes(n_head, alibi_slope_scale).view(n_head, 1, 1) if position == "alibi" else None
         self.register_buffer("alibi_slopes", slopes, persistent=False)
+        if smear_keys:
+            # Olsson et al. (2022)'s smeared key: k'_j = s k_j + (1 - s) k_{j-1}, s = sigmoid(gate) per head, so
+            # one layer can match a query against the token *before* a source -- induction by content, open to
+            # every position scheme alike. gate = 0 at init: an even mix.
+            self.smear_gate = nn.Parameter(torch.zeros(n_head, 1, 1))
+            self.smear_gate._no_weight_decay = True
+        else:
+            self.smear_gate = None
         if score == "learned_metric":
             self.metric_factor = nn.Parameter(torch.eye(self.d_head).repeat(n_head, 1, 1))  # L, M = L^T L
             # Not decayed: decay toward zero would shrink the metric itself, not regularise it (docs/decisions.md)
@@ -149,6 +157,9 @@ class Attention(nn.Module):
         if self.score == "normalized":
             q = self.query_gain * F.rms_norm(q, (self.d_head,), eps=self.eps)
             k = F.rms_norm(k, (self.d_head,), eps=self.eps)
+        if self.smear_gate is not None:
+            keep = torch.sigmoid(self.smear_gate)
+            k = keep * k + (1 - keep) * F.pad(k, (0, 0, 1, -1))  # the first source has no predecessor: zeros
         scored_keys = k
         if self.rotary is not None:
             q, k = self.rotary(q), self.rotary(k)
@@ -234,7 +245,7 @@ class Transformer(nn.Module):
                  context_length: int = 128, position: str = "rope", score: str = "dot", rotary_pct: float = 0.25,
                  rotary_base: float = 10000, mlp_ratio: float = 4, layer_norm_eps: float = 1e-5,
                  dropout: float = 0.0, alibi_slope_scale: float = 1.0, parallel_residual: bool = True,
-                 normalization: str = "softmax"):
+                 normalization: str = "softmax", smear_keys: bool = False):
         super().__init__()
         _check_choice("position", position, POSITIONS)
         _check_choice("score", score, SCORES)
@@ -254,7 +265,7 @@ class Transformer(nn.Module):
             Block(d_model, layer_norm_eps, mlp_ratio, dropout, parallel_residual, n_head=n_head,
                   context_length=context_length, position=position, score=score, rotary_pct=rotary_pct,
                   rotary_base=rotary_base, alibi_slope_scale=alibi_slope_scale, normalization=normalization,
-                  name=f"L{i}")
+                  smear_keys=smear_keys, name=f"L{i}")
             for i in range(n_layer))
         self.ln_f = nn.LayerNorm(d_model, eps=layer_norm_eps)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)  # untied, as in GPT-NeoX

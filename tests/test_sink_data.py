@@ -1,5 +1,6 @@
 """Data that can anchor a sink: BOS and aligned windows on text corpora, Bigram-Backcopy, repeated segments."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -143,9 +144,55 @@ def test_repeat_copies_the_first_tokens_of_the_segment(fraction, length, segment
         assert any(torch.equal(stream[s:s + segment], body) for s in range(len(stream) - segment + 1))
 
 
-def test_repeat_fraction_above_one_half_is_refused():
-    with pytest.raises(UserError, match="repeat_fraction"):
-        RepeatedSegments(repeat_fraction=0.6)
+def test_a_repeat_longer_than_its_segment_tiles_it_and_bad_fractions_are_refused():
+    task = RepeatedSegments(vocab_size=64, n_tokens=5000, repeat_fraction=0.75)
+    x = task.sample(8, 129, np.random.default_rng(0))
+    segment, repeat = task.lengths(129)
+    assert (segment, repeat) == (32, 96)
+    tokens = x[:, 1:]
+    assert torch.equal(tokens[:, segment:], tokens[:, :repeat])  # period = segment: a tiled copy
+    for bad in (dict(repeat_fraction=1.0), dict(idle_fraction=0.0), dict(segment="shuffled"),
+                dict(zipf_exponent=0.0)):
+        with pytest.raises(UserError, match=next(iter(bad))):
+            RepeatedSegments(vocab_size=64, n_tokens=5000, **bad)
+
+
+@pytest.mark.parametrize("idle, length, segment", [(0.25, 128, 31), (0.5, 128, 63), (0.75, 128, 95)])
+def test_idle_fraction_sets_the_segment_and_is_the_share_of_queries_with_nothing_to_copy(idle, length, segment):
+    task = RepeatedSegments(vocab_size=64, n_tokens=5000, idle_fraction=idle)
+    assert task.lengths(length) == (segment, length - 1 - segment)
+    assert task.idle_fraction(length) == idle == (1 + segment) / length
+    # Independently: query t can retrieve its next token iff it sits in the copy (its own token repeats one
+    # ``segment`` back, so the next one does too); BOS and the segment's queries have nothing to look up.
+    x = task.sample(1, length, np.random.default_rng(1))[0]
+    active = sum(1 for t in range(segment + 1, length) if x[t] == x[t - segment])
+    assert 1 - active / length == pytest.approx(idle)
+
+
+def test_iid_segments_draw_the_zipf_law_and_the_solved_loss_is_the_segment_entropy():
+    task = RepeatedSegments(vocab_size=16, segment="iid", zipf_exponent=1.0, repeat_fraction=0.5)
+    x = task.sample(20000, 9, np.random.default_rng(0))  # BOS, 4 drawn, 4 copied
+    drawn = x[:, 1:5].reshape(-1)
+    frequencies = torch.bincount(drawn, minlength=16).double() / drawn.numel()
+    p = torch.tensor(task.zipf)
+    assert torch.allclose(frequencies, p, atol=0.01)
+    # A model that knows p and copies perfectly: -log p per drawn target, 0 per copied one, 8 targets.
+    expected = float(-(p * p.log()).sum()) * 4 / 8
+    assert task.solved_loss(9) == pytest.approx(expected, rel=1e-12)
+    # The same level measured as the cross-entropy of that ideal predictor on the samples.
+    ideal = -torch.log(p[drawn]).sum() / (x.shape[0] * 8)
+    assert float(ideal) == pytest.approx(expected, rel=0.02)
+    uniform = RepeatedSegments(vocab_size=16, segment="iid", zipf_exponent=0.0)
+    assert uniform.solved_loss(9) == pytest.approx(math.log(16) * 4 / 8)
+
+
+def test_markov_solved_loss_counts_the_first_token_at_the_unigram_and_the_rest_at_the_zipf_entropy():
+    task = RepeatedSegments(vocab_size=32, n_tokens=20000, repeat_fraction=0.5)
+    counts = torch.bincount(task.streams["train"], minlength=32).double()
+    u = counts[counts > 0] / counts.sum()
+    h_uni, h_zipf = float(-(u * u.log()).sum()), float(-(torch.tensor(task.zipf) * torch.tensor(task.zipf).log()).sum())
+    segment, _ = task.lengths(129)
+    assert task.solved_loss(129) == pytest.approx((h_uni + (segment - 1) * h_zipf) / 128, rel=1e-12)
 
 
 # --- the datamodule -----------------------------------------------------------------------------------------------

@@ -381,3 +381,33 @@ def test_an_unknown_normalization_is_one_line():
 
     with pytest.raises(UserError, match="unknown normalization 'tanh'; choose one of softmax, softmax1, sigmoid"):
         Transformer(vocab_size=50, n_layer=1, d_model=32, n_head=2, context_length=16, normalization="tanh")
+
+
+@pytest.mark.parametrize("position", ["nope", "rope", "alibi"])
+def test_smeared_keys_mix_each_key_with_its_predecessor_and_the_record_reproduces_the_output(position):
+    import torch.nn.functional as F
+
+    model = tiny(position, "dot", smear_keys=True)
+    attention = model.blocks[0].attn
+    with torch.no_grad():
+        for gate in (block.attn.smear_gate for block in model.blocks):
+            gate.copy_(torch.randn_like(gate))
+        x = tokens(length=10)
+        h = model.blocks[0].ln_1(model.embed(x))
+        # Written out: raw keys from the qkv projection, then s k_j + (1 - s) k_{j-1}, k_{-1} = 0.
+        B, T, _ = h.shape
+        raw = attention.qkv(h).view(B, T, attention.n_head, 3 * attention.d_head).transpose(1, 2)[..., attention.d_head:2 * attention.d_head]
+        s = torch.sigmoid(attention.smear_gate)
+        previous = torch.cat([torch.zeros_like(raw[..., :1, :]), raw[..., :-1, :]], dim=-2)
+        expected = s * raw + (1 - s) * previous
+        scored = attention.project(h)[3]
+        torch.testing.assert_close(scored, expected)
+        # The record's weights and values reproduce the layer's real output (the routing operator is exact).
+        out_fast = model(x)
+        logits, routing = model(x, return_routing=True)
+        torch.testing.assert_close(out_fast, logits, atol=1e-5, rtol=0)
+        q, k, v, _, bias = attention.project(h)
+        manual = attention._merge_heads(routing[0].weights @ v)
+        torch.testing.assert_close(manual, attention(h)[0], atol=1e-5, rtol=0)
+    assert all(getattr(p, "_no_weight_decay", False) for n, p in model.named_parameters() if n.endswith("smear_gate"))
+    assert not hasattr(tiny(position, "dot").blocks[0].attn.smear_gate, "shape")  # off by default: no parameter
