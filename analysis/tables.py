@@ -76,8 +76,9 @@ def solved_step(records: list[dict], margin: float = SOLVED_MARGIN) -> float:
 
 def parking(record: dict, layer: float, sink_fraction: float = PARKING_SINK_FRACTION) -> dict:
     """What dormant heads explain of a layer's max share (Guo et al. 2024): a head *parks* when BOS (source 0)
-    tops its operator in at least ``sink_fraction`` of the probe sequences; if every parking head puts its idle
-    queries on BOS and nothing else there, the layer's max share is ``parking / units * idle_fraction``.
+    tops its operator in at least ``sink_fraction`` of the probe sequences and its max share is at least half
+    the idle fraction (a causal-uniform head also has BOS on top, at H_n / n); if every parking head puts its
+    idle queries on BOS and nothing else there, the layer's max share is ``parking / units * idle_fraction``.
     ``parking_excess`` is the measured max share above that prediction: concentration the parking does not
     explain. nan where the record has no idle fraction or no per-head sinks (records before they existed)."""
     out = {"idle_fraction": number(record.get("idle_fraction")), "parking_heads": math.nan, "units": math.nan,
@@ -85,10 +86,12 @@ def parking(record: dict, layer: float, sink_fraction: float = PARKING_SINK_FRAC
     if not finite(layer) or "sink_source_units" not in record["layers"][int(layer)]:
         return out
     row = record["layers"][int(layer)]
-    parked = sum(1 for source, share in zip(row["sink_source_units"], row["sink_fraction_units"])
-                 if source == 0 and share is not None and share >= sink_fraction)
+    idle = out["idle_fraction"]
+    parked = sum(1 for source, often, share in zip(row["sink_source_units"], row["sink_fraction_units"],
+                                                   row["max_share_units"])
+                 if source == 0 and number(often) >= sink_fraction and number(share) >= idle / 2)
     units = len(row["sink_source_units"])
-    prediction = parked / units * out["idle_fraction"]
+    prediction = parked / units * idle
     out.update({"parking_heads": float(parked), "units": float(units), "parking_prediction": prediction,
                 "parking_excess": number(row.get("max_share")) - prediction})
     return out

@@ -153,6 +153,7 @@ def test_the_live_probe_changes_no_digit_of_training_or_of_the_final_record(tiny
 @pytest.mark.parametrize("router, overrides", [
     ("pythia", ["router/score=dot"]), ("pythia", ["router/score=learned_metric"]),
     ("pythia", ["router/score=normalized"]), ("pythia", ["router/position=learned"]),
+    ("pythia", ["router.smear_keys=true"]),
     ("mamba", []), ("rwkv", []), ("attnres", []), ("qwen3", []),
 ])
 def test_weight_decay_holds_only_linear_embedding_and_conv_weights_for_every_lm_router(router, overrides):
@@ -176,7 +177,7 @@ def test_weight_decay_holds_only_linear_embedding_and_conv_weights_for_every_lm_
     assert decayed["params"] and all(id(p) in matrices for p in decayed["params"]), \
         sorted(names[id(p)] for p in decayed["params"] if id(p) not in matrices)
     kept_names = {names[id(p)] for p in kept["params"]}
-    for special in ("metric_factor", "query_gain", "A_log"):
+    for special in ("metric_factor", "query_gain", "A_log", "smear_gate"):
         assert not any(special in names[id(p)] for p in decayed["params"]), special
     if "learned_metric" in str(overrides):
         assert any("metric_factor" in n for n in kept_names)
@@ -193,3 +194,20 @@ def test_the_sink_controls_train_and_are_measured(tiny_run, normalization):
     assert all(0 < layer["max_share"] <= 1 for r in records for layer in r["layers"])
     losses = read_losses(out)
     assert losses[max(losses)] < losses[min(losses)]  # it learns
+
+
+def test_records_on_generated_data_carry_the_tasks_levels_and_the_solved_step(tiny_run):
+    from datamodules.generated import RepeatedSegments
+
+    out, cfg = tiny_run("logger=csv", "data=repeat", "data.generator.vocab_size=16", "data.generator.segment=iid",
+                        "data.generator.idle_fraction=0.5", "router.smear_keys=true",
+                        "callbacks.collapse_monitor.solved_margin=10")  # any measured loss counts: solved at once
+    records = [json.loads(line) for line in (out / "collapse.jsonl").read_text().splitlines()]
+    task = RepeatedSegments(vocab_size=16, segment="iid", idle_fraction=0.5)
+    assert all(r["solved_loss"] == pytest.approx(task.solved_loss(33)) for r in records)
+    assert all(r["idle_fraction"] == 0.5 == task.idle_fraction(32) for r in records)
+    first_val = next(r["step"] for r in records if r["val_loss"] is not None)
+    assert [r["summary"]["solved_step"] for r in records] == [None if r["step"] < first_val else first_val
+                                                              for r in records]
+    layer = records[-1]["layers"][0]
+    assert len(layer["sink_source_units"]) == len(layer["sink_fraction_units"]) == cfg.router.n_head
