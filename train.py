@@ -34,20 +34,31 @@ def main(cfg: DictConfig) -> None:
 
 
 def train(cfg: DictConfig) -> None:
+    import os
+    import signal
+
     from callbacks.checkpointing import Preempted, requeue
+    from common.errors import UserError
     from run import prepare_run_dir, record_failure, report, run_dir
 
     out = run_dir()  # the one source of the run directory; everything below is handed it
     lock = prepare_run_dir(out)  # one writer per run dir, held until this function returns
-    trainer = None
+    trainer, preempted = None, False
     try:
         trainer, task, datamodule, loggers, ckpt_path = setup(cfg, out)
         fit(trainer, task, datamodule, loggers, ckpt_path, out)
     except Preempted as p:
+        preempted = True
         print(f"preempted: {p}", file=sys.stderr, flush=True)
         if lock:
             lock.release()  # the requeued job may start while this process still winds down
-        print(requeue(trainer.checkpoint_callback, p), file=sys.stderr)  # under submitit, this exits
+        outcome = requeue(trainer.checkpoint_callback, p)  # under submitit, a requeue exits here
+        print(outcome, file=sys.stderr, flush=True)
+        if os.environ.get("SUBMITIT_EXECUTOR") and p.signum != signal.SIGTERM:
+            # Not requeued: end with a result, or the sweep's parent would wait for a job that never comes back.
+            failure = UserError(f"preempted at step {p.step} and not requeued ({outcome})")
+            record_failure(out, failure, p.step)
+            raise failure from None
         sys.exit(128 + p.signum)  # what a shell reports for a process ended by that signal
     except BaseException as e:
         record_failure(out, e, None if trainer is None else trainer.global_step)
@@ -55,6 +66,11 @@ def train(cfg: DictConfig) -> None:
     finally:
         if lock:
             lock.release()
+        # Give the signals back, unless the job is handing itself to SLURM: the kill that comes with its requeue
+        # must find our handler (a no-op by then), not submitit's.
+        release = getattr(trainer and trainer.checkpoint_callback, "release_signals", None)
+        if release and not preempted:
+            release()
     if trainer.is_global_zero:
         report(out, print_table=cfg.print_table)
 
@@ -81,7 +97,8 @@ def setup(cfg: DictConfig, out):
     loggers = run.build_loggers(cfg.logger, out, cfg)
     callbacks = [run.build(c) for c in cfg.callbacks.values()] + run.builtin_callbacks(cfg.trainer)
     # The monitor writes its records under default_root_dir: the run directory, not a config key of its own.
-    trainer = run.build(cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=str(out))
+    trainer = run.build(cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=str(out),
+                        **run.cluster_plugins(cfg.trainer))
     ckpt_path = run.resolve_checkpoint(cfg.ckpt_path, run.checkpoint_folder(trainer, out), task)
     return trainer, task, datamodule, loggers, ckpt_path
 

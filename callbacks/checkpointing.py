@@ -13,6 +13,13 @@ Three problems with Lightning's defaults that this module fixes (docs/errors.md,
 - Preemption (SLURM sends SIGUSR1/SIGUSR2 before the time limit, SIGTERM on preemption) would lose up to one
   checkpoint interval. :class:`Checkpoint` checkpoints at the end of the current step instead and stops with
   :class:`Preempted`; train.py then requeues the job (:func:`requeue`).
+
+One handler owns preemption (slurm/README.md, docs/decisions.md): this callback, from the start of fit to the
+end of the run. Lightning's SLURM auto-requeue is switched off where the trainer is built
+(``run.objects.cluster_plugins``: ``SLURMEnvironment(auto_requeue=False)``), and the SIGTERM notifier Lightning
+installs anyway is replaced when training starts. submitit's handler is never called by a signal while this
+callback holds them: :func:`requeue` calls it, once, for a USR signal. SIGTERM is not requeued by the job:
+SLURM requeues a job it preempts or that ``scontrol requeue`` names, and a ``scancel`` must stay cancelled.
 """
 from __future__ import annotations
 
@@ -99,6 +106,7 @@ class Checkpoint(ModelCheckpoint):
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
+        self._take_signals()  # before Lightning registers its own handlers, which then find ours in place
         if not isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO):
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if trainer.is_global_zero:
@@ -177,11 +185,28 @@ class Checkpoint(ModelCheckpoint):
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
-        # After Lightning's own handlers (set when fit starts), which it restores when fit ends. Python takes
-        # signal handlers in the main thread only.
+        # Lightning registered its handlers when fit started (a SIGTERM notifier always, which would end training
+        # with SIGTERMException before this step's checkpoint is written): ours alone from here. A SIGTERM that
+        # its notifier caught in between is taken over. Lightning restores the handlers of before fit (ours).
+        connector = getattr(trainer, "_signal_connector", None)
+        if getattr(connector, "received_sigterm", False) and signal.SIGTERM in self.preempt_signals:
+            connector.received_sigterm = False
+            self._on_signal(signal.SIGTERM, None)
+        self._take_signals()
+
+    def _take_signals(self) -> None:
+        # Python takes signal handlers in the main thread only.
         if threading.current_thread() is threading.main_thread():
             for s in self.preempt_signals:
                 signal.signal(s, self._on_signal)
+
+    def release_signals(self) -> None:
+        """Give the signals back to the handlers in place before this callback took them (train.py, at the end)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for s in self.preempt_signals:
+            if signal.getsignal(s) == self._on_signal:
+                signal.signal(s, self.handlers_before.get(s, signal.SIG_DFL))
 
     def _on_signal(self, signum: int, frame) -> None:
         if self._signal is None:
@@ -194,17 +219,29 @@ class Checkpoint(ModelCheckpoint):
 
 
 def requeue(checkpoint: Checkpoint, preempted: Preempted) -> str:
-    """Hand a preempted job back to its scheduler; returns what was done. Under submitit its own handler
-    requeues the job (and exits); a plain sbatch job is requeued with scontrol (``#SBATCH --requeue``)."""
+    """Hand a preempted job back to its scheduler, once; returns what was done. Never raises.
+
+    A USR signal (the warning before a time limit, or ``scancel --signal=USR1``): under submitit its own
+    handler requeues the job (it dumps the job, runs ``scontrol requeue`` and exits); a plain sbatch job is
+    requeued with ``scontrol requeue`` (``#SBATCH --requeue``). SIGTERM: nothing, SLURM requeues a job it
+    preempts or that ``scontrol requeue`` names by itself, and a job ended with ``scancel`` stays ended."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if preempted.signum == signal.SIGTERM:
+        if job is None:
+            return "not a SLURM job: run the same command again with ckpt_path=auto to continue"
+        return (f"SIGTERM: not requeued by the job (SLURM requeues job {job} itself if it preempted or requeued it; "
+                f"a cancelled job stays cancelled); it resumes from {preempted.path} with ckpt_path=auto")
     if os.environ.get("SUBMITIT_EXECUTOR"):
         import submitit
 
         usr_signal = submitit.JobEnvironment._usr_sig()
         handler = checkpoint.handlers_before.get(usr_signal)
         if callable(handler):
-            handler(usr_signal, None)  # submitit: dump the job, requeue it, sys.exit
+            try:
+                handler(usr_signal, None)  # submitit: dump the job, requeue it, sys.exit
+            except Exception as e:  # e.g. scontrol failed: say so, never leave a result that reads as finished
+                return f"submitit could not requeue the job ({type(e).__name__}: {e}); resubmit with ckpt_path=auto"
         return "submitit left no requeue handler; resubmit the job"
-    job = os.environ.get("SLURM_JOB_ID")
     if job is None:
         return "not a SLURM job: run the same command again with ckpt_path=auto to continue"
     restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))

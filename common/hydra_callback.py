@@ -4,7 +4,7 @@ failed jobs.
 Hydra creates the run or sweep folder (and writes ``.hydra/``) before train.py runs, so an unwritable
 ``hydra.run.dir`` would otherwise end in Hydra's traceback. Each job of a sweep writes one progress line as it
 ends (``common.sweep_log``; the job hooks run in the process that ran the job, a parallel launcher's worker
-included). A failed multirun job returns normally (so the sweep goes on) after writing its ``FAILED``
+included). On SLURM the parent waits for requeued jobs and names what it leaves running (``common.slurm_wait``). A failed multirun job returns normally (so the sweep goes on) after writing its ``FAILED``
 marker; ``on_multirun_end`` lists them and exits 1.
 """
 from __future__ import annotations
@@ -65,6 +65,10 @@ class RunGuard(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         _check(config.hydra.sweep.dir, "hydra.sweep.dir")
         launcher = str(config.hydra.launcher.get("_target_", "")).rsplit(".", 1)[-1]
+        if launcher == "SlurmLauncher":  # wait for requeued jobs, or say what is left running (common.slurm_wait)
+            from common import slurm_wait
+
+            slurm_wait.install()
         jobs = config.hydra.launcher.get("n_jobs")
         sweep_log.start(Path(config.hydra.sweep.dir), sweep_size(config),
                         f"{launcher}{f' ({jobs} at a time)' if jobs else ''}")

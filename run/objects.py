@@ -32,6 +32,18 @@ def check_sweep_strategy(trainer_cfg: DictConfig) -> None:
                         "sweep; pass trainer.strategy=ddp_spawn, or send the sweep to SLURM (hydra/launcher=slurm)")
 
 
+def cluster_plugins(trainer_cfg: DictConfig) -> dict:
+    """Under SLURM, Lightning's cluster environment with its auto-requeue off: one handler owns preemption, the
+    checkpoint callback (callbacks/checkpointing.py), which checkpoints at the end of the step and requeues once.
+    Lightning's own would save an ``hpc_ckpt`` and run ``scontrol requeue`` a second time. Returns the extra
+    trainer arguments (none outside SLURM, or where the trainer config sets its own ``plugins``)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    if not SLURMEnvironment.detect() or trainer_cfg.get("plugins"):
+        return {}
+    return {"plugins": [SLURMEnvironment(auto_requeue=False)]}
+
+
 def plain(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
