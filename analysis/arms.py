@@ -1,26 +1,39 @@
-"""A sweep as arms x seeds: per-run statistics, per-arm means with bootstrap intervals, depth profiles and
-trajectories. The brake-ordering, ALiBi-slope and metric studies are this plus a verdict.
+"""A sweep as arms x seeds: per-run statistics, per-arm means with t- and bootstrap intervals, depth profiles
+and trajectories. The brake-ordering, ALiBi-slope and metric studies are this plus a verdict.
 
 An *arm* is one value of the study's factor (``router.position``, ``router/score``, ...); its seeds
 (``seed``, ``data_seed`` and anything else that varies) are the replicates. Statistics come from each
-run's final record at the analysis thresholds (``analysis.tables.run_statistics``).
+run's final record at the analysis thresholds (``analysis.tables.run_statistics``: matched step), and from
+its records at ``solved_step`` and ``solved_step + k`` (learning-gated: ``<statistic>@solved``,
+``<statistic>@solved+k``; nan for a run that never solved its task, counted per arm, never dropped silently).
 """
 from __future__ import annotations
 
 import math
 
 from analysis.runs import SEED_KEYS, Run, factors, val_loss
-from analysis.stats import bootstrap_ci
-from analysis.tables import number, onset_step, run_statistics
+from analysis.stats import bootstrap_ci, t_interval
+from analysis.studies import SOLVED_K
+from analysis.tables import number, onset_step, run_statistics, solved_step
 from common.constants import RANK
 from common.errors import UserError
 from common.run_names import alias
 
 MIN_SEEDS = 3  # runs per arm below which no study gives a verdict: two seeds cannot show their own spread
 
+# What is read at solved_step and at solved_step + k: the statistics of one record (run-level ones such as
+# onset step have no value "at" a step).
+GATED = ("onset_depth_censored", "peak_max_share", "peak_gain", "area_above_baseline", "norm_cv", "ve@{rank}",
+         "val_loss", "step")
+
+
+def gated_keys(rank: int = RANK) -> list[str]:
+    return [key.format(rank=rank) for key in GATED]
+
+
 def statistics(rank: int = RANK) -> list[tuple[str, str]]:
     """(key, label) of the per-run statistics tabulated per arm; the key geometry at VE@``rank``."""
-    return [
+    final = [
         ("onset_depth", "onset depth"), ("onset_depth_censored", "onset depth (never = 1)"),
         ("onset_step", "onset step"), ("onset_step_censored", "onset step (never = end + 1)"),
         ("completion_depth", "L* depth"), ("peak_max_share", "peak max share"), ("peak_gain", "peak gain in training"),
@@ -29,11 +42,10 @@ def statistics(rank: int = RANK) -> list[tuple[str, str]]:
         (f"ve@{rank}_shuffle", f"VE@{rank} shuffle"), (f"ve@{rank}_gauss", f"VE@{rank} Gauss"),
         (f"content@{rank}", f"content@{rank}"),
         ("r_cv_share", "r(norm-CV, max share)"), ("val_loss", "val loss"), ("train_loss", "train loss"),
-        ("onset_loss", "train loss at onset"), ("matched_loss", "matched train loss"),
-        ("matched_step", "step at matched loss"), ("peak_max_share_matched", "peak max share at matched loss"),
-        ("area_above_baseline_matched", "area above baseline at matched loss"),
-        ("onset_depth_matched_censored", "onset depth at matched loss (never = 1)"),
+        ("onset_loss", "train loss at onset"), ("solved_step", "solved step"),
     ]
+    gated = [(f"{key}@{at}", f"{key} at {at}") for at in ("solved", "solved+k") for key in gated_keys(rank)]
+    return final + gated
 
 
 def factor_value(run: Run, factor: str):
@@ -45,8 +57,10 @@ def factor_value(run: Run, factor: str):
     return run.config[key]
 
 
-def run_row(run: Run, factor: str, threshold: float, completion: float, rank: int = RANK) -> dict:
-    """Everything the studies need about one run, flat."""
+def run_row(run: Run, factor: str, threshold: float, completion: float, rank: int = RANK,
+            solved_k: int = SOLVED_K) -> dict:
+    """Everything the studies need about one run, flat: at its final record, and at solved_step and
+    solved_step + ``solved_k`` (:func:`gated`)."""
     stats = run_statistics(run.final, threshold, completion, rank)
     steps = onset_step(run.records, threshold)
     last = float(run.final.get("step", math.nan))
@@ -59,7 +73,43 @@ def run_row(run: Run, factor: str, threshold: float, completion: float, rank: in
            "onset_loss": _onset_loss(run.records, threshold)}
     has_loss = any(r.get("train_loss") is not None for r in run.records)
     row["onset_loss_censored"] = row["onset_loss"] if not math.isnan(row["onset_loss"]) else 0.0 if has_loss else math.nan
+    row.update(gated(run.records, threshold, completion, rank, solved_k))
     return row
+
+
+def record_at(records: list[dict], step: float) -> dict | None:
+    """The first measured record at or after ``step`` (None: nan, or training ended before it)."""
+    if math.isnan(step):
+        return None
+    return next((r for r in records if r["step"] >= step), None)
+
+
+def record_row(record: dict | None, first: dict, threshold: float, completion: float, rank: int = RANK) -> dict:
+    """The :data:`GATED` statistics of one record (all nan without one); ``first``: the run's first record,
+    which the peak's gain is counted from."""
+    if record is None:
+        return {key: math.nan for key in gated_keys(rank)}
+    stats = run_statistics(record, threshold, completion, rank)
+    base = run_statistics(first, threshold, completion, rank)["peak_max_share"]
+    stats.update({"onset_depth_censored": 1.0 if math.isnan(stats["onset_depth"]) else stats["onset_depth"],
+                  "peak_gain": stats["peak_max_share"] - base, "val_loss": number(record.get("val_loss")),
+                  "step": number(record["step"])})
+    return {key: stats[key] for key in gated_keys(rank)}
+
+
+def gated(records: list[dict], threshold: float, completion: float, rank: int = RANK,
+          solved_k: int = SOLVED_K) -> dict:
+    """A run's learning-gated statistics: ``solved_step`` (analysis.tables.solved_step; nan = never, or the task
+    defines no solved level), ``has_solved_level``, and the :data:`GATED` statistics of the records at
+    solved_step (``<key>@solved``) and at the first measured step >= solved_step + ``solved_k``
+    (``<key>@solved+k``; nan when training ended first)."""
+    step = solved_step(records)
+    out = {"solved_step": step,
+           "has_solved_level": any(not math.isnan(number(r.get("solved_loss"))) for r in records)}
+    for at, target in (("solved", step), ("solved+k", step + solved_k)):
+        row = record_row(record_at(records, target), records[0], threshold, completion, rank)
+        out.update({f"{key}@{at}": value for key, value in row.items()})
+    return out
 
 
 def _onset_loss(records: list[dict], threshold: float) -> float:
@@ -67,33 +117,6 @@ def _onset_loss(records: list[dict], threshold: float) -> float:
     records predate the loss field). A brake that delays collapse in learning crosses at a lower loss."""
     step = onset_step(records, threshold)
     return next((number(r.get("train_loss")) for r in records if r["step"] == step), math.nan)
-
-
-def _losses(run: Run) -> list[tuple[dict, float]]:
-    return [(r, number(r.get("train_loss"))) for r in run.records if not math.isnan(number(r.get("train_loss")))]
-
-
-def add_matched_loss(rows: list[dict], runs: list[Run], threshold: float, completion: float, rank: int = RANK) -> float:
-    """Statistics at matched training loss, written into ``rows``; returns the matched level.
-
-    Position schemes learn at different speeds, so equal steps can compare a model that has learned the task
-    with one that has not. The level is the highest loss that every run got below (the slowest run's best);
-    each run is read at its first record at or under it (nan everywhere if a run has no loss records).
-    """
-    histories = [_losses(run) for run in runs]
-    if not histories or any(not h for h in histories):
-        level = math.nan
-    else:
-        level = max(min(loss for _, loss in h) for h in histories)
-    for row, history in zip(rows, histories):
-        record = next((r for r, loss in history if loss <= level), None)
-        stats = run_statistics(record, threshold, completion, rank) if record else {}
-        onset = stats.get("onset_depth", math.nan)
-        row.update({"matched_loss": level, "matched_step": number(record and record["step"]),
-                    "peak_max_share_matched": stats.get("peak_max_share", math.nan),
-                    "area_above_baseline_matched": stats.get("area_above_baseline", math.nan),
-                    "onset_depth_matched_censored": math.nan if not stats else 1.0 if math.isnan(onset) else onset})
-    return level
 
 
 def group(rows: list[dict], order: list | None = None) -> dict:
@@ -105,14 +128,53 @@ def group(rows: list[dict], order: list | None = None) -> dict:
     return {a: arms[a] for a in ordered + [a for a in arms if a not in ordered]}
 
 
+def solved_count(rows: list[dict]) -> str:
+    """``4/5``: the arm's runs that solved the task, of its runs (``-`` when no record names a solved level)."""
+    if not any(r.get("has_solved_level") for r in rows):
+        return "-"
+    return f"{sum(not math.isnan(r['solved_step']) for r in rows)}/{len(rows)}"
+
+
+def gate_refusal(comparison, arm_rows: dict, order: list, label) -> str | None:
+    """Why a learning-gated comparison cannot be judged: no record names the task's solved level, or an arm has
+    fewer than MIN_SEEDS runs that solved it. None when it can (or the comparison is read at step)."""
+    if not comparison.gated:
+        return None
+    rows = [r for a in order for r in arm_rows[a]]
+    if not any(r.get("has_solved_level") for r in rows):
+        return ("undetermined: the records name no solved loss (data without a solved level, or runs older "
+                "than it): only the matched-step comparisons apply")
+    counts = {a: sum(not math.isnan(r[comparison.key]) for r in arm_rows[a]) for a in order}
+    if min(len(arm_rows[a]) for a in order) < MIN_SEEDS:
+        return None  # too few seeds at all: the refusal that says so applies
+    if min(counts.values()) < MIN_SEEDS:
+        found = ", ".join(f"{label(a)} {solved_count(arm_rows[a])}" for a in order)
+        return f"no verdict: too few runs reached {comparison.at} (solved: {found}; need >= {MIN_SEEDS} per arm)"
+    return None
+
+
+def flag_unsolved(arm_rows: dict, order: list, label) -> str:
+    """``; unsolved runs left out: RoPE 4/5 solved`` when an arm has runs that never solved ("" when none)."""
+    partial = [f"{label(a)} {solved_count(arm_rows[a])}" for a in order
+               if solved_count(arm_rows[a]) not in ("-", f"{len(arm_rows[a])}/{len(arm_rows[a])}")]
+    return f"; unsolved runs have no value: {', '.join(partial)} solved" if partial else ""
+
+
 def arm_summary(arm_rows: dict, level: float = 0.95, rank: int = RANK) -> list[dict]:
-    """One row per arm: seeds, runs that never reached onset, and mean [low, high] of every statistic."""
+    """One row per arm: runs, runs that never reached onset, runs that solved the task (``solved``, flagged by
+    ``unsolved``), and per statistic its mean with the t-interval ``_low`` / ``_high`` (primary) and the
+    percentile bootstrap ``_boot_low`` / ``_boot_high`` beside it."""
     out = []
     for arm, rows in arm_rows.items():
-        summary = {"arm": arm, "runs": len(rows), "never": sum(math.isnan(r["onset_depth"]) for r in rows)}
+        solved = solved_count(rows)
+        summary = {"arm": arm, "runs": len(rows), "never": sum(math.isnan(r["onset_depth"]) for r in rows),
+                   "solved": solved, "unsolved": solved != "-" and not solved.startswith(f"{len(rows)}/")}
         for key, _ in statistics(rank):
-            mean, low, high = bootstrap_ci([r.get(key, math.nan) for r in rows], level)
-            summary.update({key: mean, f"{key}_low": low, f"{key}_high": high})
+            values = [r.get(key, math.nan) for r in rows]
+            mean, low, high = t_interval(values, level)
+            _, boot_low, boot_high = bootstrap_ci(values, level)
+            summary.update({key: mean, f"{key}_low": low, f"{key}_high": high, f"{key}_boot_low": boot_low,
+                            f"{key}_boot_high": boot_high})
         out.append(summary)
     return out
 
@@ -123,7 +185,7 @@ def arm_label(factor: str, arm) -> str:
 
 
 def profiles(runs_by_arm: dict[str, list[Run]], keys: list[str], level: float = 0.95, factor: str = "") -> list[dict]:
-    """Per arm, per layer: mean and bootstrap band across seeds of each per-layer column (final records)."""
+    """Per arm, per layer: mean and t-interval band across seeds of each per-layer column (final records)."""
     arms = []
     for arm, runs in runs_by_arm.items():
         n_layers = {len(r.final["layers"]) for r in runs}
@@ -131,7 +193,7 @@ def profiles(runs_by_arm: dict[str, list[Run]], keys: list[str], level: float = 
             raise UserError(f"arm {arm!r} mixes depths {sorted(n_layers)}; compare runs of one architecture")
         depth, curves = n_layers.pop(), {}
         for key in keys:
-            per_layer = [bootstrap_ci([number(r.final["layers"][i].get(key)) for r in runs], level)
+            per_layer = [t_interval([number(r.final["layers"][i].get(key)) for r in runs], level)
                          for i in range(depth)]
             curves[key] = tuple(list(v) for v in zip(*per_layer))
         arms.append({"label": arm_label(factor, arm), "profiles": curves})

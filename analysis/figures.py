@@ -138,7 +138,7 @@ def curves_figure(series: list[dict], keys: list[tuple[str, str]], title: str = 
 
 def arm_profiles_figure(arms: list[dict], panels: list[tuple[str, str]], references: dict | None = None,
                         title: str = "", threshold: float | None = None, nulls: dict | None = None) -> Figure:
-    """Depth profiles per arm (mean across seeds with the bootstrap band): one panel per statistic.
+    """Depth profiles per arm (mean across seeds with its t-interval band): one panel per statistic.
 
     ``arms``: ``{"label", "profiles": {key: (mean, low, high) lists per layer}}``; ``references``: per panel
     key, ``[(label, values per layer, line style)]`` drawn grey under the data (baseline, Gaussian nulls); ``nulls``: per

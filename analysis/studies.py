@@ -17,6 +17,8 @@ from common.errors import UserError
 
 SPECS = Path(__file__).resolve().parents[1] / "conf" / "study"
 KINDS = ("ordering", "trend", "reference", "seed_pairs")
+AT = ("solved", "solved+k", "step")  # where a comparison reads each run: docs/statistics.md
+SOLVED_K = 100  # steps after solved_step of the ``solved+k`` comparisons (a study's ``solved_k`` overrides it)
 RENAMED = {"metric": "metric_study"}  # old study names that still work
 
 
@@ -24,15 +26,34 @@ RENAMED = {"metric": "metric_study"}  # old study names that still work
 class Comparison:
     """One statistic a study judges. ``expected``: which way the prediction says it moves, ``higher`` or
     ``lower``: along the predicted order (weakest to strongest brake), along a numeric factor, or from the
-    reference arm to each other arm; None: reported, not predicted. ``at``: ``step`` (the final records) or
-    ``loss`` (records at matched training loss). ``lower`` / ``higher``: what a decrease / an increase means,
-    in words."""
+    reference arm to each other arm; None: reported, not predicted. ``at``: where each run is read: ``solved``
+    (its record at solved_step, the first measured step within the margin of the task's solved loss),
+    ``solved+k`` (its first record at or after solved_step + the study's ``solved_k``) -- the primary
+    comparisons -- or ``step`` (its final record, matched step: the secondary one). ``lower`` / ``higher``:
+    what a decrease / an increase means, in words."""
     statistic: str
     label: str
     expected: str | None = None
     at: str = "step"
     lower: str = ""
     higher: str = "the opposite"
+
+    def __post_init__(self):
+        if self.at == "loss":
+            raise UserError(f"comparison {self.statistic!r} has at: loss; the matched-loss rule is retired "
+                            "(docs/statistics.md): compare at solved, solved+k or step")
+        if self.at not in AT:
+            raise UserError(f"comparison {self.statistic!r} has at: {self.at!r}; choose one of {', '.join(AT)}")
+
+    @property
+    def key(self) -> str:
+        """The per-run row column this comparison reads: ``peak_max_share`` at step, ``peak_max_share@solved``."""
+        return self.statistic if self.at == "step" else f"{self.statistic}@{self.at}"
+
+    @property
+    def gated(self) -> bool:
+        """Read at solved_step (or k after it): a run that never solved has no value."""
+        return self.at != "step"
 
     @property
     def sign(self) -> int:
@@ -53,6 +74,7 @@ class Study:
     reference: str | None = None
     prediction: str = ""
     comparisons: tuple[Comparison, ...] = ()
+    solved_k: int = SOLVED_K  # steps after solved_step of the solved+k comparisons
 
     def label(self, arm) -> str:
         return self.labels.get(arm, str(arm))

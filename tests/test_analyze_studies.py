@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from analysis import studies
+from analysis.arms import record_at
 from analysis.brake import brake_study, verdict_text
 from analysis.metric import metric_study, statement
 from analysis.runs import factors, find_runs
@@ -18,14 +19,16 @@ from analysis.wandb_io import records_from_history
 BASELINE = 0.05
 
 
-def record(step, shares, norm_cv=0.2, ve=0.6, train_loss=None):
-    """A monitor record with the given per-layer max shares (summary fields as the signature computes them)."""
+def record(step, shares, norm_cv=0.2, ve=0.6, train_loss=None, val_loss=None, solved_loss=None):
+    """A monitor record with the given per-layer max shares (summary fields as the signature computes them);
+    ``solved_loss``: the task's solved level, which generated data writes into every record."""
     layers = [{"layer": i, "dim": 16, "max_share": s, "baseline": BASELINE, "norm_cv": norm_cv, "ve@8": ve,
                "ve@8_gauss": 0.3, "ve@8_shuffle": 0.4} for i, s in enumerate(shares)]
     peak = max(range(len(shares)), key=lambda i: shares[i])
     summary = {"peak_max_share": shares[peak], "peak_layer": peak, "norm_cv": norm_cv, "ve@8": ve,
                "area_above_baseline": sum(max(0, s - BASELINE) for s in shares) / len(shares)}
-    return {"step": step, "layers": layers, "summary": summary, "train_loss": train_loss}
+    out = {"step": step, "layers": layers, "summary": summary, "train_loss": train_loss, "val_loss": val_loss}
+    return out if solved_loss is None else {**out, "solved_loss": solved_loss}
 
 
 def write_run(path, config, records, val_loss=3.0):
@@ -47,18 +50,23 @@ def onset_profile(onset, peak, n=8):
     return shares
 
 
-def brake_sweep(tmp_path, arms, seeds=3, with_loss=True):
-    """``arms``: {position: (onset layer at the end, peak, step at which onset first appears)}."""
+def brake_sweep(tmp_path, arms, seeds=3, with_loss=True, solved_loss=2.5):
+    """``arms``: {position: (onset layer at the end, peak, step at which onset first appears)}. Validation loss
+    falls 4.0 - step / 200 (3.5 at step 100 ... 2.0 at 400); ``solved_loss`` (a number, or {position: number})
+    sets where each arm solves: the default 2.5 at step 300, so solved + 100 reads step 400. ``with_loss``
+    False: records older than the loss fields (no losses, no solved level)."""
     job = 0
     for position, (onset, peak, first_step) in arms.items():
+        level = solved_loss.get(position) if isinstance(solved_loss, dict) else solved_loss
         for seed in range(seeds):
             jitter = 0.004 * seed
             records = [record(0, [0.06] * 8)]
-            for step in (100, 200, 300):
+            for step in (100, 200, 300, 400):
                 crossed = first_step is not None and step >= first_step
+                losses = {"train_loss": 4.0 - step / 200, "val_loss": 4.0 - step / 200, "solved_loss": level} \
+                    if with_loss else {}
                 records.append(record(step, onset_profile(onset if crossed else None,
-                                                          peak + jitter if crossed else 0.15 + jitter),
-                                      train_loss=4.0 - step / 200 if with_loss else None))
+                                                          peak + jitter if crossed else 0.15 + jitter), **losses))
             write_run(tmp_path / f"{job}_position={position},seed={seed}",
                       {"seed": seed, "data_seed": 0, "router": {"position": position, "n_layer": 8}}, records)
             job += 1
@@ -89,47 +97,94 @@ def test_threshold_is_a_knob_for_onset_and_onset_step():
 def test_clean_nope_rope_alibi_ordering_is_supported_by_every_statistic(tmp_path):
     runs = brake_sweep(tmp_path, {"nope": (1, 0.7, 100), "rope": (3, 0.5, 200), "alibi": (6, 0.3, 300)})
     result = brake_study(runs)
-    assert [c["verdict"] for c in result["checks"]] == ["supported"] * 8
-    assert result["verdict_step"] == result["verdict_loss"] == "supported by every determinable statistic"
+    assert [c["verdict"] for c in result["checks"]] == ["supports"] * 12
+    assert [c["at"] for c in result["checks"]] == ["solved"] * 3 + ["solved+k"] * 3 + ["step"] * 6
+    assert result["verdict_step"] == result["verdict_solved"] == "supported by every determinable statistic"
     assert result["verdict"] == "supported by every determinable statistic"
     onset = next(c for c in result["checks"] if c["key"] == "onset_depth_censored")
     assert onset["observed"] == "NoPE 0.125 < RoPE 0.375 < ALiBi 0.75" and onset["p_predicted"] == 1.0
     assert [a["arm"] for a in result["arms"]] == ["nope", "rope", "alibi"]
     nope = result["arms"][0]
     assert nope["peak_max_share"] == pytest.approx(0.704) and nope["peak_max_share_low"] < 0.704 < nope["peak_max_share_high"]
+    assert nope["peak_max_share_low"] < nope["peak_max_share_boot_low"]  # the t-interval, wider at 3 seeds, leads
+    assert nope["solved"] == "3/3" and not nope["unsolved"] and nope["peak_max_share@solved"] == pytest.approx(0.704)
     assert "**Verdict: supported" in verdict_text(result)
 
 
-def test_records_without_training_loss_leave_the_matched_loss_checks_undetermined(tmp_path):
+def test_records_without_a_solved_level_leave_the_gated_checks_undetermined_and_say_so(tmp_path):
     runs = brake_sweep(tmp_path, {"nope": (1, 0.7, 100), "rope": (3, 0.5, 200)}, with_loss=False)
-    checks = brake_study(runs)["checks"]
-    assert [c["verdict"] for c in checks[:5]] == ["supported"] * 5
-    assert all(c["verdict"].startswith("undetermined") for c in checks[5:])
+    result = brake_study(runs)
+    checks = result["checks"]
+    assert all(c["verdict"].startswith("undetermined: the records name no solved loss") for c in checks[:6])
+    assert [c["verdict"] for c in checks[6:11]] == ["supports"] * 5
+    assert checks[11]["verdict"].startswith("undetermined")  # training loss at onset: no loss logged
+    assert result["verdict"] == ("supported by every determinable statistic (at matched step only: no "
+                                 "learning-gated comparison was determinable)")
+    assert result["arms"][0]["solved"] == "-" and not result["arms"][0]["unsolved"]
 
 
-def test_matched_loss_reads_each_run_at_the_slowest_runs_best_loss(tmp_path):
-    # NoPE learns slowly (best loss 3.2) but concentrates as it learns; RoPE reaches 3.2 at step 100.
-    nope = [record(0, [0.06] * 4, train_loss=4.5), record(100, [0.06, 0.1, 0.1, 0.1], train_loss=4.0),
-            record(200, [0.06, 0.3, 0.2, 0.1], train_loss=3.2)]
-    rope = [record(0, [0.06] * 4, train_loss=4.5), record(100, [0.06, 0.1, 0.12, 0.1], train_loss=3.1),
-            record(200, [0.06, 0.1, 0.5, 0.4], train_loss=2.0)]
-    for i, (position, records) in enumerate((("nope", nope), ("rope", rope))):
-        write_run(tmp_path / f"{i}_position={position}", {"router": {"position": position}}, records)
+def test_solved_gated_comparisons_read_each_run_at_solved_step_and_k_steps_on(tmp_path):
+    # NoPE learns slowly (solves at step 300) and concentrates as it learns; RoPE solves at step 100. At matched
+    # step NoPE is the weaker brake's opposite (0.3 < 0.5); where each run has just learned, it is the stronger.
+    def run(solve_at, shares, seed):
+        return [record(step, [0.06, s[0] + 0.003 * seed, *s[1:]], val_loss=3.0 if step >= solve_at else 4.0,
+                       solved_loss=3.0) for step, s in zip((0, 100, 200, 300, 400), shares)]
+
+    nope = [[0.06] * 3, [0.1] * 3, [0.15] * 3, [0.3, 0.2, 0.1], [0.3, 0.2, 0.1]]
+    rope = [[0.06] * 3, [0.12, 0.1, 0.1], [0.2, 0.2, 0.1], [0.5, 0.4, 0.1], [0.5, 0.4, 0.1]]
+    for seed in range(3):
+        write_run(tmp_path / f"n{seed}_position=nope", {"seed": seed, "router": {"position": "nope"}},
+                  run(300, nope, seed))
+        write_run(tmp_path / f"r{seed}_position=rope", {"seed": seed, "router": {"position": "rope"}},
+                  run(100, rope, seed))
     result = brake_study(find_runs(tmp_path))
-    assert result["matched_loss"] == 3.2  # max over runs of each run's lowest loss
-    by_arm = {r["arm"]: r for r in result["rows"]}
-    assert by_arm["nope"]["matched_step"] == 200 and by_arm["rope"]["matched_step"] == 100
-    assert by_arm["nope"]["peak_max_share_matched"] == 0.3 and by_arm["rope"]["peak_max_share_matched"] == 0.12
-    # at matched step NoPE is the weaker (0.3 < 0.5); at matched loss it is the stronger: the two bases disagree
-    checks = {c["key"]: c for c in result["checks"]}
-    assert checks["peak_max_share"]["p_predicted"] == 0.0 and checks["peak_max_share_matched"]["p_predicted"] == 1.0
-    assert by_arm["nope"]["onset_loss"] == 3.2 and by_arm["rope"]["onset_loss"] == 2.0
+    by_arm = {}
+    for row in result["rows"]:
+        by_arm.setdefault(row["arm"], []).append(row)
+    assert {r["solved_step"] for r in by_arm["nope"]} == {300.0} and {r["solved_step"] for r in by_arm["rope"]} == {100.0}
+    assert [r["step@solved+k"] for r in by_arm["rope"]] == [200.0] * 3  # the first record at or after 100 + 100
+    assert by_arm["nope"][0]["peak_max_share@solved"] == pytest.approx(0.3)
+    assert by_arm["rope"][0]["peak_max_share@solved"] == pytest.approx(0.12)
+    assert by_arm["nope"][0]["step@solved+k"] == 400.0
+    assert record_at(find_runs(tmp_path)[0].records, 500) is None  # training ended first: the gated values are nan
+    checks = {(c["key"]): c for c in result["checks"]}
+    assert checks["peak_max_share@solved"]["verdict"] == "supports"   # RoPE - NoPE < 0 where each has learned
+    assert checks["peak_max_share"]["verdict"] == "contradicts (RoPE - NoPE on the other side of 0)"
+    assert result["verdict"] == result["verdict_solved"] != result["verdict_step"]
+
+
+def test_an_arm_with_runs_that_never_solve_is_flagged_never_silently_dropped(tmp_path):
+    # RoPE's level is below what any of its runs reaches: no RoPE run solves, so gated checks refuse.
+    runs = brake_sweep(tmp_path / "none", {"nope": (1, 0.7, 100), "rope": (3, 0.5, 200)},
+                       solved_loss={"nope": 2.5, "rope": 1.0})
+    result = brake_study(runs)
+    gated = [c for c in result["checks"] if c["at"] != "step"]
+    assert all(c["verdict"] == "no verdict: too few runs reached " + c["at"] + " (solved: NoPE 3/3, RoPE 0/3; "
+               "need >= 3 per arm)" for c in gated)
+    assert [a["solved"] for a in result["arms"]] == ["3/3", "0/3"] and result["arms"][1]["unsolved"]
+    assert "RoPE: 3 runs (0 never reach onset, 0/3 solved -- FLAGGED)" in verdict_text(result)
+    # Four seeds, one of RoPE's never solving: the verdict stands on the solved runs and names the unsolved one.
+    runs = brake_sweep(tmp_path / "one", {"nope": (1, 0.7, 100), "rope": (3, 0.5, 200)}, seeds=4)
+    last = next(r for r in runs if r.get("router.position") == "rope" and r.get("seed") == 3)
+    for r in last.records:
+        r["solved_loss"] = 1.0
+    result = brake_study(runs)
+    peak = next(c for c in result["checks"] if c["key"] == "peak_max_share@solved")
+    assert peak["verdict"] == "supports; unsolved runs have no value: RoPE 3/4 solved" and peak["solved"] == "NoPE 4/4, RoPE 3/4"
+
+
+def test_the_retired_matched_loss_comparison_is_refused_with_its_replacement():
+    from common.errors import UserError
+
+    with pytest.raises(UserError, match="matched-loss rule is retired.*solved, solved\\+k or step"):
+        studies.Comparison("peak_max_share", "peak", "lower", at="loss")
+    assert studies.Comparison("peak_max_share", "peak", at="solved+k").key == "peak_max_share@solved+k"
 
 
 def test_the_reverse_order_is_reported_as_contradicted(tmp_path):
     runs = brake_sweep(tmp_path, {"nope": (6, 0.3, 300), "rope": (3, 0.5, 200), "alibi": (1, 0.7, 100)})
     result = brake_study(runs)
-    assert all(c["verdict"] == "contradicted (reverse order)" for c in result["checks"])
+    assert all(c["verdict"].startswith("contradicts (RoPE - NoPE, ALiBi - RoPE on the other side") for c in result["checks"])
     assert result["verdict"].startswith("contradicted by onset depth")
 
 
@@ -142,7 +197,7 @@ def test_without_any_crossing_onset_is_undetermined_and_peak_still_decides(tmp_p
     result = brake_study(runs)
     verdicts = {c["key"]: c["verdict"] for c in result["checks"]}
     assert verdicts["onset_depth_censored"] == "undetermined: no run's max share exceeded threshold 0.2"
-    assert verdicts["peak_max_share"] == "supported"
+    assert verdicts["peak_max_share"] == "supports"
     lowered = {c["key"]: c["verdict"] for c in brake_study(runs, threshold=0.1)["checks"]}
     assert lowered["onset_depth_censored"] != verdicts["onset_depth_censored"]  # the knob makes onset measurable
 
@@ -162,8 +217,10 @@ def test_alibi_slope_scale_is_judged_as_a_monotone_trend_with_an_interval_on_rho
     result = brake_study(slope_sweep(tmp_path, seeds=3), studies.load("alibi_slope"))
     checks = {c["key"]: c for c in result["checks"]}
     onset, peak = checks["onset_depth_censored"], checks["peak_max_share"]
-    assert onset["spearman_rho"] > 0.9 and onset["rho_low"] > 0 and onset["verdict"] == "supported"
-    assert peak["spearman_rho"] < -0.9 and peak["rho_high"] < 0 and peak["verdict"] == "supported"
+    assert onset["spearman_rho"] > 0.9 and onset["rho_low"] > 0 and onset["verdict"] == "supports"
+    assert peak["spearman_rho"] < -0.9 and peak["rho_high"] < 0 and peak["verdict"] == "supports"
+    assert peak["rho_boot_high"] < 0 and 0 < peak["detectable"] < 1 and peak["runs"] == 12
+    assert checks["peak_max_share@solved"]["verdict"].startswith("undetermined: the records name no solved loss")
 
 
 def test_two_seeds_per_arm_give_effect_sizes_but_no_verdict(tmp_path):
@@ -174,17 +231,21 @@ def test_two_seeds_per_arm_give_effect_sizes_but_no_verdict(tmp_path):
     result = brake_study(runs)
     peak = next(c for c in result["checks"] if c["key"] == "peak_max_share")
     assert peak["p_predicted"] == 1.0 and peak["verdict"] == "no verdict: too few seeds (runs per arm: 2 x NoPE, 2 x RoPE; need >= 3)"
-    assert peak["effects"].startswith("RoPE - NoPE -0.2 [")  # the effect size is still stated, with its interval
+    assert peak["effects"].startswith("RoPE - NoPE -0.2 [t ")  # the effect size is still stated, with its interval
+    assert " MDE " in peak["effects"] and " p 0.333" in peak["effects"]  # 2 vs 2: the smallest p is 2/6
     assert result["verdict"].startswith("no verdict: too few seeds") and "**Verdict: no verdict" in verdict_text(result)
 
 
-def metric_sweep(tmp_path):
+def metric_sweep(tmp_path, seeds=3, solved=False):
+    """``solved``: records carry validation loss and the task's solved level; every run solves at step 100."""
     job = 0
     arms = {"dot": (0.30, 0.6, 3.00), "euclidean": (0.15, 0.4, 3.10), "normalized": (0.01, 0.6, 3.00)}
     for score, (cv, peak, loss) in arms.items():
-        for seed in range(3):
+        for seed in range(seeds):
             j = 0.005 * seed
-            records = [record(0, [0.06] * 8), record(100, onset_profile(2, peak + j), norm_cv=cv + j)]
+            levels = {"val_loss": loss + j, "solved_loss": 3.05} if solved else {}
+            records = [record(0, [0.06] * 8), record(100, onset_profile(2, peak + j), norm_cv=cv + j, **levels),
+                       record(200, onset_profile(2, peak + j), norm_cv=cv + j, **levels)]
             write_run(tmp_path / f"{job}_score={score},seed={seed}", {"seed": seed, "router": {"score": score}},
                       records, val_loss=loss + j)
             job += 1
@@ -200,14 +261,33 @@ def test_metric_study_states_lower_stratification_and_concentration_and_the_loss
     assert found[("euclidean", "val_loss")]["direction"] == "higher"
     assert found[("normalized", "peak_max_share")]["direction"] == "no clear difference"
     text = statement(result)
-    assert "**euclidean**" in text and "Removes both stratification and concentration." in text
+    assert "**euclidean**: Removes both stratification and concentration (at matched step)." in text
     assert "a loss cost" in text
+    assert found[("euclidean", "norm_cv@solved")]["verdict"].startswith("undetermined: the records name no solved loss")
+
+
+def test_metric_comparisons_state_effect_t_interval_permutation_p_and_detectable_effect_at_solved(tmp_path):
+    result = metric_study(find_runs(metric_sweep(tmp_path, seeds=5, solved=True)))
+    found = {(c["score"], c["key"]): c for c in result["comparisons"]}
+    cv = found[("euclidean", "norm_cv@solved")]
+    assert cv["difference"] == pytest.approx(-0.15) and cv["high"] < 0 and cv["verdict"] == "supports"
+    assert cv["low"] < cv["boot_low"] and cv["p_perm"] == pytest.approx(2 / 252) and cv["hedges_g"] < -10
+    assert cv["n_a"] == cv["n_b"] == 5 and cv["solved"] == "5/5 vs 5/5"
+    peak = found[("normalized", "peak_max_share@solved")]
+    assert peak["verdict"] == f"inconclusive (interval spans 0; detectable >= {peak['mde']:.3g})"
+    sd = math.sqrt(sum((0.005 * i - 0.01) ** 2 for i in range(5)) / 4)  # both arms' seeds spread 0, 0.005, ... 0.02
+    assert peak["mde"] == pytest.approx(2.0244 * sd, rel=1e-4)  # at 5 vs 5 the design detects ~2 sd
+    assert found[("euclidean", "ve@8")]["verdict"] == "inconclusive (interval spans 0; detectable >= 0)"
+    text = statement(result)
+    assert "**euclidean**: Removes both stratification and concentration (at solved_step). Solved: dot 5/5, " \
+           "euclidean 5/5." in text
+    assert "  - norm-CV at solved -0.150 [t " in text and " MDE " in text
 
 
 def test_the_metric_study_gives_no_direction_with_two_seeds_per_arm(tmp_path):
     runs = [run for run in find_runs(metric_sweep(tmp_path)) if run.get("seed") != 2]
     result = metric_study(runs)
-    assert all(c["direction"].startswith("too few seeds (2 and 2 runs") for c in result["comparisons"])
+    assert all(c["direction"].startswith("too few seeds (2 and 2 runs") for c in result["comparisons"] if c["at"] == "step")
     assert "No verdict: too few seeds" in statement(result) and "Removes both" not in statement(result)
 
 
