@@ -6,15 +6,20 @@
   its checkpoint, so a step can appear twice with the same values: readers take the last row of a step.
 - ``WandbLogger`` is a view that may fail without taking training with it: the first exception from W&B (at
   init or mid-run: its service died, its folder is unwritable) is reported once and turns W&B off for the rest
-  of the run, while training and the local files go on.
+  of the run, while training and the local files go on. W&B's own log files (``debug.log``) fail differently:
+  Python's logging prints a ``--- Logging error ---`` traceback for every line W&B logs (21 on a full disk,
+  from ``wandb.init`` alone). Those errors go to the same one warning (:func:`_wandb_logging_error`); later
+  ones are counted, not printed.
 """
 from __future__ import annotations
 
 import csv
 import functools
 import io
+import errno
 import logging
 import os
+import sys
 from typing import Any
 
 from lightning.fabric.loggers.logger import _DummyExperiment
@@ -86,17 +91,50 @@ def _guarded(method):
     return call
 
 
+_handle_error = logging.Handler.handleError  # Python's: a traceback on stderr per failed log line
+_active: "WandbLogger | None" = None  # the W&B logger of the run this process trains
+
+
+def _wandb_logging_error(handler: logging.Handler, record: logging.LogRecord) -> None:
+    """``logging.Handler.handleError`` for W&B's own log lines (logger ``wandb``): the first failure becomes the
+    run's one W&B warning, later ones are counted. Every other logger's errors are reported as Python does."""
+    if not record.name.startswith("wandb"):
+        return _handle_error(handler, record)
+    error = sys.exc_info()[1] or OSError("unknown logging error")
+    logger = _active
+    if logger is None:
+        return None  # no run of ours: W&B logging outside training is not ours to report
+    logger.suppressed_errors += 1
+    if logger.failure is None:
+        where = getattr(handler, "baseFilename", None)
+        logger._fail(error, where=where)
+    return None
+
+
 class WandbLogger(_WandbLogger):
     """``WandbLogger`` that turns itself off at its first failure (module docstring)."""
 
     def __init__(self, *args, **kwargs):
+        global _active
         super().__init__(*args, **kwargs)
         self.failure: str | None = None
+        self.suppressed_errors = 0  # W&B's own logging errors after the first, counted instead of printed
+        _active = self
+        logging.Handler.handleError = _wandb_logging_error
 
-    def _fail(self, error: Exception) -> None:
+    def _fail(self, error: BaseException, where: str | None = None) -> None:
         self.failure = f"{type(error).__name__}: {error}".strip().splitlines()[0]
-        log.warning(f"W&B failed ({self.failure}); W&B is off for the rest of this run. Training goes on and "
-                    f"collapse.jsonl, csv/metrics.csv and the checkpoints stay complete.")
+        if where and str(where) not in self.failure:
+            self.failure += f" writing {where}"
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            fix = f"free space under {self.save_dir}"
+        elif isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            fix = f"make {self.save_dir} writable"
+        else:
+            fix = "check W&B's service and settings"
+        log.warning(f"W&B failed ({self.failure}); W&B is off for the rest of this run (later W&B errors are "
+                    f"counted, not shown). Training goes on and collapse.jsonl, csv/metrics.csv and the checkpoints "
+                    f"stay complete. Fix: {fix}, or pass logger=csv to train without W&B.")
 
     @property
     def experiment(self):
