@@ -39,7 +39,7 @@ def train(cfg: DictConfig) -> None:
 
     from callbacks.checkpointing import Preempted, requeue
     from common.errors import UserError
-    from run import prepare_run_dir, record_failure, report, run_dir
+    from run import prepare_run_dir, record_failure, report, run_dir, unwritable
 
     out = run_dir()  # the one source of the run directory; everything below is handed it
     lock = prepare_run_dir(out)  # one writer per run dir, held until this function returns
@@ -61,7 +61,15 @@ def train(cfg: DictConfig) -> None:
             raise failure from None
         sys.exit(128 + p.signum)  # what a shell reports for a process ended by that signal
     except BaseException as e:
-        record_failure(out, e, None if trainer is None else trainer.global_step)
+        step = None if trainer is None else trainer.global_step
+        # A run dir that became unwritable (or full) mid-run: one line naming the file and the fix, not the
+        # traceback of whichever write hit it first.
+        error = unwritable(out, e, step) or e
+        not_written = record_failure(out, error, step)
+        if isinstance(error, UserError) and not_written:
+            error = UserError(f"{error} (FAILED could not be written in {out} either: {not_written})")
+        if error is not e:
+            raise error from None
         raise
     finally:
         if lock:

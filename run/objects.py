@@ -112,9 +112,14 @@ def build_loggers(logger_cfg: DictConfig, out: Path, run_cfg: DictConfig | None 
 
 def finish_loggers(loggers: list, status: str) -> None:
     """Flush every logger and end the W&B run as ``success``, ``failed`` or ``preempted``: one W&B run per
-    Hydra job, also inside a multirun process, and never a crashed run recorded as finished."""
+    Hydra job, also inside a multirun process, and never a crashed run recorded as finished. After a failure a
+    logger that cannot flush (its folder became unwritable) is passed over: the failure is what gets reported."""
     for logger in loggers:
-        logger.save()
+        try:
+            logger.save()
+        except OSError:
+            if status == "success":
+                raise
         if isinstance(logger, WandbLogger):
             logger.finish(status)
 

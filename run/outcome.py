@@ -2,6 +2,7 @@
 and the closing report of what training did and where everything is."""
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
@@ -67,15 +68,49 @@ def prepare_run_dir(out: Path) -> RunDirLock | None:
     return lock
 
 
-def record_failure(out: Path, error: BaseException, step: int | None) -> None:
-    """Write the run's ``FAILED`` marker: why (the one-line message, or the exception) and at which step."""
+def record_failure(out: Path, error: BaseException, step: int | None) -> str | None:
+    """Write the run's ``FAILED`` marker: why (the one-line message, or the exception) and at which step. Never
+    raises: returns None, or why the marker could not be written (an unwritable or full run directory)."""
     if isinstance(error, (KeyboardInterrupt, SystemExit)):
         reason = "interrupted"
     elif isinstance(error, UserError):
         reason = str(error)
     else:
         reason = f"{type(error).__name__}: {error}".strip().splitlines()[0]
-    mark_failed(out, reason, getattr(error, "step", step))
+    try:
+        mark_failed(out, reason, getattr(error, "step", step))
+    except OSError as e:
+        return e.strerror or type(e).__name__
+    return None
+
+
+UNWRITABLE = {errno.EACCES, errno.EPERM, errno.EROFS}
+FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+def unwritable(out: Path, error: BaseException, step: int | None) -> UserError | None:
+    """If ``error`` came from a write under the run directory that the filesystem refused (made read-only, its
+    permissions taken away, or full), the one-line message for it: the file, why, at which step, and the fix.
+    The first such write in the exception's chain is the one named (later ones fail for the same reason)."""
+    root, found, seen = os.path.abspath(out), None, set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if (isinstance(error, OSError) and error.errno in UNWRITABLE | FULL and error.filename
+                and os.path.abspath(os.fspath(error.filename)).startswith(root)):
+            found = error
+        error = error.__cause__ or error.__context__
+    if found is None:
+        return None
+    path = Path(os.fspath(found.filename))
+    if path.name.startswith(".") and atomic.TEMP_MARK in path.name:  # the temp file of an atomic write: its target
+        path = path.with_name(path.name[1:].split(atomic.TEMP_MARK)[0])
+    at = "" if step is None else f" at step {step}"
+    if found.errno in FULL:
+        return UserError(f"cannot write {path} ({found.strerror}){at}: the disk under the run directory is full; "
+                         f"free space there and resume with ckpt_path=auto")
+    return UserError(f"cannot write {path} ({found.strerror}){at}: the run directory {out} became unwritable while "
+                     f"the run was writing it; make it writable again (e.g. chmod -R u+w {out}) and resume with "
+                     f"ckpt_path=auto")
 
 
 class NonFiniteError(UserError):

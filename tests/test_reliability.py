@@ -409,6 +409,49 @@ def test_a_full_disk_under_wandb_gives_one_warning_line_and_training_goes_on(tra
         wandb.finish(exit_code=1)
 
 
+@pytest.mark.parametrize("where", ["run dir", "csv"])
+def test_a_run_dir_made_unwritable_mid_run_ends_in_one_line_exit_2_and_failed_where_it_can_be(forked, reference,
+                                                                                                tmp_path, where):
+    """Root ignores chmod, so tests/readonly_dir.py refuses every new write under the folder from step 10 on, as
+    a read-only folder does (was: a PermissionError traceback, exit 1, no FAILED). Made writable again (a new
+    process), the run resumes exactly."""
+    out = tmp_path / "run"
+    readonly = ["+callbacks.readonly._target_=tests.readonly_dir.ReadOnlyFrom", "+callbacks.readonly.step=10"]
+    code = forked(out, *readonly, *([] if where == "run dir" else ["+callbacks.readonly.sub=csv"]))
+    log = (tmp_path / "run.log").read_text()
+    assert code == 2 and "Traceback" not in log, log[-3000:]
+    (error,) = [line for line in log.splitlines() if line.startswith("error: ")]
+    assert re.search(rf"cannot write {re.escape(str(out / 'csv' / 'metrics.csv'))} \(Permission denied\) at step 1\d: "
+                     rf"the run directory {re.escape(str(out))} became unwritable .*chmod -R u\+w .*ckpt_path=auto", error)
+    if where == "run dir":
+        assert error.endswith(f"(FAILED could not be written in {out} either: Permission denied)")
+        assert not (out / "FAILED").exists()
+    else:
+        assert "could not be written" not in error
+        assert "became unwritable" in (out / "FAILED").read_text()
+    assert forked(out, "ckpt_path=auto") == 0, _log(out)
+    assert_same_run(out, reference)
+
+
+def test_a_full_disk_under_the_run_dir_is_named_with_its_fix_and_other_errors_are_left_alone(tmp_path):
+    import errno
+
+    from run import unwritable
+
+    out = tmp_path / "run"
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", str(out / ".collapse.jsonl.tmp-12.jsonl"))
+        except OSError:
+            raise RuntimeError("a later failure while handling it")
+    except RuntimeError as e:
+        message = str(unwritable(out, e, 7))
+    assert message == (f"cannot write {out / 'collapse.jsonl'} (No space left on device) at step 7: the disk under the "
+                       f"run directory is full; free space there and resume with ckpt_path=auto")
+    assert unwritable(out, PermissionError(errno.EACCES, "Permission denied", "/elsewhere/x"), 7) is None
+    assert unwritable(out, ValueError("no file"), 7) is None
+
+
 # --- 6. a non-finite loss or gradient ------------------------------------------------------------------------
 
 class _NaNGradient(torch.autograd.Function):
