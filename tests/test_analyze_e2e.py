@@ -125,7 +125,7 @@ def test_each_run_and_the_untrained_pair_are_measured_once_per_probe(sweep, monk
     untrained, keys = {}, {}
     first = seeds.compare_pair(a, b, rank=4, untrained_cache=untrained, keys_cache=keys)
     again = seeds.compare_pair(b, a, rank=4, untrained_cache=untrained, keys_cache=keys)  # nothing measured again
-    assert len(calls) == 4 and [c.startswith("untrained") for c in calls] == [False, False, True, True]
+    assert len(calls) == 8 and [c.startswith("untrained") for c in calls] == [False, False] + [True] * 6  # 3 pairs
     assert [r["token_angle_untrained"] for r in again] == [r["token_angle_untrained"] for r in first]
     assert [r["token_angle"] for r in again] == pytest.approx([r["token_angle"] for r in first], abs=1e-6)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -182,3 +183,63 @@ def test_a_failing_pass_in_a_worker_is_one_line_and_leaves_no_worker(tmp_path):
         measure_passes([bad, good], workers=2)
     assert "\n" not in str(error.value)
     assert not multiprocessing.active_children()
+
+
+def seed_rows(trained, untrained, shares, kind="weight"):
+    """Hand-made per-(pair, layer) rows of the seed study: ``trained[p][l]`` the token angle of pair p at layer
+    l, ``untrained[j][l]`` untrained pair j's, ``shares[run][l]`` each run's final max share (pairs of runs
+    0-1, 2-3, ...)."""
+    rows = []
+    for p, angles in enumerate(trained):
+        for layer, angle in enumerate(angles):
+            row = {"kind": kind, "run_a": f"r{2 * p}", "run_b": f"r{2 * p + 1}", "layer": layer, "ve@8_a": 0.5,
+                   "ve@8_b": 0.52, "delta_ve@8": 0.02, "token_angle": angle, "token_angle_null": 80.0,
+                   "key_angle": 85.0, "key_angle_null": 86.0, "max_share_a": shares[2 * p][layer],
+                   "max_share_b": shares[2 * p + 1][layer]}
+            for space in ("token", "key"):
+                values = [u[layer] for u in untrained]
+                row.update({f"{space}_angle_untrained_{j}": v for j, v in enumerate(values)})
+                row[f"{space}_angle_untrained"] = sum(values) / len(values)
+            rows.append(row)
+    return rows
+
+
+def test_seed_direction_reads_concentrating_layers_apart_and_the_untrained_baseline_over_three_pairs():
+    from scipy import stats
+
+    from analysis.seeds import concentrating_layers, kind_profiles, statement, summary_rows
+
+    # Three layers; only L2 concentrates. There the trained pairs share direction (40 deg vs untrained ~60);
+    # L0 and L1 sit at the untrained level, so the depth mean dilutes the effect.
+    trained = [[60.0, 61.0, 40.0], [61.0, 60.0, 41.0], [59.0, 60.5, 39.0], [60.5, 59.5, 40.5]]
+    untrained = [[60.0, 60.0, 60.0], [61.0, 59.0, 61.0], [59.0, 61.0, 59.0]]
+    shares = [[0.05, 0.1, 0.4]] * 8
+    rows = seed_rows(trained, untrained, shares)
+    assert concentrating_layers(rows, 0.2) == [2] and concentrating_layers(rows, 0.5) == []
+    result = {"rows": rows, "profiles": kind_profiles(rows), "rank": 8, "threshold": 0.2}
+    (s,) = summary_rows(result)
+    assert s["pairs"] == 4 and s["untrained pairs"] == 3 and s["concentrating layers"] == "L2"
+    baseline = [sum(u) / 3 for u in untrained]  # each untrained pair's depth mean: the baseline's replicates
+    low, high = stats.t.interval(0.95, 2, loc=np.mean(baseline), scale=stats.sem(baseline))
+    assert (s["token untrained low"], s["token untrained high"]) == pytest.approx((low, high))
+    depth = [sum(t) / 3 for t in trained]
+    ci = stats.ttest_ind(depth, baseline, equal_var=False).confidence_interval(0.95)
+    assert s["token angle - untrained"] == pytest.approx(np.mean(depth) - np.mean(baseline))
+    assert (s["token angle - untrained low"], s["token angle - untrained high"]) == pytest.approx((ci.low, ci.high))
+    assert s["token angle - untrained (conc.)"] == pytest.approx(np.mean([40, 41, 39, 40.5]) - 60.0)
+    assert s["token angle - untrained (conc.) high"] < 0 < s["detectable (conc.)"]
+    assert s["p perm (conc.)"] == pytest.approx(1 / 35)  # 4 vs 3 fully separated: only the observed one of C(7, 3)
+    text = statement(result)
+    assert "concentrating layers (L2): 19.9 deg" not in text and "concentrating layers (L2): 40.1 deg" in text
+    assert "direction shared beyond what the input imposes; key-space" in text  # at L2, not diluted
+    assert "over 3 pairs" in text
+
+
+def test_seed_direction_without_a_concentrating_layer_says_so():
+    from analysis.seeds import kind_profiles, statement, summary_rows
+
+    rows = seed_rows([[60.0, 61.0]] * 3, [[60.0, 60.0]] * 3, [[0.05, 0.1]] * 6)
+    result = {"rows": rows, "profiles": kind_profiles(rows), "rank": 8, "threshold": 0.2}
+    (s,) = summary_rows(result)
+    assert s["concentrating layers"] == "none" and math.isnan(s["token angle - untrained (conc.)"])
+    assert "no layer's final max share exceeds 0.2" in statement(result)
