@@ -48,13 +48,8 @@ def slurm_cluster(tmp_path_factory):
     """A real single-node SLURM cluster on localhost (tests/slurm_cluster.py), for the whole session. Without one
     (not root, no apt-get, the install failed) the tests that use it skip with the reason; with
     ROUTECOLLAPSE_REQUIRE_SLURM=1 (CI, .ci/run) they fail instead."""
-    from tests.slurm_cluster import REQUIRE, LocalSlurm, Unavailable
+    from tests.slurm_cluster import cluster_or_skip
 
-    try:
-        cluster = LocalSlurm(tmp_path_factory.mktemp("slurm")).start()
-    except Unavailable as e:
-        if os.environ.get(REQUIRE) == "1":
-            pytest.fail(f"no local SLURM cluster, and {REQUIRE}=1 asks for one: {e}", pytrace=False)
-        pytest.skip(f"no local SLURM cluster: {e}")
+    cluster = cluster_or_skip(tmp_path_factory.mktemp("slurm"))
     yield cluster
     cluster.stop()

@@ -235,6 +235,19 @@ PartitionName={self.PARTITION} Nodes={self.NODE} Default=YES MaxTime=INFINITE St
                              + "\n".join((self.folder / "slurmctld.log").read_text().splitlines()[-20:]))
 
 
+def cluster_or_skip(folder: Path) -> LocalSlurm:
+    """A started cluster in ``folder``; without one, skip the test saying why, or fail where
+    ``ROUTECOLLAPSE_REQUIRE_SLURM=1`` (CI) asks for one."""
+    import pytest
+
+    try:
+        return LocalSlurm(folder).start()
+    except Unavailable as e:
+        if os.environ.get(REQUIRE) == "1":
+            pytest.fail(f"no local SLURM cluster, and {REQUIRE}=1 asks for one: {e}", pytrace=False)
+        pytest.skip(f"no local SLURM cluster: {e}")
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["install"]:
         try:

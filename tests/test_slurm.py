@@ -88,6 +88,23 @@ def requeue_events(cluster, job_id: str) -> int:
     return len(re.findall(rf"Requeuing JobId={re.escape(job_id)}\b", text))
 
 
+def test_without_a_cluster_the_slurm_tests_skip_saying_why_and_fail_where_ci_requires_one(tmp_path, monkeypatch):
+    from tests import slurm_cluster
+
+    monkeypatch.setattr(slurm_cluster, "installed", lambda: False)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    monkeypatch.delenv(slurm_cluster.REQUIRE, raising=False)
+    with pytest.raises(pytest.skip.Exception, match="no local SLURM cluster: a local SLURM cluster needs root"):
+        slurm_cluster.cluster_or_skip(tmp_path)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(slurm_cluster.shutil, "which", lambda name: None)  # no apt-get
+    with pytest.raises(pytest.skip.Exception, match="SLURM is not installed and there is no apt-get"):
+        slurm_cluster.cluster_or_skip(tmp_path)
+    monkeypatch.setenv(slurm_cluster.REQUIRE, "1")
+    with pytest.raises(pytest.fail.Exception, match="ROUTECOLLAPSE_REQUIRE_SLURM=1 asks for one"):
+        slurm_cluster.cluster_or_skip(tmp_path)
+
+
 def test_a_sweep_of_two_jobs_completes_on_a_real_slurm(slurm_cluster, reference, tmp_path, cache):
     sweep = Sweep(slurm_cluster, tmp_path / "sweep", cache, "seed=0,1")
     assert sweep.wait() == 0, sweep.output()[-3000:]
