@@ -400,3 +400,19 @@ def test_a_study_at_rank_4_reads_ve_at_4_end_to_end(study, tmp_path, monkeypatch
     if study == "metric_study":
         keys = {row["key"] for row in csv.DictReader(open(out / "comparisons.csv"))}
         assert "ve@4" in keys and "ve@8" not in keys
+
+
+STUDY_EXPERIMENTS = ["brake_ordering", "alibi_slope", "metric_study", "normalization_study", "collapse_regime",
+                     "seed_direction", "csbm_homophily", "gat_vs_gcn", "attnres_offset", "mamba_freeze",
+                     "rwkv_decay_sweep"]
+
+
+@pytest.mark.parametrize("name", STUDY_EXPERIMENTS)
+def test_every_study_experiment_sweeps_at_least_five_replicates_per_arm(name):
+    from pathlib import Path
+
+    params = yaml.safe_load((Path(studies.SPECS).parent / "experiment" / f"{name}.yaml").read_text())["hydra"]["sweeper"]["params"]
+    replicates = str(params.get("seed", params.get("data.split", "")))  # gat_vs_gcn: the 10 standard splits
+    count = len(range(*map(int, replicates[6:-1].split(",")))) if replicates.startswith("range(") else \
+        len(replicates.split(","))
+    assert count >= 5, f"{name}: {replicates}"
