@@ -87,7 +87,8 @@ def metric_study(runs: list[Run], study: Study | None = None, threshold: float =
                                 "solved": f"{solved_count(reference)} vs {solved_count(arm_runs)}" if c.gated else "",
                                 "meaning": c.lower})
     return {"study": study.name, "kind": study.kind, "factor": factor, "threshold": threshold,
-            "reference": reference_arm, "spec": study.comparisons, "solved_k": study.solved_k, "rows": rows, "arms": arm_summary(arm_rows, level, rank),
+            "reference": reference_arm, "spec": study.comparisons, "solved_k": study.solved_k, "rows": rows,
+            "arms": arm_summary(arm_rows, level, rank),
             "comparisons": comparisons, "level": level, "rank": rank,
             **arm_curves(runs, rows, list(arm_rows), threshold, level, rank, factor)}
 

@@ -164,7 +164,8 @@ def test_spearman_fisher_interval_and_detectable_rho_follow_their_closed_forms()
     x, y = [0, 1, 2, 3, 4, 5, 6, 7], [0.1, 0.3, 0.2, 0.5, 0.4, 0.7, 0.6, 0.9]
     rho = stats.spearmanr(x, y).statistic
     half = stats.norm.ppf(0.975) * math.sqrt(1.06 / 5)
-    assert spearman_interval(x, y) == pytest.approx((math.tanh(math.atanh(rho) - half), math.tanh(math.atanh(rho) + half)))
+    z = math.atanh(rho)
+    assert spearman_interval(x, y) == pytest.approx((math.tanh(z - half), math.tanh(z + half)))
     mdr = min_detectable_rho(30)
     z = math.atanh(mdr) / math.sqrt(1.06 / 27)  # power of the z-test at rho = mdr is 0.8
     assert stats.norm.sf(stats.norm.ppf(0.975) - z) == pytest.approx(0.8, abs=1e-3)

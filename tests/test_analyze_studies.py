@@ -141,7 +141,8 @@ def test_solved_gated_comparisons_read_each_run_at_solved_step_and_k_steps_on(tm
     by_arm = {}
     for row in result["rows"]:
         by_arm.setdefault(row["arm"], []).append(row)
-    assert {r["solved_step"] for r in by_arm["nope"]} == {300.0} and {r["solved_step"] for r in by_arm["rope"]} == {100.0}
+    assert {r["solved_step"] for r in by_arm["nope"]} == {300.0}
+    assert {r["solved_step"] for r in by_arm["rope"]} == {100.0}
     assert [r["step@solved+k"] for r in by_arm["rope"]] == [200.0] * 3  # the first record at or after 100 + 100
     assert by_arm["nope"][0]["peak_max_share@solved"] == pytest.approx(0.3)
     assert by_arm["rope"][0]["peak_max_share@solved"] == pytest.approx(0.12)
@@ -170,7 +171,8 @@ def test_an_arm_with_runs_that_never_solve_is_flagged_never_silently_dropped(tmp
         r["solved_loss"] = 1.0
     result = brake_study(runs)
     peak = next(c for c in result["checks"] if c["key"] == "peak_max_share@solved")
-    assert peak["verdict"] == "supports; unsolved runs have no value: RoPE 3/4 solved" and peak["solved"] == "NoPE 4/4, RoPE 3/4"
+    assert peak["verdict"] == "supports; unsolved runs have no value: RoPE 3/4 solved"
+    assert peak["solved"] == "NoPE 4/4, RoPE 3/4"
 
 
 def test_the_retired_matched_loss_comparison_is_refused_with_its_replacement():
@@ -184,7 +186,8 @@ def test_the_retired_matched_loss_comparison_is_refused_with_its_replacement():
 def test_the_reverse_order_is_reported_as_contradicted(tmp_path):
     runs = brake_sweep(tmp_path, {"nope": (6, 0.3, 300), "rope": (3, 0.5, 200), "alibi": (1, 0.7, 100)})
     result = brake_study(runs)
-    assert all(c["verdict"].startswith("contradicts (RoPE - NoPE, ALiBi - RoPE on the other side") for c in result["checks"])
+    assert all(c["verdict"].startswith("contradicts (RoPE - NoPE, ALiBi - RoPE on the other side")
+               for c in result["checks"])
     assert result["verdict"].startswith("contradicted by onset depth")
 
 
@@ -287,7 +290,8 @@ def test_metric_comparisons_state_effect_t_interval_permutation_p_and_detectable
 def test_the_metric_study_gives_no_direction_with_two_seeds_per_arm(tmp_path):
     runs = [run for run in find_runs(metric_sweep(tmp_path)) if run.get("seed") != 2]
     result = metric_study(runs)
-    assert all(c["direction"].startswith("too few seeds (2 and 2 runs") for c in result["comparisons"] if c["at"] == "step")
+    at_step = [c for c in result["comparisons"] if c["at"] == "step"]
+    assert all(c["direction"].startswith("too few seeds (2 and 2 runs") for c in at_step)
     assert "No verdict: too few seeds" in statement(result) and "Removes both" not in statement(result)
 
 
@@ -411,7 +415,8 @@ STUDY_EXPERIMENTS = ["brake_ordering", "alibi_slope", "metric_study", "normaliza
 def test_every_study_experiment_sweeps_at_least_five_replicates_per_arm(name):
     from pathlib import Path
 
-    params = yaml.safe_load((Path(studies.SPECS).parent / "experiment" / f"{name}.yaml").read_text())["hydra"]["sweeper"]["params"]
+    spec = yaml.safe_load((Path(studies.SPECS).parent / "experiment" / f"{name}.yaml").read_text())
+    params = spec["hydra"]["sweeper"]["params"]
     replicates = str(params.get("seed", params.get("data.split", "")))  # gat_vs_gcn: the 10 standard splits
     count = len(range(*map(int, replicates[6:-1].split(",")))) if replicates.startswith("range(") else \
         len(replicates.split(","))
