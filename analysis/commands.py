@@ -320,10 +320,10 @@ _WRITES = {"ordering": ("checks", "verdict.md"), "trend": ("checks", "verdict.md
 
 def _arm_columns(kind: str, rank: int) -> list[str]:
     if kind == "reference":
-        return ["arm", "runs", "norm_cv", "norm_cv_low", "norm_cv_high", f"ve@{rank}", f"ve@{rank}_shuffle",
+        return ["arm", "runs", "solved", "norm_cv", "norm_cv_low", "norm_cv_high", f"ve@{rank}", f"ve@{rank}_shuffle",
                 f"ve@{rank}_gauss", "peak_max_share", "peak_max_share_low", "peak_max_share_high",
                 "area_above_baseline", "val_loss", "val_loss_low", "val_loss_high"]
-    return ["arm", "runs", "never", "onset_depth", "onset_step", "peak_max_share", "peak_max_share_low",
+    return ["arm", "runs", "solved", "never", "onset_depth", "onset_step", "peak_max_share", "peak_max_share_low",
             "peak_max_share_high", "peak_depth", "area_above_baseline", "area_above_baseline_low",
             "area_above_baseline_high", f"ve@{rank}", "norm_cv", "val_loss"]
 
@@ -342,7 +342,7 @@ def _arm_study(cfg, runs, out: Path, study):
     write_csv(result[tests], out / f"{tests}.csv")
     text = explain(result)
     atomic.write_text(out / text_file, f"# {study.title}: {cfg.sweep}\n\n{text}\n\n## Arms (mean, {cfg.level:.0%} "
-                                       f"bootstrap over seeds)\n\n"
+                                       f"t-interval over seeds; solved: runs that reached the solved loss)\n\n"
                                        f"{markdown(result['arms'], _arm_columns(study.kind, study.rank))}\n")
     saved = {k: result[k] for k in ("study", "factor", "threshold", "rank", "verdict", tests) if k in result}
     atomic.write_text(out / "result.json", json.dumps(saved, indent=1))
@@ -365,7 +365,7 @@ def _seed_direction(cfg, runs, out: Path, study):
 
     if not all(run.path.is_dir() and (run.path / "checkpoints" / "last.ckpt").is_file() for run in runs):
         raise UserError("the seed-direction study reruns the checkpoints: pass the local multirun folder as sweep=<dir>")
-    result = seed_study(runs, study.rank, cfg.batch_size, cfg.get("workers"))
+    result = seed_study(runs, study.rank, cfg.batch_size, cfg.get("workers"), threshold=cfg.threshold)
     summary = summary_rows(result)
     write_csv(result["rows"], out / "layers.csv")
     write_csv(summary, out / "summary.csv")

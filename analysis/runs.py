@@ -148,6 +148,9 @@ def run_config(run_dir: Path) -> dict:
     if hydra_file.is_file():
         from omegaconf import OmegaConf
 
+        from common import resolvers
+
+        resolvers.register()  # ${constant:...} and the launcher's ${local_jobs:} resolve here too
         raw = OmegaConf.to_container(OmegaConf.load(hydra_file), resolve=False)
         # ${hydra:...} (output dirs) resolve only inside a Hydra job: escaped, they stay as written.
         return OmegaConf.to_container(OmegaConf.create(_escape_hydra(raw)), resolve=True)
