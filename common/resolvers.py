@@ -21,7 +21,9 @@ def constant(name: str):
         raise ValueError(f"unknown constant {name!r}; common/constants.py defines "
                          f"{', '.join(n for n in dir(constants) if n.isupper())}")
     value = getattr(constants, name)
-    return list(value) if isinstance(value, tuple) else value
+    if not isinstance(value, (int, float, str)):
+        raise ValueError(f"{name} is not a scalar; write its value in the YAML (OmegaConf.resolve refuses lists)")
+    return value
 
 
 def register() -> None:

@@ -116,6 +116,10 @@ def install() -> None:
         try:
             for s in handlers:
                 signal.signal(s, _stop)
+            if not getattr(SlurmJob, "routecollapse_announced", False):  # once per sweep: where the parent waits
+                SlurmJob.routecollapse_announced = True
+                print(f"[sweep] waiting for SLURM job(s) {', '.join(sorted(SlurmJob.watcher._registered))} "
+                      f"(Ctrl-C leaves them running and names them)", file=sys.stderr, flush=True)
             has_result = wait_for(job)
         except (KeyboardInterrupt, _Stopped) as e:
             # Every job submitted from this process (the whole array): submitit's watcher registers each one.

@@ -101,7 +101,7 @@ def test_wandb_runs_are_named_by_the_swept_values_grouped_by_experiment_and_date
     assert first["group"] == second["group"] == "brake_ordering_2026-11-28_10-00-31"
     assert first["job_type"] == "train"
     assert first["tags"] == ["experiment:brake_ordering", "router:pythia", "family:transformer", "position:nope",
-                             "score:dot", "data:repeat", "regime:laptop", "pilot"]
+                             "score:dot", "data:copy", "regime:copy", "pilot"]
     assert first["id"] != second["id"] and len(first["id"]) == 16
     again = build_loggers(cfg.logger, sweep / "1", cfg)[0]._wandb_init
     assert again["id"] == second["id"]  # stable per run dir: a re-sync updates the run
@@ -131,3 +131,28 @@ def test_slurm_launcher_config_composes_through_the_submitit_plugin():
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.tasks_per_node == launcher.gpus_per_node  # Lightning: one task per GPU
     assert launcher.cpus_per_task and launcher.max_num_timeout > 0
+
+
+def test_monitor_defaults_read_the_paper_constants_and_the_resolver_refuses_unknown_or_non_scalar_names():
+    from omegaconf import OmegaConf
+
+    from common import constants
+    from common.resolvers import constant
+
+    cfg = composed()
+    monitor = cfg.callbacks.collapse_monitor
+    assert (monitor.onset_threshold, monitor.completion_threshold, monitor.solved_margin) == (
+        constants.ONSET_THRESHOLD, constants.COMPLETION_THRESHOLD, constants.SOLVED_MARGIN)
+    assert tuple(monitor.ranks) == constants.RANKS  # written out in the YAML: kept equal here
+    OmegaConf.resolve(cfg)  # in place, as `--cfg job --resolve` and print_config do
+    for bad in ("NOT_A_CONSTANT", "RANKS"):
+        with pytest.raises(ValueError, match=bad):
+            constant(bad)
+
+
+def test_the_default_regime_is_the_copy_regime_and_another_data_replaces_its_windows():
+    cfg = composed()
+    assert cfg.data.generator.segment == "iid" and cfg.data.context_length == 32 and cfg.router.smear_keys
+    other = composed("data=synthetic")
+    assert "generator" not in other.data and other.data.context_length == 128
+    assert not composed("router=pythia_70m").router.smear_keys  # the real Pythia shapes keep plain keys

@@ -159,9 +159,10 @@ def test_a_stopped_sweep_parent_names_the_jobs_it_leaves_in_slurm(slurm_cluster,
     job_id = sweep.job_id()
     try:
         slurm_cluster.wait_for(lambda: (queue_state(job_id) or ("",))[0] == "PENDING", 60, "the held job")
-        time.sleep(1)  # the parent is in its wait
+        # The parent says when it is in its wait (a fixed sleep raced it on a loaded machine).
+        slurm_cluster.wait_for(lambda: "[sweep] waiting for SLURM job(s)" in sweep.output(), 120, "the parent's wait")
         sweep.process.send_signal(signal.SIGINT)
-        assert sweep.wait(60) == 130, sweep.output()[-3000:]
+        assert sweep.wait(120) == 130, sweep.output()[-3000:]
         errors = [line for line in sweep.output().splitlines() if line.startswith("error: ")]
         assert len(errors) == 1, sweep.output()[-3000:]
         assert f"SLURM still holds job(s) {job_id} (pending)" in errors[0]
