@@ -32,7 +32,10 @@ def compose(argv: list[str]):
     from omegaconf.errors import OmegaConfBaseException
 
     from analysis.studies import study_override
+    from common import resolvers
     from common.errors import UserError
+
+    resolvers.register()  # ${constant:...} in conf/study/*.yaml and in the runs' saved configs
 
     overrides = [study_override(_quote_path(a)) for a in argv if a != "--wandb"]
     overrides += ["wandb=true"] if "--wandb" in argv else []

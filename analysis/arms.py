@@ -15,7 +15,7 @@ from analysis.runs import SEED_KEYS, Run, factors, val_loss
 from analysis.stats import bootstrap_ci, t_interval
 from analysis.studies import SOLVED_K
 from analysis.tables import number, onset_step, run_statistics, solved_step
-from common.constants import RANK
+from common.constants import RANK, SOLVED_MARGIN
 from common.errors import UserError
 from common.run_names import alias
 
@@ -58,7 +58,7 @@ def factor_value(run: Run, factor: str):
 
 
 def run_row(run: Run, factor: str, threshold: float, completion: float, rank: int = RANK,
-            solved_k: int = SOLVED_K) -> dict:
+            solved_k: int = SOLVED_K, solved_margin: float = SOLVED_MARGIN) -> dict:
     """Everything the studies need about one run, flat: at its final record, and at solved_step and
     solved_step + ``solved_k`` (:func:`gated`)."""
     stats = run_statistics(run.final, threshold, completion, rank)
@@ -73,7 +73,7 @@ def run_row(run: Run, factor: str, threshold: float, completion: float, rank: in
            "onset_loss": _onset_loss(run.records, threshold)}
     has_loss = any(r.get("train_loss") is not None for r in run.records)
     row["onset_loss_censored"] = row["onset_loss"] if not math.isnan(row["onset_loss"]) else 0.0 if has_loss else math.nan
-    row.update(gated(run.records, threshold, completion, rank, solved_k))
+    row.update(gated(run.records, threshold, completion, rank, solved_k, solved_margin))
     return row
 
 
@@ -98,12 +98,12 @@ def record_row(record: dict | None, first: dict, threshold: float, completion: f
 
 
 def gated(records: list[dict], threshold: float, completion: float, rank: int = RANK,
-          solved_k: int = SOLVED_K) -> dict:
+          solved_k: int = SOLVED_K, solved_margin: float = SOLVED_MARGIN) -> dict:
     """A run's learning-gated statistics: ``solved_step`` (analysis.tables.solved_step; nan = never, or the task
     defines no solved level), ``has_solved_level``, and the :data:`GATED` statistics of the records at
     solved_step (``<key>@solved``) and at the first measured step >= solved_step + ``solved_k``
     (``<key>@solved+k``; nan when training ended first)."""
-    step = solved_step(records)
+    step = solved_step(records, solved_margin)
     out = {"solved_step": step,
            "has_solved_level": any(not math.isnan(number(r.get("solved_loss"))) for r in records)}
     for at, target in (("solved", step), ("solved+k", step + solved_k)):

@@ -196,7 +196,7 @@ def brake_study(runs: list[Run], study: Study | None = None, threshold: float = 
     ``study``: an ordering or a trend spec (default conf/study/brake_ordering.yaml), at its rank."""
     study = study or studies.load("brake_ordering")
     factor, rank = study.factor, study.rank
-    rows = [run_row(run, factor, threshold, completion, rank, study.solved_k) for run in runs]
+    rows = [run_row(run, factor, threshold, completion, rank, study.solved_k, study.solved_margin) for run in runs]
     numeric = all(isinstance(r["arm"], (int, float)) and not isinstance(r["arm"], bool) for r in rows)
     if study.kind == "trend":
         if not numeric:

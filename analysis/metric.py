@@ -63,7 +63,7 @@ def metric_study(runs: list[Run], study: Study | None = None, threshold: float =
     of ``study`` (default conf/study/metric_study.yaml), at its rank."""
     study = study or studies.load("metric_study")
     factor, rank, reference_arm = study.factor, study.rank, study.reference
-    rows = [run_row(run, factor, threshold, completion, rank, study.solved_k) for run in runs]
+    rows = [run_row(run, factor, threshold, completion, rank, study.solved_k, study.solved_margin) for run in runs]
     arm_rows = group(rows, list(study.order))
     if reference_arm not in arm_rows or len(arm_rows) < 2:
         raise UserError(f"study={study.name} compares each arm with {reference_arm!r}; the sweep's {factor} has "

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from common.constants import RANK
+from common.constants import RANK, SOLVED_MARGIN
 from common.errors import UserError
 
 SPECS = Path(__file__).resolve().parents[1] / "conf" / "study"
@@ -75,6 +75,7 @@ class Study:
     prediction: str = ""
     comparisons: tuple[Comparison, ...] = ()
     solved_k: int = SOLVED_K  # steps after solved_step of the solved+k comparisons
+    solved_margin: float = SOLVED_MARGIN  # nats above the task's solved loss that count as solved (solved_step)
 
     def label(self, arm) -> str:
         return self.labels.get(arm, str(arm))
@@ -115,6 +116,9 @@ def load(name: str, rank: int | None = None, factor: str | None = None) -> Study
     path = SPECS / f"{name}.yaml"
     if not path.is_file():
         raise UserError(f"unknown study {name!r}; choose one of {', '.join(names())}")
+    from common import resolvers
+
+    resolvers.register()
     return from_config(OmegaConf.to_container(OmegaConf.load(path), resolve=True)).at(rank, factor)
 
 

@@ -21,9 +21,9 @@ def constant(name: str):
         raise ValueError(f"unknown constant {name!r}; common/constants.py defines "
                          f"{', '.join(n for n in dir(constants) if n.isupper())}")
     value = getattr(constants, name)
-    if not isinstance(value, (int, float, str)):
-        raise ValueError(f"{name} is not a scalar; write its value in the YAML (OmegaConf.resolve refuses lists)")
-    return value
+    # A tuple comes back as a list: fine for reading a saved config, but OmegaConf.resolve (in place) refuses a
+    # list from a resolver, so the shipped YAML writes list constants out instead of interpolating them.
+    return list(value) if isinstance(value, tuple) else value
 
 
 def register() -> None:

@@ -63,3 +63,15 @@ def test_solved_step_is_the_first_record_within_the_margin_of_the_solved_loss():
     assert solved_step(records) == 300.0          # 2.11 is 0.11 above: not yet
     assert solved_step(records, margin=0.2) == 200.0
     assert math.isnan(solved_step([{**r, "solved_loss": None} for r in records]))  # no level: never
+
+
+def test_a_studys_solved_margin_moves_its_learning_gated_reading():
+    from analysis.arms import gated
+    from analysis.studies import from_config
+
+    record = record_of([parking_head(), uniform_head()])
+    records = [{**record, "step": s, "val_loss": v, "solved_loss": 2.0} for s, v in [(0, 5.0), (100, 2.2), (200, 2.15)]]
+    assert math.isnan(gated(records, 0.2, 0.5)["solved_step"])  # the default 0.10 nats: never solved
+    assert gated(records, 0.2, 0.5, solved_margin=0.25)["solved_step"] == 100.0
+    spec = {"name": "s", "title": "S", "kind": "ordering", "factor": "router.position", "solved_margin": 0.25}
+    assert from_config(spec).solved_margin == 0.25
