@@ -51,7 +51,7 @@ def signature_figure(layers: list[dict], rank: int = RANK, threshold: float = ON
     ax.plot(x, column(layers, "baseline"), ":", color="grey", label="uniform (causal) baseline", zorder=1)
     ax.plot(x, column(layers, "max_share"), "o-", color="tab:blue", label="mean over heads", zorder=3)
     mark_threshold(ax, threshold, units + column(layers, "max_share"))
-    ax.set(xlabel="layer", ylabel="max share")
+    ax.set(xlabel="layer index ℓ (0-based; depth = ℓ / L)", ylabel="max share")
     ax.set_title("concentration", loc="left")  # the right is kept for the threshold note
     ax = axes[1]
     shuffle = column(layers, f"ve@{rank}_shuffle")
@@ -62,12 +62,12 @@ def signature_figure(layers: list[dict], rank: int = RANK, threshold: float = ON
     post = column(layers, f"ve@{rank}_post")
     if _has(post):
         ax.plot(x, post, "s-", ms=3, label="real post-RoPE", zorder=3)
-    ax.set(xlabel="layer", ylabel=f"VE@{rank}", ylim=(0, 1.03))  # headroom: curves at VE = 1 stay off the frame
+    ax.set(xlabel="layer index ℓ (0-based; depth = ℓ / L)", ylabel=f"VE@{rank}", ylim=(0, 1.03))  # headroom: curves at VE = 1 stay off the frame
     ax.set_title("key geometry", loc="left")
     ax = axes[2]
     ax.plot(x, column(layers, "norm_cv_gauss"), "--", color="grey", label="Gaussian 1/sqrt(2d)", zorder=1)
     ax.plot(x, column(layers, "norm_cv"), "o-", label="norm-CV", zorder=3)
-    ax.set(xlabel="layer", ylabel="norm-CV")
+    ax.set(xlabel="layer index ℓ (0-based; depth = ℓ / L)", ylabel="norm-CV")
     ax.set_title("norm stratification", loc="left")
     ax.set_ylim(bottom=0)
     ax = axes[3]
@@ -184,7 +184,7 @@ def seed_direction_figure(profiles: dict[str, list[dict]], rank: int = RANK, tit
     axes[0].plot(x, column(first, f"ve@{rank}_a"), "o-", label=f"model A ({which} pair)")
     axes[0].plot(x, column(first, f"ve@{rank}_b"), "s--", label=f"model B ({which} pair)")
     axes[0].plot(x, column(first, f"ve@{rank}_gauss"), ":", color="grey", label="Gaussian null")
-    axes[0].set(xlabel="layer", ylabel=f"VE@{rank}", ylim=(0, 1),
+    axes[0].set(xlabel="layer index ℓ (0-based; depth = ℓ / L)", ylabel=f"VE@{rank}", ylim=(0, 1),
                 title=f"geometry: |dVE@{rank}| (pair mean) <= {max(column(first, f'delta_ve@{rank}')):.3f}")
     for ax, key, name in ((axes[1], "key_angle", "key space (paper)"), (axes[2], "token_angle", "token space (basis-free)")):
         for kind, rows in profiles.items():

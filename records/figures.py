@@ -77,9 +77,9 @@ def depth_profile_figure(records: list[dict], rank: int = RANK, threshold: float
     if not all(math.isnan(v) for v in shuffle):
         # on top: the trained keys often sit on it near VE = 1, where drawn below it would vanish
         ax_ve.plot(x, shuffle, ls="-.", color="black", lw=1.2, label="shuffle null (last step)", zorder=10)
-    ax_share.set(xlabel="layer", ylabel="mean max share")
+    ax_share.set(xlabel="layer index ℓ (0-based; depth = ℓ / L)", ylabel="mean max share")
     ax_share.set_title("concentration", loc="left")  # the right is kept for the threshold note
-    ax_ve.set(xlabel="layer", ylabel=f"VE@{rank}", ylim=(0, 1.03))  # headroom: curves at VE = 1 stay off the frame
+    ax_ve.set(xlabel="layer index ℓ (0-based; depth = ℓ / L)", ylabel=f"VE@{rank}", ylim=(0, 1.03))  # headroom: curves at VE = 1 stay off the frame
     ax_ve.set_title("key geometry", loc="left")
     for ax in (ax_share, ax_ve):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
