@@ -166,7 +166,7 @@ def arm_profiles_figure(arms: list[dict], panels: list[tuple[str, str]], referen
             mark_threshold(ax, threshold, [v for arm in arms for band in arm["profiles"][key] for v in band])
         if key.startswith("norm_cv"):
             ax.set_ylim(bottom=0)
-        ax.set(xlabel="depth (layer / L)", ylabel=axis_label, xlim=(0, 1))
+        ax.set(xlabel="depth: layer ℓ drawn at (ℓ + ½) / L", ylabel=axis_label, xlim=(0, 1))
     figure_legend(fig, axes[0])
     if title:
         fig.suptitle(title, fontsize=9)
