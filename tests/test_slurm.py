@@ -37,8 +37,11 @@ class Sweep:
                "ROUTECOLLAPSE_SLURM_GRACE_S": "2"}
         command = [sys.executable, "train.py", "-m", *LAUNCHER, f"hydra.sweep.dir={sweep}", "ckpt_path=auto",
                    *SMALL, *overrides]
+        # Ctrl-C must reach the parent as KeyboardInterrupt even where the suite itself runs with SIGINT ignored
+        # (a shell's background job: `cmd &` ignores SIGINT, children inherit it, and Python then keeps it off).
         self.process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=open(self.log, "w"),
-                                        stderr=subprocess.STDOUT)
+                                        stderr=subprocess.STDOUT,
+                                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         self.started = time.monotonic()
 
     def output(self) -> str:
