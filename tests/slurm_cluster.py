@@ -31,7 +31,17 @@ DAEMONS = ("slurmctld", "slurmd", "munged")
 
 
 class Unavailable(Exception):
-    """No local cluster can be had here; the message says why in one line."""
+    """No local cluster can be had here; the message says why in one line. ``network``: only because the
+    package registry could not be reached (the one case the SLURM tests skip instead of failing)."""
+
+    def __init__(self, message: str, network: bool = False):
+        super().__init__(message)
+        self.network = network
+
+
+# apt-get's words for a registry it cannot reach
+_NETWORK_ERRORS = ("Could not resolve", "Temporary failure resolving", "Failed to fetch", "Unable to fetch",
+                   "Network is unreachable", "Connection timed out")
 
 
 def _run(*cmd: str, timeout: float = 30, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -57,8 +67,10 @@ def install(timeout: float = 600) -> None:
         subprocess.run(["apt-get", "update", "-q"], capture_output=True, timeout=timeout, env=env)
         result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     if result.returncode != 0 or not installed():
-        tail = (result.stderr or result.stdout).strip().splitlines()[-1:] or ["?"]
-        raise Unavailable(f"apt-get install {' '.join(PACKAGES)} failed ({tail[0]})")
+        output = result.stderr + result.stdout
+        tail = output.strip().splitlines()[-1:] or ["?"]
+        raise Unavailable(f"apt-get install {' '.join(PACKAGES)} failed ({tail[0]})",
+                          network=any(marker in output for marker in _NETWORK_ERRORS))
 
 
 def _free_port() -> int:
@@ -236,8 +248,9 @@ PartitionName={self.PARTITION} Nodes={self.NODE} Default=YES MaxTime=INFINITE St
 
 
 def cluster_or_skip(folder: Path) -> LocalSlurm:
-    """A started cluster in ``folder``; without one, skip the test saying why, or fail where
-    ``ROUTECOLLAPSE_REQUIRE_SLURM=1`` (CI) asks for one."""
+    """A started cluster in ``folder``. Without one the test fails saying why and how to proceed; it skips only
+    when installing SLURM could not reach the package registry (no network), and even then fails where
+    ``ROUTECOLLAPSE_REQUIRE_SLURM=1`` (CI) asks for a cluster."""
     import pytest
 
     try:
@@ -245,7 +258,10 @@ def cluster_or_skip(folder: Path) -> LocalSlurm:
     except Unavailable as e:
         if os.environ.get(REQUIRE) == "1":
             pytest.fail(f"no local SLURM cluster, and {REQUIRE}=1 asks for one: {e}", pytrace=False)
-        pytest.skip(f"no local SLURM cluster: {e}")
+        if e.network:
+            pytest.skip(f"no local SLURM cluster: the package registry is unreachable ({e})")
+        pytest.fail(f"no local SLURM cluster: {e}; run the suite as root with apt-get, or leave these tests out "
+                    f"with `pytest -m 'not slurm'`", pytrace=False)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import pytest
 from common.slurm_wait import queue_state
 from tests.test_reliability import SLOW, SMALL, assert_same_run, cache, forked, records, reference  # noqa: F401
 
+pytestmark = pytest.mark.slurm  # `pytest -m 'not slurm'` leaves them out where no cluster can be had
+
 ROOT = Path(__file__).resolve().parents[1]
 # One CPU and a little memory per job (the cluster is this machine); a limit far from submitit's "timed out"
 # guess (80 % of it), so a signal reads as a preemption, not a time-out.
@@ -91,17 +93,23 @@ def requeue_events(cluster, job_id: str) -> int:
     return len(re.findall(rf"Requeuing JobId={re.escape(job_id)}\b", text))
 
 
-def test_without_a_cluster_the_slurm_tests_skip_saying_why_and_fail_where_ci_requires_one(tmp_path, monkeypatch):
+def test_without_a_cluster_the_slurm_tests_fail_saying_why_and_skip_only_without_network(tmp_path, monkeypatch):
     from tests import slurm_cluster
 
     monkeypatch.setattr(slurm_cluster, "installed", lambda: False)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.delenv(slurm_cluster.REQUIRE, raising=False)
-    with pytest.raises(pytest.skip.Exception, match="no local SLURM cluster: a local SLURM cluster needs root"):
+    with pytest.raises(pytest.fail.Exception, match="no local SLURM cluster: a local SLURM cluster needs root"):
         slurm_cluster.cluster_or_skip(tmp_path)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.setattr(slurm_cluster.shutil, "which", lambda name: None)  # no apt-get
-    with pytest.raises(pytest.skip.Exception, match="SLURM is not installed and there is no apt-get"):
+    with pytest.raises(pytest.fail.Exception, match="SLURM is not installed and there is no apt-get"):
+        slurm_cluster.cluster_or_skip(tmp_path)
+    # apt-get present but the registry unreachable: the one skip, naming the network.
+    monkeypatch.setattr(slurm_cluster.shutil, "which", lambda name: "/usr/bin/apt-get")
+    unreachable = subprocess.CompletedProcess([], 100, "", "E: Failed to fetch http://deb.debian.org/... Could not resolve")
+    monkeypatch.setattr(slurm_cluster.subprocess, "run", lambda *a, **k: unreachable)
+    with pytest.raises(pytest.skip.Exception, match="package registry is unreachable"):
         slurm_cluster.cluster_or_skip(tmp_path)
     monkeypatch.setenv(slurm_cluster.REQUIRE, "1")
     with pytest.raises(pytest.fail.Exception, match="ROUTECOLLAPSE_REQUIRE_SLURM=1 asks for one"):
