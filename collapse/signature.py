@@ -68,8 +68,9 @@ class _LayerStats:
         self.baseline_gcn = _Mean()  # graphs only: the fixed GCN operator on the same edges
         self.norm_sum = self.norm_sq_sum = None
         self.norm_count = 0
-        self.sink_counts: Tensor | None = None  # per source: how many (sequence, unit) operators it tops
-        self.unit_sink_counts: Tensor | None = None  # [units, sources]: the same, per unit (head, channel)
+        # [units, sources]: how many sequences' operators of each unit (head, channel) each source tops; summed
+        # over units, the layer's sink counts
+        self.unit_sink_counts: Tensor | None = None
         self.ve = {kind: {r: _Mean() for r in ranks} for kind in ("real", "post", "shuffle")}
         self.family_sums: dict[str, list] = {}  # column -> [batch-weighted sum, sequences]
 
@@ -115,8 +116,6 @@ class _LayerStats:
         self.baseline.add(torch.full((batch, 1), uniform_max_share(layer.mask, chunk.shape[-1]), dtype=torch.float64))
         unit_counts = torch.cat(unit_counts)
         self.unit_sink_counts = unit_counts if self.unit_sink_counts is None else self.unit_sink_counts + unit_counts
-        counts = unit_counts.sum(0)
-        self.sink_counts = counts if self.sink_counts is None else self.sink_counts + counts
 
     def add_sparse(self, layer: "RoutingLayer") -> None:
         args = (layer.edge_index, layer.edge_weight, layer.num_nodes)
@@ -160,10 +159,10 @@ class _LayerStats:
         if self.baseline_gcn.total is not None:
             row.update({"baseline_gcn": self.baseline_gcn.value(),
                         "max_share_ratio_gcn": self.share.value() / self.baseline_gcn.value()})
-        if self.sink_counts is not None and self.sink_counts.sum() > 0:
+        counts = None if self.unit_sink_counts is None else self.unit_sink_counts.sum(0)
+        if counts is not None and counts.sum() > 0:
             # The sink: the source that most often receives the largest share, and how often it does.
-            row.update({"sink_source": int(self.sink_counts.argmax()),
-                        "sink_fraction": float(self.sink_counts.max() / self.sink_counts.sum())})
+            row.update({"sink_source": int(counts.argmax()), "sink_fraction": float(counts.max() / counts.sum())})
         else:
             row.update({"sink_source": None, "sink_fraction": math.nan})
         if self.unit_sink_counts is not None:

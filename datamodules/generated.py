@@ -187,6 +187,7 @@ class GeneratedDataModule(L.LightningDataModule):
         self.val_batches, self.num_workers = val_batches, num_workers
         self.tokenizer = None  # token ids are the task's own symbols
         self._probe: TokenProbe | None = None
+        self._levels: dict | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -201,10 +202,13 @@ class GeneratedDataModule(L.LightningDataModule):
 
     def task_levels(self) -> dict:
         """What the records carry about the task: the validation loss at which it is solved and the probe's
-        idle fraction (None where the generator defines none; docs/metrics.md: solved step, parking)."""
-        solved, idle = getattr(self.generator, "solved_loss", None), getattr(self.generator, "idle_fraction", None)
-        return {"solved_loss": None if solved is None else solved(self.context_length + 1),
-                "idle_fraction": None if idle is None else idle(self.probe_length)}
+        idle fraction (None where the generator defines none; docs/metrics.md: solved step, parking). Computed
+        once: the monitor asks at every measurement."""
+        if self._levels is None:
+            solved, idle = getattr(self.generator, "solved_loss", None), getattr(self.generator, "idle_fraction", None)
+            self._levels = {"solved_loss": None if solved is None else solved(self.context_length + 1),
+                            "idle_fraction": None if idle is None else idle(self.probe_length)}
+        return dict(self._levels)
 
     @property
     def probe(self) -> TokenProbe:
