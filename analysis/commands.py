@@ -228,6 +228,8 @@ def analyse_sweep(cfg) -> Path:
         tables, images = _sweep_table(cfg, runs, out)
     elif study.kind == "seed_pairs":
         tables, images = _seed_direction(cfg, runs, out, study)
+    elif study.kind == "intervention":
+        tables, images = _intervention_study(cfg, runs, out, study)
     else:
         tables, images = _arm_study(cfg, runs, out, study)
     config = _first_config(runs)
@@ -358,6 +360,19 @@ def _arm_study(cfg, runs, out: Path, study):
 def _final_column(runs, key: str) -> list[float]:
     """One per-layer column of the first run's last record (baselines and nulls are shared by the arms)."""
     return [layer.get(key) for layer in runs[0].final["layers"]]
+
+
+def _intervention_study(cfg, runs, out: Path, study):
+    """Each run's checkpoint re-read under the study's interventions (Mamba freeze, RWKV decay, AttnRes offset)."""
+    from analysis import interventions
+
+    if not all(run.path.is_dir() and (run.path / "checkpoints" / "last.ckpt").is_file() for run in runs):
+        raise UserError(f"study={study.name} re-reads the checkpoints: pass the local multirun folder as sweep=<dir>")
+    result = interventions.intervention_study(runs, study, cfg.batch_size, cfg.threshold, cfg.completion, cfg.level)
+    images = interventions.write(result, out, study.title, str(cfg.sweep), cfg.level, _final_column(runs, "baseline"))
+    print(f"{study.name} study: {out / 'verdict.md'}")
+    return {"runs": [{k: v for k, v in row.items() if k != "max_share_by_layer"} for row in result["rows"]],
+            "comparisons": result["comparisons"]}, images
 
 
 def _seed_direction(cfg, runs, out: Path, study):

@@ -266,6 +266,58 @@ def compare_arms(a: Sequence[float], b: Sequence[float], level: float = 0.95) ->
             "mde": min_detectable_effect(x.size, y.size, pooled_sd(x, y))}
 
 
+def paired_power(effect: float, n: int, sd: float, alpha: float = ALPHA) -> float:
+    """Power of the two-sided paired (one-sample) t-test on ``n`` differences of spread ``sd`` to detect a
+    true mean difference ``effect``: noncentral t with df = n - 1, ncp = effect sqrt(n) / sd."""
+    from scipy.stats import nct, t
+
+    critical = float(t.ppf(1 - alpha / 2, n - 1))
+    ncp = effect * math.sqrt(n) / sd
+    return sum(p for p in (float(nct.sf(critical, n - 1, ncp)), float(nct.sf(critical, n - 1, -ncp)))
+               if not math.isnan(p))
+
+
+def paired_mde(n: int, sd: float, alpha: float = ALPHA, power: float = POWER) -> float:
+    """The smallest true mean difference a paired t-test on ``n`` differences of spread ``sd`` detects with
+    probability ``power`` (root of paired_power). nan below 2 pairs or with no sd; 0 when they do not vary."""
+    from scipy.optimize import brentq
+    from scipy.stats import t
+
+    if n < 2 or not math.isfinite(sd):
+        return math.nan
+    if sd == 0:
+        return 0.0
+    guess = (float(t.ppf(1 - alpha / 2, n - 1)) + float(t.ppf(power, n - 1))) * sd / math.sqrt(n)
+    return float(brentq(lambda d: paired_power(d, n, sd, alpha) - power, 0.5 * guess, 2 * guess,
+                        xtol=1e-12 * guess))
+
+
+def sign_flip_p(differences: Sequence[float]) -> float:
+    """Exact two-sided sign-flip (paired permutation) p-value of the mean difference: the share of the 2^n sign
+    assignments whose |mean| is at least the observed one. With 3 pairs the smallest p is 2/8 = 0.25; with 5,
+    2/32 = 0.0625. nan without a finite difference."""
+    d = _finite(differences)
+    if d.size == 0:
+        return math.nan
+    signs = np.array(list(itertools.product((1.0, -1.0), repeat=d.size)))
+    observed, tolerance = abs(d.mean()), 1e-12 * max(1.0, float(np.abs(d).max()))
+    return float((np.abs(signs @ d / d.size) >= observed - tolerance).mean())
+
+
+def compare_paired(reference: Sequence[float], treated: Sequence[float], level: float = 0.95) -> dict:
+    """A within-model comparison (the same checkpoint read with and without an intervention), paired by run:
+    the mean of treated - reference with its t-interval, the exact sign-flip p and the paired design's
+    detectable effect. Pairs with a non-finite side are dropped."""
+    a, b = np.asarray(reference, dtype=float), np.asarray(treated, dtype=float)
+    if a.shape != b.shape:
+        raise UserError(f"paired comparison needs one treated value per reference value; got {a.size} and {b.size}")
+    d = (b - a)[np.isfinite(a) & np.isfinite(b)]
+    mean, low, high = t_interval(d, level)
+    sd = float(d.std(ddof=1)) if d.size > 1 else math.nan
+    return {"n": int(d.size), "difference": mean, "low": low, "high": high, "p_sign_flip": sign_flip_p(d),
+            "mde": paired_mde(int(d.size), sd)}
+
+
 def verdict_word(low: float, high: float, mde: float, expected: int | None = None) -> str:
     """The verdict on one difference, from its t-interval: ``expected`` +1 / -1 (the prediction's sign): the
     interval on that side of zero "supports", on the other "contradicts"; None (nothing predicted): "higher" /

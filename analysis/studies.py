@@ -16,7 +16,7 @@ from common.constants import RANK, SOLVED_MARGIN
 from common.errors import UserError
 
 SPECS = Path(__file__).resolve().parents[1] / "conf" / "study"
-KINDS = ("ordering", "trend", "reference", "seed_pairs")
+KINDS = ("ordering", "trend", "reference", "seed_pairs", "intervention")
 AT = ("solved", "solved+k", "step")  # where a comparison reads each run: docs/statistics.md
 SOLVED_K = 100  # steps after solved_step of the ``solved+k`` comparisons (a study's ``solved_k`` overrides it)
 RENAMED = {"metric": "metric_study"}  # old study names that still work
@@ -76,6 +76,7 @@ class Study:
     comparisons: tuple[Comparison, ...] = ()
     solved_k: int = SOLVED_K  # steps after solved_step of the solved+k comparisons
     solved_margin: float = SOLVED_MARGIN  # nats above the task's solved loss that count as solved (solved_step)
+    interventions: tuple = ()  # intervention: ({label, set: {knob: value}}, ...) for set_interventions
 
     def label(self, arm) -> str:
         return self.labels.get(arm, str(arm))
@@ -99,8 +100,11 @@ def from_config(spec: dict) -> Study:
         raise UserError(f"study spec {spec.get('name')!r} has kind={spec.get('kind')!r}; "
                         f"choose one of {', '.join(KINDS)}")
     comparisons = tuple(Comparison(**c) for c in spec.get("comparisons") or ())
+    interventions = tuple(dict(i) for i in spec.get("interventions") or ())
+    if spec.get("kind") == "intervention" and not all("label" in i for i in interventions):
+        raise UserError(f"study spec {spec.get('name')!r}: every intervention needs a label and a set: {{knob: value}}")
     return Study(**{**spec, "order": tuple(spec.get("order") or ()), "labels": dict(spec.get("labels") or {}),
-                    "comparisons": comparisons})
+                    "comparisons": comparisons, "interventions": interventions})
 
 
 def names() -> list[str]:

@@ -195,6 +195,15 @@ class Qwen3Decoder(nn.Module):
                 scale = 1 / math.sqrt(2 * n_layer) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1
                 nn.init.normal_(p, std=init_std * scale)
 
+    def set_interventions(self, recency_offset: float = 0.0) -> "Qwen3Decoder":
+        """The paper's offset intervention: add ``recency_offset`` to every recency bias from the next forward on
+        (the same knob as Mamba's and RWKV's ``set_interventions``, so one analysis re-reads all three)."""
+        if isinstance(recency_offset, bool) or not isinstance(recency_offset, (int, float)) \
+                or not math.isfinite(recency_offset):
+            raise UserError(f"recency_offset must be a finite number; got {recency_offset!r}")
+        self.recency_offset = float(recency_offset)
+        return self
+
     def _read(self, router: DepthRouter | None, blocks: list[Tensor], stream: Tensor, record: list | None,
               name: str) -> Tensor:
         """The sublayer's input: the running stream (additive) or AttnRes over [embeddings, blocks, stream]."""

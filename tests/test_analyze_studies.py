@@ -408,7 +408,8 @@ def test_a_study_at_rank_4_reads_ve_at_4_end_to_end(study, tmp_path, monkeypatch
 
 STUDY_EXPERIMENTS = ["brake_ordering", "alibi_slope", "metric_study", "normalization_study", "collapse_regime",
                      "seed_direction", "csbm_homophily", "gat_vs_gcn", "attnres_offset", "mamba_freeze",
-                     "rwkv_decay_sweep"]
+                     "rwkv_decay_sweep", "attnres_offset_trained", "mamba_freeze_trained", "rwkv_decay_sweep_trained",
+                     "idle_fraction"]
 
 
 @pytest.mark.parametrize("name", STUDY_EXPERIMENTS)

@@ -286,7 +286,7 @@ def test_offset_experiment_sweeps_a_fixed_recency_brake(tmp_path):
             "hydra": {"searchpath": [f"file://{CONF}"]}}
     (tmp_path / "root.yaml").write_text(OmegaConf.to_yaml(root))
     with initialize_config_dir(str(tmp_path), version_base="1.3"):
-        cfg = compose(config_name="root", overrides=["experiment=attnres_offset"], return_hydra_config=True)
+        cfg = compose(config_name="root", overrides=["experiment=attnres_offset_trained"], return_hydra_config=True)
     assert cfg.router.residual == "attnres" and cfg.router.learn_recency_bias is False
     offsets = [float(v) for v in str(cfg.hydra.sweeper.params["router.recency_offset"]).split(",")]
     assert offsets == [-8, -4, -2, -1, 0, 1, 2, 4, 8]

@@ -215,9 +215,9 @@ def test_configs_compose_to_the_default_169m_shape_and_the_nine_point_sweep(tmp_
 
     cfg = compose_run(tmp_path, ["router=rwkv_169m"])
     assert (cfg.router.n_layer, cfg.router.d_model, cfg.router.d_ffn) == (12, 768, 3072)
-    sweep = OmegaConf.load("conf/experiment/rwkv_decay_sweep.yaml").hydra.sweeper.params["router.decay_scale"]
+    sweep = OmegaConf.load("conf/experiment/rwkv_decay_sweep_trained.yaml").hydra.sweeper.params["router.decay_scale"]
     assert [float(s) for s in str(sweep).split(",")] == [0, 0.125, 0.25, 0.5, 1, 2, 4, 8, 16]
-    cfg = compose_run(tmp_path, ["experiment=rwkv_decay_sweep"])
+    cfg = compose_run(tmp_path, ["experiment=rwkv_decay_sweep_trained"])
     assert cfg.router._target_ == "routers.rwkv.RWKV" and cfg.router.learn_decay is False
 
 

@@ -176,7 +176,7 @@ def test_configs_compose_to_the_default_and_130m_shapes(tmp_path):
 
     cfg = compose_run(tmp_path, ["router=mamba_130m"])
     assert (cfg.router.n_layer, cfg.router.d_model, cfg.router.d_state) == (24, 768, 16)
-    cfg = compose_run(tmp_path, ["experiment=mamba_freeze"])
+    cfg = compose_run(tmp_path, ["experiment=mamba_freeze_trained"])
     assert cfg.router._target_ == "routers.ssm.Mamba" and cfg.router.n_layer == 4 and cfg.router.d_model == 128
 
 

@@ -1,0 +1,169 @@
+"""Read-time interventions: each trained checkpoint re-read with one knob changed (the paper's protocol).
+
+The Mamba Δ-freeze, the RWKV decay sweep and the AttnRes recency offset are, in the paper, changes made to an
+already-trained model whose routing is then measured again: no retraining. A study of this kind takes a sweep
+of seeds of one router family, loads every run's last checkpoint, switches each intervention on with the
+router's ``set_interventions(**knobs)`` and measures the signature on the run's own probe. Every intervention
+is compared with the unmodified model *within* each run (paired by seed): the mean change with its t-interval,
+the exact sign-flip p and the smallest change the design detects.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from analysis.runs import Run, load_router
+from analysis.stats import compare_paired, nanmean, t_interval, verdict_word
+from analysis.tables import run_statistics
+from common.errors import UserError
+
+
+def _intervene(router, knobs: dict, study_name: str):
+    if not hasattr(router, "set_interventions"):
+        raise UserError(f"study={study_name} re-reads routers under interventions; {type(router).__name__} has "
+                        "no set_interventions (Mamba, RWKV and the AttnRes decoder do)")
+    try:
+        return router.set_interventions(**knobs)
+    except TypeError as e:  # a knob this router does not have
+        raise UserError(f"study={study_name}: {type(router).__name__}.set_interventions does not take "
+                        f"{sorted(knobs)} ({e}); is the sweep of the study's router family?") from None
+
+
+def measure_interventions(run: Run, interventions: list[dict], study_name: str, batch_size: int = 16,
+                          threshold: float = 0.2, completion: float = 0.5, rank: int = 8) -> list[dict]:
+    """One row per intervention for ``run``: its label, the run's seed and the model-level statistics of the
+    checkpoint re-read under it (``run_statistics``), and the per-layer max shares."""
+    from analysis.model import measure
+    from datamodules.probe import TokenProbe
+
+    probe_file = run.path / "probe.pt"
+    if not probe_file.is_file():
+        raise UserError(f"{run.path} has no probe.pt; study={study_name} re-reads each run on its own probe")
+    router, _, step = load_router(run.path)
+    probe = TokenProbe.load(probe_file)
+    rows = []
+    for spec in interventions:
+        _intervene(router, dict(spec.get("set") or {}), study_name)
+        signature = measure(router, probe, (1, rank), batch_size, threshold, completion,
+                            f"{run.name} [{spec['label']}]")
+        record = {"step": step, **signature.to_dict()}
+        stats = run_statistics(record, threshold, completion, rank)
+        rows.append({"run": run.name, "seed": run.get("seed"), "intervention": spec["label"], **stats,
+                     "max_share_by_layer": [layer["max_share"] for layer in record["layers"]]})
+    _intervene(router, {}, study_name)
+    return rows
+
+
+def predicted_direction(spec: dict, comparison) -> str | None:
+    """Which way ``comparison`` is predicted to move under intervention ``spec``: the intervention's own
+    ``expected`` (a sweep whose settings push both ways, e.g. less and more decay) where it has one, else the
+    comparison's; None where the comparison predicts nothing or the intervention says ``expected: null``."""
+    if comparison.expected is None:
+        return None
+    return spec["expected"] if "expected" in spec else comparison.expected
+
+
+def intervention_study(runs: list[Run], study, batch_size: int = 16, threshold: float = 0.2,
+                       completion: float = 0.5, level: float = 0.95) -> dict:
+    """Every run re-read under every intervention of ``study`` (conf/study/<name>.yaml, kind: intervention),
+    then each intervention against ``study.reference`` paired by run, for each of the study's comparisons."""
+    if len(runs) < 2:
+        raise UserError(f"study={study.name} pairs each intervention with the unmodified model over seeds; the "
+                        f"sweep has {len(runs)} run(s): train >= 3 seeds (docs/results.md)")
+    labels = [spec["label"] for spec in study.interventions]
+    if study.reference not in labels:
+        raise UserError(f"study {study.name}: reference {study.reference!r} is not one of its interventions {labels}")
+    rows = [row for run in runs for row in measure_interventions(run, list(study.interventions), study.name,
+                                                                 batch_size, threshold, completion, study.rank)]
+    by = {label: [row for row in rows if row["intervention"] == label] for label in labels}
+    arms = []
+    for label in labels:
+        arm = {"intervention": label, "runs": len(by[label])}
+        for c in study.comparisons:
+            mean, low, high = t_interval([row[c.statistic] for row in by[label]], level)
+            arm.update({c.statistic: mean, f"{c.statistic} low": low, f"{c.statistic} high": high})
+        arms.append(arm)
+    tests = []
+    for spec in study.interventions:
+        if spec["label"] == study.reference:
+            continue
+        for c in study.comparisons:
+            result = compare_paired([row[c.statistic] for row in by[study.reference]],
+                                    [row[c.statistic] for row in by[spec["label"]]], level)
+            predicted = predicted_direction(spec, c)
+            expected = None if predicted is None else (-1 if predicted == "lower" else +1)
+            tests.append({"intervention": spec["label"], "statistic": c.label, **result,
+                          "verdict": verdict_word(result["low"], result["high"], result["mde"], expected),
+                          "predicted": predicted or "-"})
+    profiles = [{"label": label, "max_share": [nanmean(values) for values in
+                                               zip(*[row["max_share_by_layer"] for row in by[label]])]}
+                for label in labels]
+    return {"study": study.name, "rows": rows, "arms": arms, "comparisons": tests, "profiles": profiles,
+            "reference": study.reference, "seeds": sorted({str(row["seed"]) for row in rows})}
+
+
+def statement(result: dict) -> str:
+    """The study in sentences: each predicted comparison, its mean change, interval, p and detectable effect."""
+    lines = [f"Each of {len(result['seeds'])} runs (seeds {', '.join(result['seeds'])}) re-read under every "
+             f"intervention and compared with itself unmodified ({result['reference']}): mean change, "
+             "t-interval over runs, exact sign-flip p, detectable change at power 0.8."]
+    for t in result["comparisons"]:
+        if not math.isfinite(t["difference"]):
+            lines.append(f"- {t['intervention']}, {t['statistic']}: no value")
+            continue
+        lines.append(f"- {t['intervention']}, {t['statistic']}: {t['difference']:+.3f} "
+                     f"[{t['low']:+.3f}, {t['high']:+.3f}], p = {t['p_sign_flip']:.3g}, detectable >= "
+                     f"{t['mde']:.3g} (predicted: {t['predicted']}) -> {t['verdict']}")
+    return "\n".join(lines)
+
+
+def profiles_figure(result: dict, baseline: list[float], title: str):
+    """Max share by depth (ℓ/L) per intervention, the mean over runs, with the causal-uniform baseline."""
+    from analysis.figures import figure_legend
+    from records.figures import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for profile in result["profiles"]:
+        shares = profile["max_share"]
+        ax.plot([i / len(shares) for i in range(len(shares))], shares, marker="o", label=profile["label"])
+    if baseline:
+        ax.plot([i / len(baseline) for i in range(len(baseline))], baseline, ":", color="gray",
+                label="causal-uniform baseline")
+    ax.set_xlabel("depth ℓ/L (layer or sublayer ℓ of L)")
+    ax.set_ylabel("max share (mean over runs)")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title, fontsize=9)
+    figure_legend(fig, [ax])
+    fig.tight_layout()
+    return fig
+
+
+def write(result: dict, out: Path, title: str, sweep: str, level: float, baseline: list[float]) -> list[Path]:
+    """runs.csv (run x intervention), arms.csv (means with intervals), comparisons.csv, verdict.md, profiles.png."""
+    import json
+
+    import matplotlib.pyplot as plt
+
+    from analysis.tables import markdown, write_csv
+    from common import atomic
+
+    write_csv([{k: v for k, v in row.items() if k != "max_share_by_layer"} for row in result["rows"]],
+              out / "runs.csv")
+    write_csv(result["arms"], out / "arms.csv")
+    write_csv(result["comparisons"], out / "comparisons.csv")
+    text = statement(result)
+    columns = ["intervention", "n", "statistic", "difference", "low", "high", "p_sign_flip", "mde", "predicted",
+               "verdict"]
+    atomic.write_text(out / "verdict.md", f"# {title}: {sweep}\n\n{text}\n\n## Changes against "
+                      f"{result['reference']} ({level:.0%} t-interval over runs)\n\n"
+                      f"{markdown(result['comparisons'], columns)}\n\n## Interventions (mean over runs)\n\n"
+                      f"{markdown(result['arms'])}\n")
+    atomic.write_text(out / "result.json", json.dumps({k: result[k] for k in ("study", "reference", "seeds",
+                                                                             "comparisons")}, indent=1))
+    figure = profiles_figure(result, baseline, f"{title}\n{sweep}")
+    image = out / "profiles.png"
+    atomic.save_figure(figure, image, dpi=110)
+    plt.close(figure)
+    print(text)
+    return [image]
