@@ -109,7 +109,7 @@ def test_mamba_freeze_rereads_each_checkpoint_and_pairs_the_change_by_seed(sweep
 def test_rwkv_decay_sweep_states_the_direction_each_scale_predicts(sweeps):
     out = _study(sweeps / "rwkv", "rwkv_decay_sweep")
     rows = _rows(out / "runs.csv")
-    assert len(rows) == 3 * 7
+    assert len(rows) == 3 * 10
     tests = {(t["intervention"], t["statistic"]): t for t in _rows(out / "comparisons.csv")}
     assert tests[("s=0 (full carry)", "peak max share")]["predicted"] == "higher"
     assert tests[("s=16", "peak max share")]["predicted"] == "lower"
@@ -118,6 +118,10 @@ def test_rwkv_decay_sweep_states_the_direction_each_scale_predicts(sweeps):
     s16 = [r for r in rows if r["intervention"] == "s=16"]
     ref = [r for r in rows if r["intervention"] == "s=1 (learned)"]
     assert all(a["max_share"] != b["max_share"] for a, b in zip(s16, ref))
+    # kill carry leaves each query t only sources t-1 and t, so no source gathers more than 2 of the T = 32
+    # queries' unit masses: max share <= 2 / 32 in every layer (the paper's flat 0.015 at T = 128)
+    assert all(float(r["peak_max_share"]) <= 2 / 32 + 1e-6 for r in rows if r["intervention"] == "kill carry")
+    assert tests[("kill carry", "peak max share")]["predicted"] == "lower"
 
 
 def test_attnres_positive_offset_hands_every_sublayer_to_the_current_block(sweeps):
