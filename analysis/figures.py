@@ -194,7 +194,8 @@ def seed_direction_figure(profiles: dict[str, list[dict]], rank: int = RANK, tit
             ax.plot(x, null, "--", color="grey", label="random-subspace null", zorder=1)
         if _has(untrained):
             ax.plot(x, untrained, ":", color="black", label="untrained pair, same probe", zorder=1)
-        ax.set(xlabel="layer", ylabel="mean canonical angle (deg)", ylim=(0, 92), title=f"direction: {name}")
+        ax.set(xlabel="layer index ℓ (0-based; depth = ℓ / L)", ylabel="mean canonical angle (deg)", ylim=(0, 92),
+               title=f"direction: {name}")
     for ax in axes:
         ax.legend(fontsize=6)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
