@@ -43,6 +43,8 @@ def statistics(rank: int = RANK) -> list[tuple[str, str]]:
         (f"content@{rank}", f"content@{rank}"),
         ("r_cv_share", "r(norm-CV, max share)"), ("val_loss", "val loss"), ("train_loss", "train loss"),
         ("onset_loss", "train loss at onset"), ("solved_step", "solved step"),
+        ("parking_heads", "parking heads at the peak"), ("parking_prediction", "parking prediction"),
+        ("parking_excess", "peak above the parking prediction"),
     ]
     gated = [(f"{key}@{at}", f"{key} at {at}") for at in ("solved", "solved+k") for key in gated_keys(rank)]
     return final + gated

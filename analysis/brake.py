@@ -165,10 +165,10 @@ def trend_checks(rows: list[dict], comparisons: tuple[Comparison, ...], level: f
         elif refusal := too_few_seeds(counts):
             verdict = refusal
         else:
-            verdict = verdict_word(low, high, mde, sign)
+            verdict = verdict_word(low, high, mde, None if comparison.expected is None else sign)
             verdict += flag_unsolved(arm_rows, order, name) if comparison.gated else ""
-        checks.append({"statistic": label, "key": key, "at": comparison.at,
-                       "predicted": "rises with scale" if sign > 0 else "falls with scale", "spearman_rho": rho,
+        predicted = "-" if comparison.expected is None else "rises with scale" if sign > 0 else "falls with scale"
+        checks.append({"statistic": label, "key": key, "at": comparison.at, "predicted": predicted, "spearman_rho": rho,
                        "rho_low": low, "rho_high": high, "rho_boot_low": boot_low, "rho_boot_high": boot_high,
                        "p": p, "detectable": mde, "runs": n, "verdict": verdict})
     return checks
