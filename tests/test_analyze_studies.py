@@ -425,3 +425,35 @@ def test_every_study_experiment_sweeps_at_least_five_replicates_per_arm(name):
     count = len(range(*map(int, replicates[6:-1].split(",")))) if replicates.startswith("range(") else \
         len(replicates.split(","))
     assert count >= 5, f"{name}: {replicates}"
+
+
+def idle_sweep(tmp_path, seeds=3, extra=0.0):
+    """Runs whose peak layer has 4 heads all parking on BOS: each head's max share is φ (its idle queries on
+    BOS), plus ``extra`` beyond parking in seed-varying amounts, so the parking prediction is exactly φ."""
+    job = 0
+    for phi in (0.25, 0.5, 0.75):
+        for seed in range(seeds):
+            share = phi + extra * (1 + 0.1 * seed)
+            rec = record(100, [0.1, 0.1, share], solved_loss=2.0, train_loss=2.0, val_loss=2.0)
+            rec["idle_fraction"] = phi
+            rec["layers"][2].update({"sink_source_units": [0] * 4, "sink_fraction_units": [1.0] * 4,
+                                     "max_share_units": [share] * 4})
+            write_run(tmp_path / f"{job}_phi={phi},seed={seed}",
+                      {"seed": seed, "data": {"generator": {"idle_fraction": phi}}}, [record(0, [0.1] * 3), rec])
+            job += 1
+    return find_runs(tmp_path)
+
+
+def test_idle_fraction_study_states_the_parking_prediction_and_reports_the_excess_unjudged(tmp_path):
+    result = brake_study(idle_sweep(tmp_path, extra=0.05), studies.load("idle_fraction"))
+    checks = {(c["key"], c["at"]): c for c in result["checks"]}
+    peak, prediction = checks[("peak_max_share", "step")], checks[("parking_prediction", "step")]
+    assert peak["verdict"] == "supports" and prediction["predicted"] == "rises with scale"
+    excess = checks[("parking_excess", "step")]
+    assert excess["predicted"] == "-" and excess["verdict"] in ("higher", "lower") or \
+        excess["verdict"].startswith("inconclusive")  # reported, never "supports" / "contradicts"
+    arms = {a["arm"]: a for a in result["arms"]}
+    for phi in (0.25, 0.5, 0.75):  # four parking heads of four: the prediction is phi, the excess what was added
+        assert arms[phi]["parking_prediction"] == pytest.approx(phi)
+        assert arms[phi]["parking_excess"] == pytest.approx(0.05 * 1.1)  # mean of 0.05 x (1, 1.1, 1.2)
+        assert arms[phi]["parking_excess_low"] < 0.055 < arms[phi]["parking_excess_high"]
