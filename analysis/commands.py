@@ -369,10 +369,22 @@ def _intervention_study(cfg, runs, out: Path, study):
     if not all(run.path.is_dir() and (run.path / "checkpoints" / "last.ckpt").is_file() for run in runs):
         raise UserError(f"study={study.name} re-reads the checkpoints: pass the local multirun folder as sweep=<dir>")
     result = interventions.intervention_study(runs, study, cfg.batch_size, cfg.threshold, cfg.completion, cfg.level)
-    images = interventions.write(result, out, study.title, str(cfg.sweep), cfg.level, _final_column(runs, "baseline"))
+    images = interventions.write(result, out, study.title, str(cfg.sweep), cfg.level, _final_column(runs, "baseline"),
+                                 _about(runs, result["seeds"]))
     print(f"{study.name} study: {out / 'verdict.md'}")
     return {"runs": [{k: v for k, v in row.items() if k != "max_share_by_layer"} for row in result["rows"]],
             "comparisons": result["comparisons"]}, images
+
+
+def _about(runs, seeds: list[str]) -> str:
+    """What a study's runs are, for its figure and summary: router, size, data, seeds."""
+    config = runs[0].config
+    router = str(config.get("router._target_", "?")).rsplit(".", 1)[-1]
+    size = " x ".join(str(config[k]) for k in ("router.n_layer", "router.d_model") if k in config)
+    data = str(config.get("data.generator._target_") or config.get("data._target_") or "?").rsplit(".", 1)[-1]
+    length = config.get("data.context_length")
+    return (f"{router} {size}, data {data}" + (f" ({length} tokens)" if length else "")
+            + f", {len(runs)} runs, seeds {', '.join(seeds)}")
 
 
 def _seed_direction(cfg, runs, out: Path, study):

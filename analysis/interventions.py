@@ -118,28 +118,34 @@ def statement(result: dict) -> str:
 
 
 def profiles_figure(result: dict, baseline: list[float], title: str):
-    """Max share by depth (ℓ/L) per intervention, the mean over runs, with the causal-uniform baseline."""
-    from analysis.figures import figure_legend
+    """Max share by depth (layer ℓ drawn at ℓ/L) per intervention, the mean over runs, in the study's order
+    (one colour ramp, so an ordered grid reads as one), with the causal-uniform baseline."""
     from records.figures import _pyplot
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for profile in result["profiles"]:
+    fig, ax = plt.subplots(figsize=(8.2, 4.2))
+    colours = plt.get_cmap("viridis")
+    n = max(len(result["profiles"]) - 1, 1)
+    for i, profile in enumerate(result["profiles"]):
         shares = profile["max_share"]
-        ax.plot([i / len(shares) for i in range(len(shares))], shares, marker="o", label=profile["label"])
+        reference = profile["label"] == result["reference"]
+        ax.plot([j / len(shares) for j in range(len(shares))], shares, marker="o", ms=4,
+                color="black" if reference else colours(i / n), lw=2.2 if reference else 1.2,
+                label=profile["label"] + (" (unmodified)" if reference else ""), zorder=3 if reference else 2)
     if baseline:
-        ax.plot([i / len(baseline) for i in range(len(baseline))], baseline, ":", color="gray",
+        ax.plot([j / len(baseline) for j in range(len(baseline))], baseline, ":", color="gray",
                 label="causal-uniform baseline")
-    ax.set_xlabel("depth ℓ/L (layer or sublayer ℓ of L)")
+    ax.set_xlabel("depth ℓ/L (layer or sublayer ℓ of L, 0-based)")
     ax.set_ylabel("max share (mean over runs)")
-    ax.set_ylim(0, 1.02)
+    top = max([max(p["max_share"]) for p in result["profiles"] if p["max_share"]] + [max(baseline or [0])])
+    ax.set_ylim(0, min(1.02, max(0.3, 1.15 * top)))  # shares are small at these sizes: room to read them
     ax.set_title(title, fontsize=9)
-    figure_legend(fig, [ax])
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     return fig
 
 
-def write(result: dict, out: Path, title: str, sweep: str, level: float, baseline: list[float]) -> list[Path]:
+def write(result: dict, out: Path, title: str, sweep: str, level: float, baseline: list[float], about: str) -> list[Path]:
     """runs.csv (run x intervention), arms.csv (means with intervals), comparisons.csv, verdict.md, profiles.png."""
     import json
 
@@ -155,13 +161,13 @@ def write(result: dict, out: Path, title: str, sweep: str, level: float, baselin
     text = statement(result)
     columns = ["intervention", "n", "statistic", "difference", "low", "high", "p_sign_flip", "mde", "predicted",
                "verdict"]
-    atomic.write_text(out / "verdict.md", f"# {title}: {sweep}\n\n{text}\n\n## Changes against "
+    atomic.write_text(out / "verdict.md", f"# {title}: {sweep}\n\n{about}.\n\n{text}\n\n## Changes against "
                       f"{result['reference']} ({level:.0%} t-interval over runs)\n\n"
                       f"{markdown(result['comparisons'], columns)}\n\n## Interventions (mean over runs)\n\n"
                       f"{markdown(result['arms'])}\n")
     atomic.write_text(out / "result.json", json.dumps({k: result[k] for k in ("study", "reference", "seeds",
                                                                              "comparisons")}, indent=1))
-    figure = profiles_figure(result, baseline, f"{title}\n{sweep}")
+    figure = profiles_figure(result, baseline, f"{title}\n{about}")
     image = out / "profiles.png"
     atomic.save_figure(figure, image, dpi=110)
     plt.close(figure)
