@@ -44,7 +44,7 @@ def statistics(rank: int = RANK) -> list[tuple[str, str]]:
         ("r_cv_share", "r(norm-CV, max share)"), ("val_loss", "val loss"), ("train_loss", "train loss"),
         ("onset_loss", "train loss at onset"), ("solved_step", "solved step"),
         ("parking_heads", "parking heads at the peak"), ("parking_prediction", "parking prediction"),
-        ("parking_excess", "peak above the parking prediction"),
+        ("parking_excess", "peak above the parking prediction"), ("ve@4_features", "VE@4 of the layer features"),
     ]
     gated = [(f"{key}@{at}", f"{key} at {at}") for at in ("solved", "solved+k") for key in gated_keys(rank)]
     return final + gated
@@ -53,6 +53,8 @@ def statistics(rank: int = RANK) -> list[tuple[str, str]]:
 def factor_value(run: Run, factor: str):
     """A run's value of ``factor``; a config group such as ``router/score`` reads its key ``router.score``."""
     key = factor.replace("/", ".")
+    if key not in run.config and f"{key}._target_" in run.config:  # a config group (router=gat,gcn): its class
+        key = f"{key}._target_"
     if key not in run.config:
         raise UserError(f"runs have no config key {key!r}; pass factor=<one of the sweep's axes>, "
                         f"e.g. {', '.join(factors([run])) or 'router.position'}")

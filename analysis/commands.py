@@ -330,9 +330,61 @@ def _arm_columns(kind: str, rank: int) -> list[str]:
             "area_above_baseline_high", f"ve@{rank}", "norm_cv", "val_loss"]
 
 
+def _stratified(cfg, runs, out: Path, study):
+    """A study judged within each value of ``study.strata`` apart (GAT vs GCN at each homophily): one folder
+    per value with the whole study, and ``strata.csv`` / ``strata.md`` / ``strata.png`` side by side."""
+    import dataclasses
+
+    from analysis.arms import factor_value
+
+    values = sorted({factor_value(run, study.strata) for run in runs})
+    inner = dataclasses.replace(study, strata=None)
+    rows, images = [], []
+    for value in values:
+        subset = [run for run in runs if factor_value(run, study.strata) == value]
+        tables, pictures = _arm_study(cfg, subset, out / f"{study.strata}={value}", inner)
+        tests = tables.get("comparisons") or tables.get("checks") or []
+        rows += [{study.strata: value, **test} for test in tests]
+        images += pictures
+    write_csv(rows, out / "strata.csv")
+    columns = [study.strata, "score", "statistic", "n_a", "n_b", "difference", "low", "high", "p_perm", "mde", "verdict"]
+    atomic.write_text(out / "strata.md", f"# {study.title}: {cfg.sweep}\n\n{_about(runs, sorted({str(r.get('seed')) for r in runs}))}."
+                      f"\n\nEach arm against {study.reference} within each {study.strata} "
+                      f"({cfg.level:.0%} Welch t-interval over seeds, permutation p, detectable effect):\n\n"
+                      f"{markdown(rows, [c for c in columns if not rows or c in rows[0]])}\n")
+    images.append(_save(_strata_figure(rows, study, cfg.level), out / "strata.png"))
+    print(f"{study.name} study by {study.strata}: {out / 'strata.md'}")
+    return {"strata": rows}, images
+
+
+def _strata_figure(rows: list[dict], study, level: float):
+    """Each comparison's difference (arm - reference) against the strata axis, with its t-interval."""
+    import matplotlib.pyplot as plt
+
+    statistics = list(dict.fromkeys(row["statistic"] for row in rows))
+    fig, axes = plt.subplots(1, len(statistics), figsize=(4.2 * len(statistics), 3.4), squeeze=False)
+    for ax, statistic in zip(axes[0], statistics):
+        chosen = [row for row in rows if row["statistic"] == statistic]
+        for arm in dict.fromkeys(row["score"] for row in chosen):
+            mine = [row for row in chosen if row["score"] == arm]
+            x = [float(row[study.strata]) for row in mine]
+            y = [row["difference"] for row in mine]
+            err = [[d - row["low"] for d, row in zip(y, mine)], [row["high"] - d for d, row in zip(y, mine)]]
+            ax.errorbar(x, y, yerr=err, fmt="o-", capsize=3, label=f"{study.label(arm)} - {study.label(study.reference)}")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set(xlabel=study.strata, ylabel="difference of arm means", title=statistic)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{study.title}: difference with its {level:.0%} t-interval over seeds", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def _arm_study(cfg, runs, out: Path, study):
     """A study of arms x seeds (brake ordering, ALiBi slope, metric): per-run rows, per-arm means with
     intervals, the study's tests (checks or comparisons), its verdict in words, profiles and trajectories."""
+    if study.strata:
+        return _stratified(cfg, runs, out, study)
+    out.mkdir(parents=True, exist_ok=True)
     from analysis.brake import brake_study, verdict_text
     from analysis.metric import metric_study, statement
 

@@ -77,6 +77,7 @@ class Study:
     solved_k: int = SOLVED_K  # steps after solved_step of the solved+k comparisons
     solved_margin: float = SOLVED_MARGIN  # nats above the task's solved loss that count as solved (solved_step)
     interventions: tuple = ()  # intervention: ({label, set: {knob: value}}, ...) for set_interventions
+    strata: str | None = None  # a second sweep axis: the study is judged within each of its values apart
 
     def label(self, arm) -> str:
         return self.labels.get(arm, str(arm))

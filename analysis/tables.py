@@ -15,7 +15,8 @@ from analysis.stats import nanmean
 from collapse import completion_layer, onset_layer
 from common import atomic
 from records.schema import number, ve_keys  # number: re-exported to the studies
-from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD, PARKING_SINK_FRACTION, RANK, SOLVED_MARGIN
+from common.constants import (COMPLETION_THRESHOLD, FEATURE_RANK, ONSET_THRESHOLD, PARKING_SINK_FRACTION, RANK,
+                              SOLVED_MARGIN)
 
 
 def finite(value) -> bool:
@@ -45,6 +46,8 @@ def run_statistics(record: dict, threshold: float = ONSET_THRESHOLD, completion:
         "baseline": _depth_mean(record["layers"], "baseline"),  # the causal-uniform max share
     }
     stats.update(parking(record, peak))
+    # graphs are read by the VE of their full-width layer features (records.schema.geometry_column)
+    stats[f"ve@{FEATURE_RANK}_features"] = _depth_mean(record["layers"], f"ve@{FEATURE_RANK}_features")
     for key in ("norm_cv", "norm_cv_min", "norm_cv_gauss", *ve_keys(rank).values(), "ve@1", "ve@1_post",
                 "r_cv_share", "r_cv_share_p"):
         stats[key] = number(summary.get(key))

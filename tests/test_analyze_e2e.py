@@ -182,7 +182,7 @@ def test_a_corpus_probe_for_a_run_without_tokenizer_fails_with_one_line(sweep, c
 
 def test_unknown_study_is_refused_before_any_work(sweep, capsys):
     assert analyze.main([f"sweep={sweep}", "study=brakes"]) == 2
-    assert "choose one of alibi_slope, attnres_offset, brake_ordering, idle_fraction, mamba_freeze, metric_study, normalization_study, rwkv_decay_sweep, seed_direction" in capsys.readouterr().err
+    assert "choose one of alibi_slope, attnres_offset, brake_ordering, csbm_homophily, idle_fraction, mamba_freeze, metric_study, normalization_study, rwkv_decay_sweep, seed_direction" in capsys.readouterr().err
 
 
 @pytest.fixture

@@ -61,3 +61,47 @@ def test_a_checkpoint_without_stored_arguments_asks_its_data_what_train_py_asked
     trained, _, _ = load_router(graph_run)
     assert step == 20 and all(torch.equal(a, b) for a, b in zip(router.state_dict().values(),
                                                                  trained.state_dict().values(), strict=True))
+
+
+@pytest.fixture(scope="module")
+def homophily_sweep(tmp_path_factory):
+    """A multirun-shaped folder: GAT and GCN x homophily 0.2 / 0.8 x 3 seeds of a tiny CSBM run."""
+    import train
+
+    root = tmp_path_factory.mktemp("csbm")
+    base = [o for o in GRAPH if not o.startswith(("router=", "data.homophily=", "router.heads="))]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("ROUTECOLLAPSE_DATA", str(root / "cache"))
+        job = 0
+        for router in ("gat", "gcn"):
+            for homophily in (0.2, 0.8):
+                for seed in range(3):
+                    heads = ["router.heads=4"] if router == "gat" else []
+                    train.train(compose_train(root / "multirun" / str(job), base + heads + [
+                        f"router={router}", f"data.homophily={homophily}", f"seed={seed}"]))
+                    job += 1
+    return root / "multirun"
+
+
+def test_gat_vs_gcn_is_judged_within_each_homophily_against_independent_welch_intervals(homophily_sweep):
+    import csv
+
+    from scipy import stats
+
+    assert analyze.main([f"sweep={homophily_sweep}", "study=csbm_homophily"]) == 0
+    out = homophily_sweep / "analysis" / "csbm_homophily"
+    rows = list(csv.DictReader(open(out / "strata.csv")))
+    assert sorted({r["data.homophily"] for r in rows}) == ["0.2", "0.8"]
+    for homophily in ("0.2", "0.8"):
+        runs = list(csv.DictReader(open(out / f"data.homophily={homophily}" / "runs.csv")))
+        gat = [float(r["ve@4_features"]) for r in runs if r["arm"] == "routers.graph.GAT"]
+        gcn = [float(r["ve@4_features"]) for r in runs if r["arm"] == "routers.graph.GCN"]
+        assert len(gat) == len(gcn) == 3
+        for r in runs:  # each run's value is the depth mean of the per-layer VE@4 its last record logged
+            layers = json.loads((homophily_sweep / r["run"] / "collapse.jsonl").read_text().splitlines()[-1])["layers"]
+            assert float(r["ve@4_features"]) == pytest.approx(sum(x["ve@4_features"] for x in layers) / len(layers))
+        row = next(r for r in rows if r["data.homophily"] == homophily and r["key"] == "ve@4_features")
+        welch = stats.ttest_ind(gat, gcn, equal_var=False).confidence_interval(0.95)
+        assert float(row["difference"]) == pytest.approx(sum(gat) / 3 - sum(gcn) / 3)
+        assert (float(row["low"]), float(row["high"])) == pytest.approx((welch.low, welch.high))
+    assert (out / "strata.png").stat().st_size and "GAT vs GCN" in (out / "strata.md").read_text()

@@ -347,7 +347,7 @@ def test_every_study_is_named_after_the_experiment_that_trains_it_and_reads_the_
     from pathlib import Path
 
     conf = Path(studies.SPECS).parent
-    assert studies.names() == ["alibi_slope", "attnres_offset", "brake_ordering", "idle_fraction", "mamba_freeze",
+    assert studies.names() == ["alibi_slope", "attnres_offset", "brake_ordering", "csbm_homophily", "idle_fraction", "mamba_freeze",
                                "metric_study", "normalization_study", "rwkv_decay_sweep", "seed_direction"]
     for name in studies.names():
         study = studies.load(name)
@@ -360,6 +360,7 @@ def test_every_study_is_named_after_the_experiment_that_trains_it_and_reads_the_
             assert study.factor is None and set(swept) == {"seed"}, name
         else:
             assert study.factor in swept or study.factor.replace(".", "/") in swept, name
+            assert study.strata is None or study.strata in swept, name
 
 
 def test_the_old_metric_study_name_still_works_and_an_unknown_one_lists_the_specs(tmp_path, capsys):
@@ -368,7 +369,7 @@ def test_the_old_metric_study_name_still_works_and_an_unknown_one_lists_the_spec
     assert analyze.main([f"sweep={metric_sweep(tmp_path)}", "study=metric"]) == 0
     assert (tmp_path / "analysis" / "metric_study" / "statement.md").is_file()
     assert analyze.main([f"sweep={tmp_path}", "study=brakes"]) == 2
-    assert "unknown study 'brakes'; choose one of alibi_slope, attnres_offset, brake_ordering, idle_fraction, mamba_freeze, metric_study, normalization_study, rwkv_decay_sweep, seed_direction" in \
+    assert "unknown study 'brakes'; choose one of alibi_slope, attnres_offset, brake_ordering, csbm_homophily, idle_fraction, mamba_freeze, metric_study, normalization_study, rwkv_decay_sweep, seed_direction" in \
         capsys.readouterr().err
 
 
