@@ -55,12 +55,16 @@ def measure_interventions(run: Run, interventions: list[dict], study_name: str, 
 
 
 def predicted_direction(spec: dict, comparison) -> str | None:
-    """Which way ``comparison`` is predicted to move under intervention ``spec``: the intervention's own
-    ``expected`` (a sweep whose settings push both ways, e.g. less and more decay) where it has one, else the
-    comparison's; None where the comparison predicts nothing or the intervention says ``expected: null``."""
+    """Which way ``comparison`` is predicted to move under intervention ``spec``. An intervention may say it
+    itself: ``expected: higher`` (or ``lower``, or null: nothing) for every comparison that predicts a
+    direction -- a grid whose settings push both ways, as less and more decay do -- or
+    ``expected: {statistic: direction}`` per statistic, the others keeping the comparison's own."""
+    own = spec.get("expected", ...)
+    if isinstance(own, dict):
+        return own.get(comparison.statistic, comparison.expected)
     if comparison.expected is None:
         return None
-    return spec["expected"] if "expected" in spec else comparison.expected
+    return comparison.expected if own is ... else own
 
 
 def intervention_study(runs: list[Run], study, batch_size: int = 16, threshold: float = 0.2,

@@ -48,6 +48,9 @@ def run_statistics(record: dict, threshold: float = ONSET_THRESHOLD, completion:
     stats.update(parking(record, peak))
     # graphs are read by the VE of their full-width layer features (records.schema.geometry_column)
     stats[f"ve@{FEATURE_RANK}_features"] = _depth_mean(record["layers"], f"ve@{FEATURE_RANK}_features")
+    # depth routers (AttnRes): the mass on the current block and on the token embeddings, per sublayer
+    stats["current_share"] = _depth_mean(record["layers"], "current_share")
+    stats["embedding_share"] = _depth_mean(record["layers"], "embedding_share")
     for key in ("norm_cv", "norm_cv_min", "norm_cv_gauss", *ve_keys(rank).values(), "ve@1", "ve@1_post",
                 "r_cv_share", "r_cv_share_p"):
         stats[key] = number(summary.get(key))

@@ -132,9 +132,16 @@ def test_attnres_positive_offset_hands_every_sublayer_to_the_current_block(sweep
     # the recency bias is a logit on the current block: +8 gives it e^8 times its weight, so (at a tiny model's
     # near-uniform logits) every sublayer's top share is the current block's, close to 1
     assert all(p > 0.95 and p > z for p, z in zip(plus8, zero))
+    # and -8 leaves it e^-8 of the others' weight: the current block's share vanishes, the embeddings gain
+    minus8 = [r for r in rows if r["intervention"] == "δ=-8"]
+    assert all(float(r["current_share"]) < 0.01 for r in minus8)
+    assert all(float(m["embedding_share"]) > float(z["embedding_share"])
+               for m, z in zip(minus8, [r for r in rows if r["intervention"] == "δ=0"]))
     tests = {(t["intervention"], t["statistic"]): t for t in _rows(out / "comparisons.csv")}
     assert tests[("δ=+8", "depth-mean max share")]["verdict"] == "supports"
-    assert tests[("δ=-8", "depth-mean max share")]["predicted"] == "-"
+    assert tests[("δ=-8", "depth-mean max share")]["predicted"] == "-"  # the paper's top share barely moves
+    assert tests[("δ=-8", "embedding share (depth mean)")]["predicted"] == "higher"
+    assert tests[("δ=-8", "current-block share (depth mean)")]["verdict"] == "supports"
 
 
 def test_an_intervention_study_on_another_family_fails_in_one_line(sweeps, capsys):
