@@ -138,7 +138,7 @@ def profiles_figure(result: dict, baseline: list[float], title: str):
                 label=profile["label"] + (" (unmodified)" if reference else ""), zorder=3 if reference else 2)
     if baseline:
         ax.plot([j / len(baseline) for j in range(len(baseline))], baseline, ":", color="gray",
-                label="causal-uniform baseline")
+                label="uniform-routing baseline")
     ax.set_xlabel("depth ℓ/L (layer or sublayer ℓ of L, 0-based)")
     ax.set_ylabel("max share (mean over runs)")
     top = max([max(p["max_share"]) for p in result["profiles"] if p["max_share"]] + [max(baseline or [0])])
