@@ -176,11 +176,13 @@ def trend_checks(rows: list[dict], comparisons: tuple[Comparison, ...], level: f
 
 def overall(checks: list[dict]) -> str:
     """The study's verdict from its statistics': a refusal for too few seeds first; contradicted when any
-    statistic contradicts; supported when every determinable one supports; otherwise not established."""
+    statistic contradicts; supported when every determinable predicted one supports; otherwise not established."""
     refused = [c["verdict"] for c in checks if c["verdict"].startswith("no verdict: too few seeds")]
     if refused:
         return refused[0]
-    decided = [c for c in checks if c["verdict"].startswith(("supports", "contradicts", "inconclusive"))]
+    # statistics the spec predicts nothing about (predicted "-") are reported beside the verdict, not part of it
+    decided = [c for c in checks if c["verdict"].startswith(("supports", "contradicts", "inconclusive"))
+               and c.get("predicted") != "-"]
     if not decided:  # e.g. too few runs solved the task to read them there
         return next((c["verdict"] for c in checks if c["verdict"].startswith("no verdict")), "undetermined")
     if any(c["verdict"].startswith("contradicts") for c in decided):

@@ -453,6 +453,7 @@ def test_idle_fraction_study_states_the_parking_prediction_and_reports_the_exces
     excess = checks[("parking_excess", "step")]
     assert excess["predicted"] == "-" and excess["verdict"] in ("higher", "lower") or \
         excess["verdict"].startswith("inconclusive")  # reported, never "supports" / "contradicts"
+    assert "peak above the parking prediction" not in result["verdict"]  # reported beside the verdict, not in it
     arms = {a["arm"]: a for a in result["arms"]}
     for phi in (0.25, 0.5, 0.75):  # four parking heads of four: the prediction is phi, the excess what was added
         assert arms[phi]["parking_prediction"] == pytest.approx(phi)
