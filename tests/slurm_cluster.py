@@ -9,7 +9,7 @@ memory), one partition, no cgroups, accounting off (no ``slurmdbd``/database: ``
 which submitit bypasses; its parent waits on the job's result file instead). The config lives in ``folder``
 and reaches every client (sbatch, scontrol, submitit's calls, the jobs) through ``SLURM_CONF``; nothing under
 /etc/slurm is written. ``Unavailable`` says in one line why there is no cluster (not root, no apt-get, the
-install or a daemon failed); the tests skip with it, or fail where ``ROUTECOLLAPSE_REQUIRE_SLURM=1`` (CI).
+install or a daemon failed); the tests fail with it (`pytest -m 'not slurm'` leaves them out).
 
 Also a script: ``python tests/slurm_cluster.py install`` installs the packages (what .ci/run does before the
 suite, so the install is not charged to a test's time).
@@ -32,7 +32,7 @@ DAEMONS = ("slurmctld", "slurmd", "munged")
 
 class Unavailable(Exception):
     """No local cluster can be had here; the message says why in one line. ``network``: only because the
-    package registry could not be reached (the one case the SLURM tests skip instead of failing)."""
+    package registry could not be reached, which the failure names as the cause."""
 
     def __init__(self, message: str, network: bool = False):
         super().__init__(message)
@@ -247,10 +247,10 @@ PartitionName={self.PARTITION} Nodes={self.NODE} Default=YES MaxTime=INFINITE St
                              + "\n".join((self.folder / "slurmctld.log").read_text().splitlines()[-20:]))
 
 
-def cluster_or_skip(folder: Path) -> LocalSlurm:
-    """A started cluster in ``folder``. Without one the test fails saying why and how to proceed; it skips only
-    when installing SLURM could not reach the package registry (no network), and even then fails where
-    ``ROUTECOLLAPSE_REQUIRE_SLURM=1`` (CI) asks for a cluster."""
+def cluster_or_fail(folder: Path) -> LocalSlurm:
+    """A started cluster in ``folder``. Without one the test fails, never skips (a skipped test proves nothing):
+    the message says why (no root or apt-get, or the package registry unreachable) and that
+    ``pytest -m 'not slurm'`` leaves these tests out on a machine that cannot have a cluster."""
     import pytest
 
     try:
@@ -259,7 +259,8 @@ def cluster_or_skip(folder: Path) -> LocalSlurm:
         if os.environ.get(REQUIRE) == "1":
             pytest.fail(f"no local SLURM cluster, and {REQUIRE}=1 asks for one: {e}", pytrace=False)
         if e.network:
-            pytest.skip(f"no local SLURM cluster: the package registry is unreachable ({e})")
+            pytest.fail(f"no local SLURM cluster: the package registry is unreachable ({e}); restore the network, "
+                        f"or leave these tests out with `pytest -m 'not slurm'`", pytrace=False)
         pytest.fail(f"no local SLURM cluster: {e}; run the suite as root with apt-get, or leave these tests out "
                     f"with `pytest -m 'not slurm'`", pytrace=False)
 
