@@ -50,7 +50,6 @@ def measure_interventions(run: Run, interventions: list[dict], study_name: str, 
         stats = run_statistics(record, threshold, completion, rank)
         rows.append({"run": run.name, "seed": run.get("seed"), "intervention": spec["label"], **stats,
                      "max_share_by_layer": [layer["max_share"] for layer in record["layers"]]})
-    _intervene(router, {}, study_name)
     return rows
 
 
@@ -124,9 +123,8 @@ def statement(result: dict) -> str:
 def profiles_figure(result: dict, baseline: list[float], title: str):
     """Max share by depth (layer ℓ drawn at ℓ/L) per intervention, the mean over runs, in the study's order
     (one colour ramp, so an ordered grid reads as one), with the causal-uniform baseline."""
-    from records.figures import _pyplot
+    import matplotlib.pyplot as plt
 
-    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8.2, 4.2))
     colours = plt.get_cmap("viridis")
     n = max(len(result["profiles"]) - 1, 1)

@@ -223,35 +223,41 @@ def hedges_g(a: Sequence[float], b: Sequence[float]) -> float:
     return diff / sd * (1 - 3 / (4 * (x.size + y.size) - 9))
 
 
+def _two_sided_power(ncp: float, df: int, alpha: float) -> float:
+    """P(|T| > t_{1-alpha/2, df}) for T ~ noncentral t(df, ncp): a two-sided t-test's power."""
+    from scipy.stats import nct, t
+
+    critical = float(t.ppf(1 - alpha / 2, df))
+    tails = (float(nct.sf(critical, df, ncp)), float(nct.sf(critical, df, -ncp)))  # the two rejection tails
+    return sum(p for p in tails if not math.isnan(p))  # scipy's far tail can be nan where it is ~0
+
+
+def _smallest_detectable(df: int, scale: float, alpha: float, power: float) -> float:
+    """The effect delta whose t-test (noncentral t, ncp = delta / scale) has the given power: the exact root,
+    searched around its familiar approximation (t_{1-alpha/2,df} + t_{power,df}) scale, within a few percent."""
+    from scipy.optimize import brentq
+    from scipy.stats import t
+
+    guess = (float(t.ppf(1 - alpha / 2, df)) + float(t.ppf(power, df))) * scale
+    return float(brentq(lambda d: _two_sided_power(d / scale, df, alpha) - power, 0.5 * guess, 2 * guess,
+                        xtol=1e-12 * guess))
+
+
 def t_test_power(effect: float, n_a: int, n_b: int, sd: float, alpha: float = ALPHA) -> float:
     """Power of the two-sided two-sample t-test (equal variances) to detect a true difference ``effect``:
     P(|T| > t_{1-alpha/2, df}) with T ~ noncentral t(df = n_a + n_b - 2, ncp = effect / (sd sqrt(1/n_a + 1/n_b)))."""
-    from scipy.stats import nct, t
-
-    df = n_a + n_b - 2
-    critical = float(t.ppf(1 - alpha / 2, df))
-    ncp = effect / (sd * math.sqrt(1 / n_a + 1 / n_b))
-    upper, lower = float(nct.sf(critical, df, ncp)), float(nct.sf(critical, df, -ncp))  # the two rejection tails
-    return sum(p for p in (upper, lower) if not math.isnan(p))  # scipy's far tail can be nan where it is ~0
+    return _two_sided_power(effect / (sd * math.sqrt(1 / n_a + 1 / n_b)), n_a + n_b - 2, alpha)
 
 
 def min_detectable_effect(n_a: int, n_b: int, sd: float, alpha: float = ALPHA, power: float = POWER) -> float:
     """The smallest true difference of arm means the design detects with probability ``power`` by a two-sided
-    t-test at ``alpha``: the root of t_test_power(delta) = power (noncentral t, exact). Its familiar
-    approximation (t_{1-alpha/2,df} + t_{power,df}) sd sqrt(1/n_a + 1/n_b) is where the search starts; it is
-    within a few percent. nan with fewer than 2 runs per arm or no sd; 0 when the runs do not vary."""
-    from scipy.optimize import brentq
-    from scipy.stats import t
-
+    t-test at ``alpha``: the root of t_test_power(delta) = power (noncentral t, exact). nan with fewer than 2
+    runs per arm or no sd; 0 when the runs do not vary."""
     if n_a < 2 or n_b < 2 or not math.isfinite(sd):
         return math.nan
     if sd == 0:
         return 0.0
-    df = n_a + n_b - 2
-    scale = sd * math.sqrt(1 / n_a + 1 / n_b)
-    guess = (float(t.ppf(1 - alpha / 2, df)) + float(t.ppf(power, df))) * scale
-    return float(brentq(lambda d: t_test_power(d, n_a, n_b, sd, alpha) - power, 0.5 * guess, 2 * guess,
-                        xtol=1e-12 * guess))
+    return _smallest_detectable(n_a + n_b - 2, sd * math.sqrt(1 / n_a + 1 / n_b), alpha, power)
 
 
 def compare_arms(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict:
@@ -269,27 +275,17 @@ def compare_arms(a: Sequence[float], b: Sequence[float], level: float = 0.95) ->
 def paired_power(effect: float, n: int, sd: float, alpha: float = ALPHA) -> float:
     """Power of the two-sided paired (one-sample) t-test on ``n`` differences of spread ``sd`` to detect a
     true mean difference ``effect``: noncentral t with df = n - 1, ncp = effect sqrt(n) / sd."""
-    from scipy.stats import nct, t
-
-    critical = float(t.ppf(1 - alpha / 2, n - 1))
-    ncp = effect * math.sqrt(n) / sd
-    return sum(p for p in (float(nct.sf(critical, n - 1, ncp)), float(nct.sf(critical, n - 1, -ncp)))
-               if not math.isnan(p))
+    return _two_sided_power(effect * math.sqrt(n) / sd, n - 1, alpha)
 
 
 def paired_mde(n: int, sd: float, alpha: float = ALPHA, power: float = POWER) -> float:
     """The smallest true mean difference a paired t-test on ``n`` differences of spread ``sd`` detects with
     probability ``power`` (root of paired_power). nan below 2 pairs or with no sd; 0 when they do not vary."""
-    from scipy.optimize import brentq
-    from scipy.stats import t
-
     if n < 2 or not math.isfinite(sd):
         return math.nan
     if sd == 0:
         return 0.0
-    guess = (float(t.ppf(1 - alpha / 2, n - 1)) + float(t.ppf(power, n - 1))) * sd / math.sqrt(n)
-    return float(brentq(lambda d: paired_power(d, n, sd, alpha) - power, 0.5 * guess, 2 * guess,
-                        xtol=1e-12 * guess))
+    return _smallest_detectable(n - 1, sd / math.sqrt(n), alpha, power)
 
 
 def sign_flip_p(differences: Sequence[float]) -> float:
