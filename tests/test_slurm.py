@@ -93,27 +93,27 @@ def requeue_events(cluster, job_id: str) -> int:
     return len(re.findall(rf"Requeuing JobId={re.escape(job_id)}\b", text))
 
 
-def test_without_a_cluster_the_slurm_tests_fail_saying_why_and_skip_only_without_network(tmp_path, monkeypatch):
+def test_without_a_cluster_the_slurm_tests_fail_saying_why_even_without_network(tmp_path, monkeypatch):
     from tests import slurm_cluster
 
     monkeypatch.setattr(slurm_cluster, "installed", lambda: False)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     monkeypatch.delenv(slurm_cluster.REQUIRE, raising=False)
     with pytest.raises(pytest.fail.Exception, match="no local SLURM cluster: a local SLURM cluster needs root"):
-        slurm_cluster.cluster_or_skip(tmp_path)
+        slurm_cluster.cluster_or_fail(tmp_path)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     monkeypatch.setattr(slurm_cluster.shutil, "which", lambda name: None)  # no apt-get
     with pytest.raises(pytest.fail.Exception, match="SLURM is not installed and there is no apt-get"):
-        slurm_cluster.cluster_or_skip(tmp_path)
-    # apt-get present but the registry unreachable: the one skip, naming the network.
+        slurm_cluster.cluster_or_fail(tmp_path)
+    # apt-get present but the registry unreachable: a failure too (never a skip), naming the network.
     monkeypatch.setattr(slurm_cluster.shutil, "which", lambda name: "/usr/bin/apt-get")
     unreachable = subprocess.CompletedProcess([], 100, "", "E: Failed to fetch http://deb.debian.org/... Could not resolve")
     monkeypatch.setattr(slurm_cluster.subprocess, "run", lambda *a, **k: unreachable)
-    with pytest.raises(pytest.skip.Exception, match="package registry is unreachable"):
-        slurm_cluster.cluster_or_skip(tmp_path)
+    with pytest.raises(pytest.fail.Exception, match="package registry is unreachable.*-m 'not slurm'"):
+        slurm_cluster.cluster_or_fail(tmp_path)
     monkeypatch.setenv(slurm_cluster.REQUIRE, "1")
     with pytest.raises(pytest.fail.Exception, match="ROUTECOLLAPSE_REQUIRE_SLURM=1 asks for one"):
-        slurm_cluster.cluster_or_skip(tmp_path)
+        slurm_cluster.cluster_or_fail(tmp_path)
 
 
 def test_a_sweep_of_two_jobs_completes_on_a_real_slurm(slurm_cluster, reference, tmp_path, cache):
