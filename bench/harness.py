@@ -11,15 +11,11 @@ from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
-# Each family at its default config: the router alone for token routers; graph attention as its studies train
-# it (CSBM is generated, so no download).
-FAMILIES = {
-    "pythia": ["router=pythia"],
-    "mamba": ["router=mamba"],
-    "rwkv": ["router=rwkv"],
-    "attnres": ["router=attnres"],
-    "gat": ["router=gat", "data=csbm", "task=node_classification", "regime=none"],
-}
+from routers.family import families  # noqa: E402
+
+# Each registered family at its default run: the overrides its descriptor gives (routers/family.py), e.g. the
+# router alone for token routers, graph attention as its studies train it.
+FAMILIES = {family.name: list(family.bench) for family in families() if family.bench}
 QUIET = ["logger=csv", "print_table=false", "trainer.enable_progress_bar=false"]
 
 
@@ -59,7 +55,11 @@ def build_family(family: str, out: Path, overrides: list[str] = (), device: str 
 
     import run
 
-    cfg = run.compose_run(out, [*FAMILIES[family], *QUIET, *overrides])
+    from routers.family import family as registered
+
+    # The registry at call time, not FAMILIES: a family registered after this module was imported (a test's toy
+    # router) benches too; its config may come from a Hydra search path given in ``overrides``.
+    cfg = run.compose_run(out, [*registered(family).bench, *QUIET, *overrides])
     pl.seed_everything(cfg.seed, verbose=False)
     datamodule = run.build(cfg.data)
     datamodule.prepare_data()

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import FAMILIES, load_average  # noqa: E402
+from routers.transformer import FAMILY as TRANSFORMER  # noqa: E402  (the presets are Pythia's)
 from common import atomic  # noqa: E402
 
 
@@ -77,10 +78,10 @@ def preset_rows(device: str, quick: bool, run_bench=None) -> list[str]:
     monitor_args = ["--rounds", "1", "--steps", "3"] if quick else ["--rounds", "3", "--steps", "10"]
     # synthetic data (no download) at the default 1024-token language; the router keeps the preset's 50304-row
     # head (--vocab): the generator's V x V table cannot reach 50k
-    text = run_bench("monitor_overhead.py", "--router", "pythia", "--device", device, "--bf16", "--vocab",
+    text = run_bench("monitor_overhead.py", "--router", TRANSFORMER.name, "--device", device, "--bf16", "--vocab",
                      str(PRESET_VOCAB), *monitor_args, f"router={PRESET}", "data=synthetic",
                      f"data.context_length={shape['context']}", f"data.batch_size={PRESET_BATCH}")
-    rows.append(monitor_row("Pythia-160M (bf16 steps)", "pythia", text))
+    rows.append(monitor_row("Pythia-160M (bf16 steps)", TRANSFORMER.name, text))
     return rows
 
 

@@ -1,17 +1,22 @@
 """Family statistics: what a router family's own paper section measures beyond the shared signature.
 
 The routing record carries raw tensors only (``features``, ``delta``, ``recency_bias``, the operator); the
-statistics are computed here, chosen by ``Routing.family``, so no router imports the metrics. Each family
+statistics are computed here, chosen by the record's ``statistics`` name (each layer carries its routing's),
+so no router imports the metrics and no metric names a router family: the table below is keyed by what is
+measured, and a family's descriptor (routers/family.py) says which it uses. Each family
 keeps one small accumulator per layer: the signature streams every dense operator chunk through ``chunk``
 (so an operator too large to hold is read once) and asks ``batch`` for the batch's values, which it
 averages over sequences like every other column.
 
-    graph    VE@4 of the layer's pre-activation output (the paper's GAT-vs-GCN number) and of the projected
-             features with all heads side by side, and the output's Gaussian null
-    mamba    CV over positions of Δ, of the effective key norms Δ_{s,d}|B_s| and of |B_s| (Section 5.2)
-    rwkv     content and recency r: the routing early sources receive from late queries, correlated with
-             the key norm and with the position (Section 5.3)
-    attnres  hub shares per depth source (token-averaged weights), the uniform share 1/S and the recency bias
+    graph_features               VE@4 of a graph layer's pre-activation output (the paper's GAT-vs-GCN
+                                 number) and of the projected features with all heads side by side, and the
+                                 output's Gaussian null (Section 5.1)
+    selective_scan               CV over positions of Δ, of the effective key norms Δ_{s,d}|B_s| and of
+                                 |B_s| (Section 5.2)
+    late_query_content_recency   content and recency r: the routing early sources receive from late
+                                 queries, correlated with the key norm and with the position (Section 5.3)
+    depth_hubs                   hub shares per depth source (token-averaged weights), the uniform share
+                                 1/S and the recency bias (Section 5.4)
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ import torch
 from torch import Tensor
 
 from common.constants import FEATURE_RANK, LATE_FRACTION
+from common.errors import UserError
 from collapse.geometry import gaussian_null, ve_at_rank
 from collapse.recurrent import content_recency, late_query_influence
 
@@ -105,17 +111,24 @@ class DepthHubs(FamilyStatistics):
         return out
 
 
-# family -> a layer's accumulator; routers with no family statistics ("") are absent
-FAMILY_STATISTICS = {
-    "graph": lambda layer: GraphFeatures(),
-    "mamba": lambda layer: SelectiveScan(),
-    "rwkv": lambda layer: LateQueryContentRecency(layer.keys.shape[-2]),
-    "attnres": lambda layer: DepthHubs(),
+# what is measured -> a layer's accumulator; routing with no family statistics ("") has none
+STATISTICS = {
+    "graph_features": lambda layer: GraphFeatures(),
+    "selective_scan": lambda layer: SelectiveScan(),
+    "late_query_content_recency": lambda layer: LateQueryContentRecency(layer.keys.shape[-2]),
+    "depth_hubs": lambda layer: DepthHubs(),
 }
 
 
 def family_statistics(family: str, layer: "RoutingLayer") -> FamilyStatistics | None:
-    """The accumulator of ``family`` for one layer; None for routers with no family statistics."""
-    make = FAMILY_STATISTICS.get(family)
-    return None if make is None else make(layer)
+    """The accumulator of the family statistics ``layer`` carries (``layer.statistics``, set from its routing
+    record's ``statistics``) for one layer; None where it carries none. ``family`` (the record's family name)
+    only names the router in the error for statistics this module does not know."""
+    name = getattr(layer, "statistics", "")
+    if not name:
+        return None
+    if name not in STATISTICS:
+        raise UserError(f"router family {family!r} asks for unknown family statistics {name!r}; "
+                        f"choose one of {', '.join(STATISTICS)} (collapse/family.py) or none")
+    return STATISTICS[name](layer)
 

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.errors import UserError
+from routers.family import Family, register
 from routers.routing import Routing, RoutingLayer, causal_mask, check_tokens
 
 RESIDUALS = ("attnres", "additive")
@@ -221,8 +222,9 @@ class Qwen3Decoder(nn.Module):
         logits = self.lm_head(normed)
         if not return_routing:
             return logits
-        return logits, Routing(layers=depth if depth is not None else token, axis=self.routing_axis,
-                               family="attnres" if depth is not None else "")
+        if depth is not None:
+            return logits, FAMILY.routing(depth, axis=self.routing_axis)
+        return logits, Routing(layers=token, axis=self.routing_axis)  # the additive control: no depth statistics
 
     def features(self, tokens: Tensor) -> Tensor:
         """What the vocabulary head reads, [B, T, d] after the final norm: ``output_head(features(x))`` is
@@ -283,3 +285,14 @@ class Qwen3Decoder(nn.Module):
         if missing or unexpected:
             raise UserError(f"Qwen3 weights do not fit: missing {missing[:3]}, unexpected {unexpected[:3]}")
         return model
+
+
+def _example() -> tuple[Qwen3Decoder, Tensor]:
+    return (Qwen3Decoder(37, n_layer=2, d_model=16, n_head=2, d_ff=32, context_length=8).eval(),
+            torch.randint(37, (2, 8)))
+
+
+# Depth routing; its Qwen3 checkpoints load through from_hf with overrides (docs/attnres.md), while
+# analysis reads plain Qwen3 checkpoints as token attention (analysis/readers/hf.py), so it adapts no model type.
+FAMILY = register(Family("attnres", axis="depth", statistics="depth_hubs", bench=("router=attnres",),
+                         example=_example))

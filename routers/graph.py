@@ -20,7 +20,8 @@ from torch_geometric.nn import GATConv, GATv2Conv, GCNConv
 from torch_geometric.nn.conv.gcn_conv import gcn_norm
 
 from common.errors import UserError
-from routers.routing import Routing, RoutingLayer
+from routers.family import Family, register
+from routers.routing import RoutingLayer
 
 class GraphRouter(nn.Module):
     """The shared stack; subclasses say how one layer routes (``make_conv`` and ``route``)."""
@@ -47,7 +48,11 @@ class GraphRouter(nn.Module):
         keys [units, N, d])."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor, edge_index: Tensor | None = None, return_routing: bool = False):
+    def forward(self, x, edge_index: Tensor | None = None, return_routing: bool = False):
+        """``(x, edge_index)``, or a graph with ``.x`` and ``.edge_index`` as ``x`` (a PyG ``Data``: the one
+        ``inputs`` every router takes, so ``routing_of(router, graph)`` works, routers/protocols.py)."""
+        if edge_index is None and hasattr(x, "edge_index"):
+            x, edge_index = x.x, x.edge_index
         if edge_index is None:  # called as a token model, e.g. by the LM task
             raise UserError("graph routers take (x, edge_index); train them with task=node_classification")
         layers = []
@@ -63,7 +68,7 @@ class GraphRouter(nn.Module):
             h = F.elu(out) + h if self.residual and i > 0 else F.elu(out)
         logits = self.classifier(F.dropout(h, self.dropout, self.training))
         if return_routing:
-            return logits, Routing(layers, axis="node", family="graph")
+            return logits, FAMILY.routing(layers)
         return logits
 
     def routing_layer(self, i: int, out: Tensor, edge_index: Tensor, weight: Tensor, keys: Tensor) -> RoutingLayer:
@@ -114,3 +119,18 @@ class GCN(GraphRouter):
         routed_index, weight = gcn_norm(edge_index, None, h.shape[0], add_self_loops=True, flow=conv.flow)
         keys = conv.lin(h).unsqueeze(0)  # one routing unit: the projected node features
         return conv(h, edge_index), routed_index, weight.unsqueeze(-1), keys
+
+
+def _example() -> tuple[GAT, object]:
+    from torch_geometric.data import Data
+
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    edge_index = torch.tensor([[0, 1, 1, 2, 2, 3, 3, 4, 4, 5], [1, 0, 2, 1, 3, 2, 4, 3, 5, 4]])
+    return GAT(5, 3, num_layers=2, hidden=8, heads=2).eval(), Data(x=x, edge_index=edge_index)
+
+
+# GAT and its GCN control share one family: their routing records carry the same statistics. The bench trains
+# GAT as its studies do (CSBM is generated, so no download).
+FAMILY = register(Family("graph", axis="node", statistics="graph_features",
+                         bench=("router=gat", "data=csbm", "task=node_classification", "regime=none"),
+                         example=_example))

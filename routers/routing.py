@@ -21,7 +21,8 @@ Beyond the operator and its keys, a family may hand over the raw tensors its own
 (typed fields, all optional): ``features`` (a graph layer's pre-activation output), ``delta`` (a selective
 SSM's step sizes Δ) and ``recency_bias`` (an AttnRes router's bias on the current source). The record
 carries tensors only: every statistic is computed in ``collapse/`` (``collapse/family.py`` for the
-family-specific ones, chosen by ``Routing.family``), so routers import nothing from the metrics.
+family-specific ones, chosen by ``Routing.statistics``: the name of what they measure, which the family's
+descriptor gives, routers/family.py), so routers import nothing from the metrics.
 
 A router may also offer shortcuts that skip work a reader does not need, and every reader goes through
 :func:`routing_of` / :func:`scored_keys_of`, which prefer them:
@@ -41,7 +42,6 @@ from torch import Tensor
 from common.errors import UserError
 
 AXES = ("token", "node", "time", "depth")
-FAMILIES = ("", "graph", "mamba", "rwkv", "attnres")  # "" = no family statistics beyond the signature
 
 
 @dataclass
@@ -58,6 +58,7 @@ class RoutingLayer:
     features: Tensor | None = None      # [nodes, hidden]: a graph layer's pre-activation output
     delta: Tensor | None = None         # [batch, sources, channels]: a selective SSM's step sizes
     recency_bias: Tensor | None = None  # []: an AttnRes router's bias on the current source (plus any offset)
+    statistics: str = ""                # the family statistics these tensors feed; Routing sets it
 
     def __post_init__(self):
         forms = [self.weights is not None, self.weight_chunks is not None, self.edge_weight is not None]
@@ -90,16 +91,22 @@ class RoutingLayer:
 
 @dataclass
 class Routing:
-    """Per-layer routing of one forward pass, in depth order."""
+    """Per-layer routing of one forward pass, in depth order.
+
+    ``family`` names the router family in records ("" where no family statistics ride along);
+    ``statistics`` names the family statistics collapse/ adds (a key of ``collapse.family.STATISTICS``, checked
+    there when measured; "" for none). A family's descriptor fills both (``Family.routing``,
+    routers/family.py). Each layer carries ``statistics`` too: the metrics build one accumulator per layer."""
     layers: list[RoutingLayer]
     axis: str = "token"
-    family: str = ""  # selects the family statistics collapse/ adds (collapse/family.py)
+    family: str = ""
+    statistics: str = ""
 
     def __post_init__(self):
         if self.axis not in AXES:
             raise ValueError(f"unknown routing axis {self.axis!r}; choose one of {', '.join(AXES)}")
-        if self.family not in FAMILIES:
-            raise ValueError(f"unknown routing family {self.family!r}; choose one of {', '.join(map(repr, FAMILIES))}")
+        for layer in self.layers:
+            layer.statistics = self.statistics
 
     def __len__(self) -> int:
         return len(self.layers)
@@ -116,8 +123,8 @@ class Routing:
 
 
 def routing_of(router, inputs) -> Routing:
-    """The routing record of ``inputs``: the router's ``routing`` shortcut where it offers one, else the full
-    forward's."""
+    """The routing record of ``inputs`` (tokens, or a graph for graph routers): the router's ``routing``
+    shortcut where it offers one, else the full forward's (routers/protocols.py)."""
     shortcut = getattr(router, "routing", None)
     return shortcut(inputs) if shortcut is not None else router(inputs, return_routing=True)[1]
 

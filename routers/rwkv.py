@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.errors import UserError
+from routers.family import Family, register
 from routers.routing import Routing, RoutingLayer, causal_mask, check_tokens
 
 WKVS = ("chunked", "reference")
@@ -275,7 +276,7 @@ class RWKV(nn.Module):
             x, layer = block(x, return_routing)
             layers.append(layer)
         logits = self.head(self.ln_out(x))
-        return (logits, Routing(layers=layers, axis="time", family="rwkv")) if return_routing else logits
+        return (logits, FAMILY.routing(layers)) if return_routing else logits
 
     def features(self, tokens: Tensor) -> Tensor:
         """What the vocabulary head reads, [B, T, d] after the final norm: ``output_head(features(x))`` is
@@ -318,3 +319,11 @@ def _check_shape_knobs(wkv, wkv_chunk, routing_chunk_channels) -> None:
     for knob, value in (("wkv_chunk", wkv_chunk), ("routing_chunk_channels", routing_chunk_channels)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise UserError(f"{knob} must be a positive integer; got {value!r}")
+
+
+def _example() -> tuple[RWKV, Tensor]:
+    return RWKV(37, n_layer=2, d_model=16, context_length=8).eval(), torch.randint(37, (2, 8))
+
+
+FAMILY = register(Family("rwkv", axis="time", statistics="late_query_content_recency", hf_model_types=("rwkv",),
+                         from_hf=RWKV.from_hf, bench=("router=rwkv",), example=_example))

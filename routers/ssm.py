@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.errors import UserError
+from routers.family import Family, register
 from routers.routing import Routing, RoutingLayer, causal_mask, check_tokens
 
 SCANS = ("chunked", "reference")
@@ -247,7 +248,7 @@ class Mamba(nn.Module):
             x, layer = block(x, return_routing)
             layers.append(layer)
         logits = self.lm_head(self.norm_f(x))
-        return (logits, Routing(layers=layers, axis="time", family="mamba")) if return_routing else logits
+        return (logits, FAMILY.routing(layers)) if return_routing else logits
 
     def features(self, tokens: Tensor) -> Tensor:
         """What the vocabulary head reads, [B, T, d] after the final norm: ``output_head(features(x))`` is
@@ -278,3 +279,11 @@ class Mamba(nn.Module):
         state = {k.removeprefix("backbone."): v for k, v in hf_model.state_dict().items()}
         model.load_state_dict(state, strict=True)
         return model
+
+
+def _example() -> tuple[Mamba, Tensor]:
+    return Mamba(37, n_layer=2, d_model=16, d_state=4, dt_rank=3, context_length=8).eval(), torch.randint(37, (2, 8))
+
+
+FAMILY = register(Family("mamba", axis="time", statistics="selective_scan", hf_model_types=("mamba",),
+                         from_hf=Mamba.from_hf, bench=("router=mamba",), example=_example))

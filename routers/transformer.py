@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from common.errors import UserError
+from routers.family import Family, register
 from routers.routing import Routing, RoutingLayer, causal_mask, check_tokens
 
 POSITIONS = ("nope", "rope", "alibi", "learned")
@@ -288,7 +289,7 @@ class Transformer(nn.Module):
             x, layer = block(x, return_routing)
             layers.append(layer)
         logits = self.lm_head(self.ln_f(x))
-        return (logits, Routing(layers=layers, axis="token")) if return_routing else logits
+        return (logits, FAMILY.routing(layers)) if return_routing else logits
 
     def features(self, tokens: Tensor) -> Tensor:
         """What the vocabulary head reads, [B, T, d] after the final norm: ``output_head(features(x))`` is
@@ -311,7 +312,7 @@ class Transformer(nn.Module):
             x, layer = block(x, return_routing=True)
             layers.append(layer)
         layers.append(last.attn(last.ln_1(x), return_routing=True)[1])
-        return Routing(layers=layers, axis="token")
+        return FAMILY.routing(layers)
 
     def scored_keys(self, tokens: Tensor) -> list[Tensor]:
         """Each layer's scored keys and nothing else (the shuffle null reads only these): SDPA instead of the
@@ -378,3 +379,12 @@ def _shape_from_hf_config(config) -> dict:
                 rotary_pct=rope.get("partial_rotary_factor", 1.0), rotary_base=rope["rope_theta"],
                 mlp_ratio=config.intermediate_size / config.hidden_size, layer_norm_eps=config.layer_norm_eps,
                 parallel_residual=config.use_parallel_residual)
+
+
+def _example() -> tuple[Transformer, Tensor]:
+    return Transformer(37, n_layer=2, d_model=16, n_head=2, context_length=8).eval(), torch.randint(37, (2, 8))
+
+
+# Attention over tokens: the signature alone (no family statistics); GPT-NeoX (Pythia) checkpoints load into it.
+FAMILY = register(Family("pythia", axis="token", hf_model_types=("gpt_neox",), from_hf=Transformer.from_hf,
+                         bench=("router=pythia",), example=_example))

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from torch_geometric.data import Data
 
 from common.errors import UserError
+from routers.routing import routing_of
 from tasks.router_args import store_router_args
 
 SPLITS = ("train", "val", "test")
@@ -84,8 +85,7 @@ class NodeClassificationTask(pl.LightningModule):
     def probe_routing(self, data: Data):
         """The routing record on the probe graph (the monitor handles eval mode)."""
         _check_graph(data)
-        data = data.to(self.device)
-        return self.model(data.x, data.edge_index, return_routing=True)[1]
+        return routing_of(self.model, data.to(self.device))
 
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

@@ -130,7 +130,7 @@ def test_sparse_signature_equals_dense_signature_on_a_small_graph(cls):
     _, sparse = model(x, edge_index, return_routing=True)
     as_dense = Routing([RoutingLayer(keys=layer.keys, weights=dense(layer.edge_index, layer.edge_weight)[None],
                                      name=layer.name, features=layer.features) for layer in sparse],
-                      axis="node", family="graph")
+                      axis="node", family=sparse.family, statistics=sparse.statistics)
     got, want = signature(sparse, ranks=(1, 4)).layers, signature(as_dense, ranks=(1, 4)).layers
     for g, w in zip(got, want):
         for key in ("max_share", "norm_cv", "ve@1", "ve@4", "ve@4_features", "ve@4_projected"):
