@@ -33,7 +33,7 @@ from common.errors import UserError
 from routers.routing import Routing, RoutingLayer, causal_mask
 
 LLAMA_LIKE = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "olmo", "olmo2")
-FAMILIES = ("gpt2", "gpt_neox", "mamba", "rwkv") + LLAMA_LIKE
+WRAPPED = ("gpt2",) + LLAMA_LIKE  # model types wrapped here; the others are adapted by our router families
 EAGER = ("gpt2", "gpt_neox") + LLAMA_LIKE  # families whose attention weights come from HF's forward pass
 
 
@@ -158,25 +158,27 @@ def _content_keys(attention: nn.Module, x: Tensor) -> Tensor:
     return keys.transpose(1, 2)
 
 
+def supported_model_types() -> tuple[str, ...]:
+    """Every Hugging Face model_type we read: those wrapped here, then those a router family adapts
+    (``Family.hf_model_types``, routers/family.py)."""
+    from routers.family import hf_adapters
+
+    return WRAPPED + tuple(hf_adapters())
+
+
 def _wrap(model: nn.Module) -> nn.Module:
-    family = model.config.model_type
-    if family == "gpt2":
+    model_type = model.config.model_type
+    if model_type == "gpt2":
         return GPT2Router(model)
-    if family in LLAMA_LIKE:
+    if model_type in LLAMA_LIKE:
         return DecoderRouter(model)
-    if family == "gpt_neox":
-        from routers.transformer import Transformer
+    from routers.family import hf_adapters
 
-        return Transformer.from_hf(model)
-    if family == "mamba":
-        from routers.ssm import Mamba
-
-        return Mamba.from_hf(model)
-    if family == "rwkv":
-        from routers.rwkv import RWKV
-
-        return RWKV.from_hf(model)
-    raise UserError(f"unsupported Hugging Face model_type {family!r}; choose a checkpoint of {', '.join(FAMILIES)}")
+    adapter = hf_adapters().get(model_type)
+    if adapter is not None:
+        return adapter.from_hf(model)
+    raise UserError(f"unsupported Hugging Face model_type {model_type!r}; choose a checkpoint of "
+                    f"{', '.join(supported_model_types())}")
 
 
 def _local_only(name: str) -> bool:
