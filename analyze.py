@@ -31,7 +31,7 @@ def compose(argv: list[str]):
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from analysis.studies import study_override
+    from analysis.studies.spec import study_override
     from common import resolvers
     from common.errors import UserError
 

@@ -6,21 +6,22 @@ Every command writes its tables (CSV + markdown) and figures (PNG) into one fold
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 
-from analysis import figures
-from analysis.runs import (SEED_KEYS, checkpoint_path, factors, failed_jobs, find_runs, load_router, read_run,
+from analysis.reports import figures
+from analysis.readers.runs import (SEED_KEYS, factors, failed_jobs, find_runs, load_router, read_run,
                            val_loss)
-from analysis.tables import finite, markdown, number, onset_step, run_statistics, solved_step, table1_row, write_csv
+from analysis.reports.tables import finite, markdown, onset_step, run_statistics, solved_step, table1_row, write_csv
 from common import atomic, run_names
+from common.checkpoints import newest_checkpoint
+from common.configs import unflatten
 from common.constants import RANK
 from common.errors import UserError
-from records import max_share_heatmaps
+from records import Record, max_share_heatmaps
 
 HEATMAP_RUNS = 8  # panels of the sweep's layer x step figure
-DEFAULT_RANK = 8  # VE rank of the tables and figures without a study (rank= sets it)
+DEFAULT_RANK = RANK  # VE rank of the tables and figures without a study (rank= sets it)
 
 
 def curve_keys(rank: int = RANK) -> list[tuple[str, str]]:
@@ -60,7 +61,7 @@ def _save(fig, path: Path) -> Path:
 def _wandb(cfg, out: Path, config: dict | None, group: str | None, name: str, tables: dict, images: list[Path]):
     if not cfg.wandb:
         return
-    from analysis.wandb_io import log_analysis
+    from analysis.reports.wandb_log import log_analysis
 
     settings = ((config or {}).get("logger") or {}).get("wandb") or {}
     where = log_analysis(out, settings.get("project", "routecollapse"), group, name, tables, images,
@@ -85,10 +86,10 @@ def _router_tokenizer(config: dict):
 
 def analyse_run(cfg) -> Path:
     """``run=<run dir or .ckpt>``: the full signature of that checkpoint on the run's probe (or ``probe=``)."""
-    from analysis.hf import load_hf_tokenizer
-    from analysis.model import measure, resolve_probe, write_report
+    from analysis.readers.hf import load_hf_tokenizer
+    from analysis.readers.model import measure, resolve_probe, write_report
 
-    ckpt = checkpoint_path(cfg.run)
+    ckpt = newest_checkpoint(cfg.run)
     run_dir = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     router, config, step = load_router(ckpt)
     default = run_dir / "analysis" if ckpt.name == "last.ckpt" else run_dir / "analysis" / ckpt.stem
@@ -97,7 +98,7 @@ def analyse_run(cfg) -> Path:
     group = run_names.sweep_group(sweep_dir) if sweep_dir else None  # the W&B group training gave it
     name = run_names.run_label(run_dir)
     if graph_task := _graph_task(router, config):
-        from records.measure import measure_signature
+        from collapse.measure import measure_signature
 
         probe, about = _graph_probe(cfg.probe, run_dir, config)
         signature = measure_signature(graph_task, probe, tuple(cfg.ranks), cfg.batch_size, cfg.threshold,
@@ -161,8 +162,8 @@ def _revision_step(spec: str) -> int | None:
 def analyse_hf(cfg) -> Path:
     """``model=hf:<name>[@rev]`` (and ``revisions=[...]``): the signature of each checkpoint, and with several
     revisions the collapse-over-training curve of the real model, beside ``compare=<run dir>`` if given."""
-    from analysis.hf import load_hf, load_hf_tokenizer, parse_spec
-    from analysis.model import measure, resolve_probe, write_report
+    from analysis.readers.hf import load_hf, load_hf_tokenizer, parse_spec
+    from analysis.readers.model import measure, resolve_probe, write_report
 
     name, revision = parse_spec(cfg.model)
     specs = [f"hf:{name}@{r}" for r in cfg.revisions] if cfg.revisions else [cfg.model]
@@ -185,13 +186,13 @@ def analyse_hf(cfg) -> Path:
     write_csv(rows, out / "models.csv")
     atomic.write_text(out / "models.md", f"# Collapse signature on {about}\n\n{markdown(rows)}\n")
     images = [out / (spec.partition("@")[2] or "final") / "signature.png" for spec in specs]
-    steps = [r["step"] for r in records]
+    steps = [r.step for r in records]
     if len(records) > 1 and all(s is not None for s in steps):
         rank = cfg.rank or DEFAULT_RANK
         series = [_series(name, steps, records, cfg.threshold, rank) | {"color": "C0"}]
         if cfg.compare:
             ours = read_run(cfg.compare)
-            series.append(_series(f"ours: {run_names.run_label(ours.path)}", [r["step"] for r in ours.records],
+            series.append(_series(f"ours: {run_names.run_label(ours.path)}", [r.step for r in ours.records],
                                   ours.records, cfg.threshold, rank, style="s--") | {"color": "C1"})
         images.append(_save(curves_figure(series, f"collapse over training ({about})", cfg.threshold, rank,
                                           log_steps=True), out / "collapse_over_training.png"))
@@ -199,7 +200,7 @@ def analyse_hf(cfg) -> Path:
     return out
 
 
-def _series(label: str, steps: list, records: list[dict], threshold: float, rank: int = DEFAULT_RANK,
+def _series(label: str, steps: list, records: list[Record], threshold: float, rank: int = DEFAULT_RANK,
             style: str = "o-") -> dict:
     stats = [run_statistics(r, threshold, rank=rank) for r in records]
     keys = [key for key, _ in curve_keys(rank)] + ["baseline", f"ve@{rank}_shuffle", f"ve@{rank}_gauss"]
@@ -232,7 +233,7 @@ def analyse_sweep(cfg) -> Path:
         tables, images = _intervention_study(cfg, runs, out, study)
     else:
         tables, images = _arm_study(cfg, runs, out, study)
-    config = _first_config(runs)
+    config = unflatten(runs[0].config)
     _wandb(cfg, out, config, group, f"{group}-{study.name if study else 'sweep'}", tables, images)
     return out
 
@@ -241,22 +242,11 @@ def _study(cfg):
     """The composed ``study`` spec with the ``rank=`` and ``factor=`` knobs applied (None without a study)."""
     from omegaconf import OmegaConf
 
-    from analysis.studies import from_config
+    from analysis.studies.spec import from_config
 
     if not cfg.study:
         return None
     return from_config(OmegaConf.to_container(cfg.study, resolve=True)).at(cfg.rank, cfg.factor)
-
-
-def _first_config(runs) -> dict:
-    nested: dict = {}
-    for key, value in runs[0].config.items():  # back to nested for the logger settings
-        node = nested
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return nested
 
 
 def _sweep_table(cfg, runs, out: Path):
@@ -266,13 +256,13 @@ def _sweep_table(cfg, runs, out: Path):
         stats = run_statistics(run.final, cfg.threshold, cfg.completion, rank)
         row = {"run": run.name, **{a: run.get(a) for a in axes}}
         row.update(table1_row(run.name, run.final, cfg.threshold, cfg.completion, rank))
-        summary = run.final["summary"]
+        summary = run.final.summary
         row.update({"step": stats["step"], "onset step": onset_step(run.records, cfg.threshold),
                     "solved step": solved_step(run.records),
                     "parking": _parking_cell(stats), "parking pred": stats["parking_prediction"],
                     "excess": stats["parking_excess"],
-                    "sink": summary.get("peak_sink_source"), "sink %": _percent(summary.get("peak_sink_fraction")),
-                    "area": stats["area_above_baseline"], "train loss": number(run.final.get("train_loss")),
+                    "sink": summary.peak_sink_source, "sink %": 100 * summary.peak_sink_fraction,
+                    "area": stats["area_above_baseline"], "train loss": run.final.train_loss,
                     "val loss": val_loss(run)})
         row.pop("model")
         rows.append(row)
@@ -285,7 +275,7 @@ def _sweep_table(cfg, runs, out: Path):
     for run in runs:  # one colour and one legend entry per arm, labelled as W&B names the runs
         arm = run_names.label([(a, run.get(a)) for a in arm_keys]) or "all runs"
         colors.setdefault(arm, f"C{len(colors) % 10}")
-        series.append(_series(arm, [r["step"] for r in run.records], run.records, cfg.threshold, rank)
+        series.append(_series(arm, [r.step for r in run.records], run.records, cfg.threshold, rank)
                       | {"color": colors[arm]})
     name = run_names.sweep_group(Path(cfg.sweep)) if Path(cfg.sweep).is_dir() else str(cfg.sweep)
     image = _save(curves_figure(series, f"{name}: collapse over training", cfg.threshold, rank),
@@ -310,10 +300,6 @@ def _panel_label(run, axes: list[str]) -> str:
     return label if label and len(label) <= 40 else run.name
 
 
-def _percent(fraction) -> float:
-    return math.nan if fraction is None else 100 * fraction
-
-
 # What each kind of arm study writes: its table of tests, the file of its verdict in words, and the arm
 # columns that file shows (the per-arm means, at the study's rank).
 _WRITES = {"ordering": ("checks", "verdict.md"), "trend": ("checks", "verdict.md"),
@@ -335,7 +321,7 @@ def _stratified(cfg, runs, out: Path, study):
     per value with the whole study, and ``strata.csv`` / ``strata.md`` / ``strata.png`` side by side."""
     import dataclasses
 
-    from analysis.arms import factor_value
+    from analysis.studies.arms import factor_value
 
     values = sorted({factor_value(run, study.strata) for run in runs})
     inner = dataclasses.replace(study, strata=None)
@@ -385,8 +371,8 @@ def _arm_study(cfg, runs, out: Path, study):
     if study.strata:
         return _stratified(cfg, runs, out, study)
     out.mkdir(parents=True, exist_ok=True)
-    from analysis.brake import brake_study, verdict_text
-    from analysis.metric import metric_study, statement
+    from analysis.studies.brake import brake_study, verdict_text
+    from analysis.studies.metric import metric_study, statement
 
     judge, explain = (metric_study, statement) if study.kind == "reference" else (brake_study, verdict_text)
     result = judge(runs, study, cfg.threshold, cfg.completion, cfg.level)
@@ -411,12 +397,12 @@ def _arm_study(cfg, runs, out: Path, study):
 
 def _final_column(runs, key: str) -> list[float]:
     """One per-layer column of the first run's last record (baselines and nulls are shared by the arms)."""
-    return [layer.get(key) for layer in runs[0].final["layers"]]
+    return [layer.value(key) for layer in runs[0].final.layers]
 
 
 def _intervention_study(cfg, runs, out: Path, study):
     """Each run's checkpoint re-read under the study's interventions (Mamba freeze, RWKV decay, AttnRes offset)."""
-    from analysis import interventions
+    from analysis.studies import interventions
 
     if not all(run.path.is_dir() and (run.path / "checkpoints" / "last.ckpt").is_file() for run in runs):
         raise UserError(f"study={study.name} re-reads the checkpoints: pass the local multirun folder as sweep=<dir>")
@@ -440,7 +426,7 @@ def _about(runs, seeds: list[str]) -> str:
 
 
 def _seed_direction(cfg, runs, out: Path, study):
-    from analysis.seeds import seed_study, statement, summary_rows
+    from analysis.studies.seeds import seed_study, statement, summary_rows
 
     if not all(run.path.is_dir() and (run.path / "checkpoints" / "last.ckpt").is_file() for run in runs):
         raise UserError("the seed-direction study reruns the checkpoints: pass the local multirun folder as sweep=<dir>")

@@ -35,7 +35,7 @@ def measure_family(family: str, steps: int, rounds: int, overrides: list[str], o
     import torch
 
     from callbacks.collapse_monitor import measurement_plan
-    from records.measure import measure_signature
+    from collapse.measure import measure_signature
 
     built = build_family(family, out, overrides, device=device, bf16=bf16, vocab_size=vocab)
     monitor = built.cfg.callbacks.collapse_monitor

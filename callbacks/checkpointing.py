@@ -37,12 +37,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from common import atomic
+from common.checkpoints import LAST
 from common.checksum import CHECKSUM, tensor_checksum
 from common.errors import UserError
 
 log = logging.getLogger(__name__)
 
-LAST = "last.ckpt"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -252,41 +252,3 @@ def requeue(checkpoint: Checkpoint, preempted: Preempted) -> str:
     except (OSError, subprocess.SubprocessError) as e:
         return f"scontrol requeue {job} failed ({e}); resubmit with ckpt_path=auto"
     return f"requeued SLURM job {job}"
-
-
-# --- which checkpoint to resume from -----------------------------------------------------------------------
-
-def inspect(path: Path) -> tuple[dict | None, str | None]:
-    """``(checkpoint, None)`` if ``path`` loads as a Lightning training checkpoint, else ``(None, what is wrong)``.
-    Memory-mapped, so checking a large checkpoint reads little."""
-    try:
-        if path.stat().st_size == 0:
-            return None, "empty (0 bytes)"
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as e:
-        return None, f"unreadable ({type(e).__name__})"
-    if not isinstance(state, dict) or not {"state_dict", "loops", "global_step"} <= state.keys():
-        return None, "not a Lightning training checkpoint"
-    try:
-        if CHECKSUM in state and tensor_checksum(state) != state[CHECKSUM]:
-            return None, "corrupt (its tensors' checksum does not match: bytes changed after it was written)"
-    except Exception as e:  # a tensor whose storage cannot be read back
-        return None, f"unreadable ({type(e).__name__})"
-    return state, None
-
-
-def newest_loadable(folder: Path, skip: Path | None = None) -> tuple[Path | None, int, dict[str, str]]:
-    """The newest checkpoint in ``folder`` that loads (by training step; last.ckpt on a tie), its step, and
-    what is wrong with each one that does not load."""
-    best, best_key, problems = None, None, {}
-    for path in sorted(Path(folder).glob("*.ckpt")):
-        if path.name.startswith(".") or (skip is not None and path.resolve() == skip.resolve()):
-            continue  # hidden: the temp file of a write that was killed
-        state, problem = inspect(path)
-        if problem:
-            problems[path.name] = problem
-            continue
-        key = (int(state["global_step"]), path.name == LAST)
-        if best_key is None or key > best_key:
-            best, best_key = path, key
-    return best, (best_key[0] if best_key else -1), problems

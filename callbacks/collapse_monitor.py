@@ -18,9 +18,9 @@ from common import atomic
 from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD, RANKS, SOLVED_MARGIN
 from common.errors import UserError
 from common.run_names import run_label
-from records import (HEATMAP_PNG, PROFILE_PNG, append_record, new_record, progress_line, read_records,
-                     save_run_figures, skipped_record)
-from records.measure import measure_signature
+from records import (HEATMAP_PNG, PROFILE_PNG, Record, append_record, flat_metrics, measurement_metrics, new_record,
+                     progress_line, read_records, save_run_figures, skipped_record)
+from collapse.measure import measure_signature
 
 log = logging.getLogger(__name__)
 
@@ -93,10 +93,10 @@ class CollapseMonitor(pl.Callback):
                     trainer.datamodule.probe.save(tmp)
             # A resumed run appends to the same file and skips steps it already measured.
             records = read_records(run_dir, skipped=True, repair=True)
-            self.measured_steps = {r["step"] for r in records}
-            self.onset_step, self.solved_step = (
-                next((r["summary"][key] for r in reversed(records) if r.get("summary", {}).get(key) is not None), None)
-                for key in ("onset_step", "solved_step"))
+            self.measured_steps = {r.step for r in records}
+            measured = [r for r in reversed(records) if r.skipped is None]
+            self.onset_step = next((r.summary.onset_step for r in measured if r.summary.onset_step is not None), None)
+            self.solved_step = next((r.summary.solved_step for r in measured if r.summary.solved_step is not None), None)
 
     def state_dict(self) -> dict:
         # In every checkpoint, so a resumed run's records equal an uninterrupted run's.
@@ -182,19 +182,16 @@ class CollapseMonitor(pl.Callback):
             self._append(trainer, skipped_record(step, reason))
             return
         seconds = time.perf_counter() - start
-        if self.onset_step is None and signature.summary["onset_layer"] is not None:
-            self.onset_step = step
-        signature.summary["onset_step"] = self.onset_step
-        task = trainer.datamodule.task_levels() if hasattr(trainer.datamodule, "task_levels") else {}
-        solved = task.get("solved_loss")
-        if (self.solved_step is None and solved is not None and self._val_loss is not None
-                and self._val_loss <= solved + self.solved_margin):
-            self.solved_step = step
-        signature.summary["solved_step"] = self.solved_step
+        task = trainer.datamodule.task_levels() if hasattr(trainer.datamodule, "task_levels") else None
         epoch = trainer.current_epoch if epoch is None else epoch
         record = new_record(step, epoch, seconds, train_loss, self._val_loss, signature, probe_sequences=len(probe),
                             task=task)
-        metrics = {**signature.flat(), "collapse/seconds": seconds, "collapse/probe_sequences": float(len(probe))}
+        if self.onset_step is None and record.summary.onset_layer is not None:
+            self.onset_step = step
+        if self.solved_step is None and record.solved(self.solved_margin):
+            self.solved_step = step
+        record.summary.mark_steps(self.onset_step, self.solved_step)
+        metrics = {**flat_metrics(record), **measurement_metrics(seconds, len(probe))}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
             logger.save()
@@ -202,9 +199,9 @@ class CollapseMonitor(pl.Callback):
         self._append(trainer, record)
         log.info(progress_line(record))
 
-    def _append(self, trainer: pl.Trainer, record: dict) -> None:
+    def _append(self, trainer: pl.Trainer, record: Record) -> None:
         append_record(self.run_dir(trainer), record)
-        self.measured_steps.add(record["step"])
+        self.measured_steps.add(record.step)
 
     def _plot(self, trainer: pl.Trainer) -> None:
         run_dir = self.run_dir(trainer)

@@ -22,14 +22,11 @@ from collapse.concentration import (completion_layer, concentration_pass, gcn_ma
 from collapse.family import FamilyStatistics, family_statistics
 from collapse.geometry import cv_of_norms, gaussian_null, key_spectrum
 from collapse.stats import pearson
-from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD, RANK, RANKS
+from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD, RANKS
 from common.errors import UserError
 
 if TYPE_CHECKING:
     from routers.routing import Routing, RoutingLayer
-
-_STRUCTURE = ("layer", "name", "sources", "dim", "units")  # row fields that describe, not measure
-
 
 class _Mean:
     """Running per-unit mean over sequences: sums ``[batch, units]`` values over the batch axis."""
@@ -290,72 +287,10 @@ def _area(rows: list[dict], measured: list[int], reference: str) -> float:
     return sum(max(0.0, rows[i]["max_share"] - rows[i][reference]) for i in measured) / len(rows)
 
 
-def _is_number(value) -> bool:
-    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
-
-
-def _jsonable(value):
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def _percent(index: int, n_layers: int) -> str:
-    return f"{100 * index / n_layers:.0f}%"  # half-even, as the paper rounds L3/24 to 12%
-
-
 @dataclass
 class Signature:
-    """Per-layer rows (``layers``), the model-level ``summary``, and the VE ranks they were measured at."""
+    """Per-layer rows (``layers``), the model-level ``summary``, and the VE ranks they were measured at: numbers
+    only. As a record (its JSON line, flat metrics, the printed table) it is written by ``records.codecs``."""
     layers: list[dict]
     summary: dict
     ranks: tuple[int, ...] = field(default=RANKS)
-
-    def flat(self, prefix: str = "collapse") -> dict[str, float]:
-        """Scalar metrics as ``{prefix}/{metric}/L{i}`` and ``{prefix}/{summary key}``; None -> nan."""
-        out = {}
-        for row in self.layers:
-            for key, value in row.items():
-                if key not in _STRUCTURE and _is_number(value):
-                    out[f"{prefix}/{key}/L{row['layer']}"] = math.nan if value is None else float(value)
-        for key, value in self.summary.items():
-            if _is_number(value):
-                out[f"{prefix}/{key}"] = math.nan if value is None else float(value)
-        return out
-
-    def to_dict(self) -> dict:
-        """Strict-JSON form: NaN becomes None (null), lists stay lists."""
-        return {"ranks": list(self.ranks),
-                "layers": [{key: _jsonable(value) for key, value in row.items()} for row in self.layers],
-                "summary": {key: _jsonable(value) for key, value in self.summary.items()}}
-
-    def table(self) -> str:
-        """One line per layer (``-`` = not measured), then onset, completion and peak ("never" = no crossing)."""
-        r = RANK if RANK in self.ranks else max(self.ranks)
-        headers = ["norm-CV", f"VE@{r}", "gauss", "shuffle", "max share"]
-        columns = ["norm_cv", f"ve@{r}", f"ve@{r}_gauss", f"ve@{r}_shuffle", "max_share"]
-        cells = [["layer", *headers]]
-        for row in self.layers:
-            label = f"L{row['layer']}"
-            if row["name"] and row["name"] != label:
-                label += f" {row['name']}"
-            values = [row[key] for key in columns]
-            cells.append([label, *("-" if value is None or (isinstance(value, float) and math.isnan(value))
-                                   else f"{value:.3f}" if isinstance(value, float) else str(value)
-                                   for value in values)])
-        widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
-        lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
-                 for line in cells]
-        s, n_layers = self.summary, self.summary["n_layers"]
-
-        def crossing(name: str, index: int | None, threshold: float) -> str:
-            where = "never" if index is None else f"L{index} ({_percent(index, n_layers)} depth)"
-            return f"{name} (max share > {threshold:.2f}): {where}"
-
-        lines.append(crossing("onset", s["onset_layer"], s["onset_threshold"]))
-        lines.append(crossing("completion", s["completion_layer"], s["completion_threshold"]))
-        if s["peak_layer"] is not None:
-            lines.append(f"peak max share: {s['peak_max_share']:.3f} at L{s['peak_layer']}")
-        return "\n".join(lines)

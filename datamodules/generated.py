@@ -13,6 +13,8 @@ come from fixed streams of the task's own ``seed``, disjoint from every training
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import lightning as L
 import numpy as np
 import torch
@@ -145,6 +147,14 @@ class RepeatedSegments:
         return torch.cat([bos, body, copy], dim=1)
 
 
+@dataclass(frozen=True)
+class TaskLevels:
+    """What a record carries about the task (None where the generator defines none): the validation loss of a
+    model that has solved it, and the probe's share of queries with nothing to retrieve."""
+    solved_loss: float | None = None
+    idle_fraction: float | None = None
+
+
 class GeneratedBatches(EndlessBatches):
     """``[batch_size, context_length + 1]`` fresh sequences per batch, resumable like every train loader."""
 
@@ -200,15 +210,15 @@ class GeneratedDataModule(L.LightningDataModule):
     def model_kwargs(self) -> dict:
         return {"vocab_size": self.vocab_size}
 
-    def task_levels(self) -> dict:
+    def task_levels(self) -> "TaskLevels":
         """What the records carry about the task: the validation loss at which it is solved and the probe's
         idle fraction (None where the generator defines none; docs/metrics.md: solved step, parking). Computed
         once: the monitor asks at every measurement."""
         if self._levels is None:
             solved, idle = getattr(self.generator, "solved_loss", None), getattr(self.generator, "idle_fraction", None)
-            self._levels = {"solved_loss": None if solved is None else solved(self.context_length + 1),
-                            "idle_fraction": None if idle is None else idle(self.probe_length)}
-        return dict(self._levels)
+            self._levels = TaskLevels(solved_loss=None if solved is None else solved(self.context_length + 1),
+                                      idle_fraction=None if idle is None else idle(self.probe_length))
+        return self._levels
 
     @property
     def probe(self) -> TokenProbe:

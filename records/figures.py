@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from common import atomic
 from records.files import HEATMAP_PNG, PROFILE_PNG
-from records.schema import column, ve_keys
+from records.record import Record
 from common.constants import ONSET_THRESHOLD, RANK
 
 if TYPE_CHECKING:
@@ -40,40 +40,40 @@ def mark_threshold(ax, threshold: float, values) -> None:
         ax.set_title(f"onset threshold {threshold}: off scale", loc="right", fontsize=7, color="crimson")
 
 
-def depth_profile_figure(records: list[dict], rank: int = RANK, threshold: float = ONSET_THRESHOLD, title: str = "") -> Figure:
+def depth_profile_figure(records: list[Record], rank: int = RANK, threshold: float = ONSET_THRESHOLD, title: str = "") -> Figure:
     """Max share and VE@rank per layer, one line per measured step (dark = early, bright = late, the last
     one bold and above the reference lines), with the causal-uniform baseline, the onset threshold (a note
     when it lies far above the data) and the Gaussian / shuffle nulls."""
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    keys = ve_keys(rank)
     fig, (ax_share, ax_ve) = plt.subplots(1, 2, figsize=(11, 4.2), layout="constrained")
     cmap = plt.get_cmap("viridis")
     n = len(records)
     spacing = max(1.0, (n - 1) / (LABELLED_STEPS - 1))
     labelled = {round(i * spacing) for i in range(LABELLED_STEPS)} | {n - 1}
     shares = []
-    most = max((r.get("probe_sequences") or 0 for r in records), default=0)
+    most = max((r.probe_sequences or 0 for r in records), default=0)
     for i, record in enumerate(records):
-        layers = record["layers"]
+        layers = record.layers
         last = i == n - 1
         style = {"marker": "o", "ms": 3, "color": cmap(i / max(1, n - 1)), "lw": 2.2 if last else 1.2,
                  "zorder": 3 + i / n}
         x = list(range(len(layers)))
-        shares += column(layers, "max_share")
-        live = (record.get("probe_sequences") or most) < most  # the monitor's live probe (callbacks/collapse_monitor.py)
-        label = f"step {record['step']}" + (f" ({record['probe_sequences']} seq)" if live else "")
-        ax_share.plot(x, column(layers, "max_share"), label=label if i in labelled else None, **style)
-        ax_ve.plot(x, column(layers, keys["ve"]), **style)
-    last = records[-1]["layers"]
+        curve = [layer.max_share for layer in layers]
+        shares += curve
+        live = (record.probe_sequences or most) < most  # the monitor's live probe (callbacks/collapse_monitor.py)
+        label = f"step {record.step}" + (f" ({record.probe_sequences} seq)" if live else "")
+        ax_share.plot(x, curve, label=label if i in labelled else None, **style)
+        ax_ve.plot(x, [layer.ve(rank).ve for layer in layers], **style)
+    last = records[-1].layers
     x = list(range(len(last)))
-    baseline = column(last, "baseline")
+    baseline = [layer.baseline for layer in last]
     if not all(math.isnan(b) for b in baseline):
         ax_share.plot(x, baseline, ls=":", color="grey", label="uniform baseline", zorder=1)
     mark_threshold(ax_share, threshold, shares)
-    ax_ve.plot(x, column(last, keys["gauss"]), ls="--", color="grey", label="Gaussian null", zorder=1)
-    shuffle = column(last, keys["shuffle"])
+    ax_ve.plot(x, [layer.ve(rank).gauss for layer in last], ls="--", color="grey", label="Gaussian null", zorder=1)
+    shuffle = [layer.ve(rank).shuffle for layer in last]
     if not all(math.isnan(v) for v in shuffle):
         # on top: the trained keys often sit on it near VE = 1, where drawn below it would vanish
         ax_ve.plot(x, shuffle, ls="-.", color="black", lw=1.2, label="shuffle null (last step)", zorder=10)
@@ -90,7 +90,7 @@ def depth_profile_figure(records: list[dict], rank: int = RANK, threshold: float
     return fig
 
 
-def max_share_heatmaps(panels: list[tuple[str, list[dict]]], threshold: float = ONSET_THRESHOLD, title: str = "") -> Figure:
+def max_share_heatmaps(panels: list[tuple[str, list[Record]]], threshold: float = ONSET_THRESHOLD, title: str = "") -> Figure:
     """Collapse as it forms: per run, mean max share by layer (rows) and measured step (columns), on one
     colour scale shared by the panels and set by the data (it reaches the threshold only when the data come
     near it); cells past the onset threshold are outlined, the step of first onset is marked.
@@ -98,7 +98,7 @@ def max_share_heatmaps(panels: list[tuple[str, list[dict]]], threshold: float = 
     plt = _pyplot()
     from matplotlib.ticker import MaxNLocator
 
-    grids = [[column(r["layers"], "max_share") for r in records] for _, records in panels]
+    grids = [[r.max_share_curve() for r in records] for _, records in panels]
     finite = [v for grid in grids for col in grid for v in col if not math.isnan(v)]
     low, top = min(finite, default=0.0), _top(finite)
     if threshold <= 1.3 * top:
@@ -110,7 +110,7 @@ def max_share_heatmaps(panels: list[tuple[str, list[dict]]], threshold: float = 
     for ax in axes.flat[len(panels):]:
         ax.set_axis_off()
     for ax, (label, records), grid in zip(axes.flat, panels, grids):
-        steps = [r["step"] for r in records]
+        steps = [r.step for r in records]
         values = [[col[i] for col in grid] for i in range(len(grid[0]))]  # layers x steps
         image = ax.imshow(values, aspect="auto", origin="lower", cmap="magma", vmin=low, vmax=top,
                           interpolation="nearest")
@@ -132,7 +132,7 @@ def max_share_heatmaps(panels: list[tuple[str, list[dict]]], threshold: float = 
     return fig
 
 
-def save_run_figures(run_dir: str | Path, records: list[dict], threshold: float, title: str) -> dict[str, Path]:
+def save_run_figures(run_dir: str | Path, records: list[Record], threshold: float, title: str) -> dict[str, Path]:
     """Draw both figures of one run's records into its directory (atomically); returns {file name: path}."""
     plt = _pyplot()
     run_dir = Path(run_dir)

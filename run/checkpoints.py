@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from callbacks.checkpointing import LAST, inspect, newest_loadable
+from common.checkpoints import LAST, inspect, newest_loadable
+from common.configs import flatten
 from common.errors import UserError
 
 
@@ -68,7 +69,7 @@ def check_identity(state: dict, task, path: Path) -> None:
     current = task.hparams.get("config")
     if not stored or not current:
         return
-    then, now = _flat(stored, ""), _flat(current, "")
+    then, now = flatten(stored), flatten(current)
     # Keys the stored config lacks came with a newer version of this code: not a change the user made.
     keys = sorted(k for k in then if k.startswith(IDENTITY) or k in IDENTITY)
     changed = [f"{k}={then.get(k)} there, {now.get(k)} here" for k in keys if then.get(k) != now.get(k)]
@@ -83,10 +84,3 @@ def check_architecture(state: dict, task, path: Path) -> None:
                     if k not in ours or k not in theirs or ours[k].shape != theirs[k].shape)
     if differ:
         _refuse(path, [f"{len(differ)} tensors differ, e.g. {differ[0]}"])
-
-
-def _flat(config: dict, prefix: str) -> dict:
-    flat = {}
-    for key, value in config.items():
-        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
-    return flat

@@ -128,8 +128,7 @@ def builtin_callbacks(trainer_cfg: DictConfig) -> list:
     """Callbacks every run gets, whatever conf/callbacks holds: validation at the last step and, when stdout
     is not a terminal, a progress bar that writes lines (Lightning's rich bar shows nothing in a log)."""
     from callbacks.final_validation import ValidateAtEnd
-    from callbacks.progress import LogProgressBar
-    from common.progress import is_terminal
+    from common.progress import is_terminal, log_progress_bar
 
     log_bar = trainer_cfg.get("enable_progress_bar", True) and not is_terminal(sys.stdout)
-    return [ValidateAtEnd()] + ([LogProgressBar()] if log_bar else [])
+    return [ValidateAtEnd()] + ([log_progress_bar()] if log_bar else [])

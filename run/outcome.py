@@ -9,7 +9,7 @@ import socket
 import time
 from pathlib import Path
 
-from callbacks.checkpointing import newest_loadable
+from common.checkpoints import newest_loadable
 from common import atomic
 from common.errors import UserError
 from common.failed import clear_failure, mark_failed

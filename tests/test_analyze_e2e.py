@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import analyze
-from analysis.subspaces import random_subspace_angle
+from analysis.studies.subspaces import random_subspace_angle
 from tests.conftest import TINY, compose_train
 
 STEPS = ["trainer.max_steps=6", "callbacks.collapse_monitor.every_n_steps=3", "callbacks.checkpoint.every_n_train_steps=6",
@@ -115,8 +115,8 @@ def test_seed_direction_study_pairs_the_weight_seeds_and_reports_angles_against_
 
 
 def test_each_run_and_the_untrained_pair_are_measured_once_per_probe(sweep, monkeypatch):
-    from analysis import seeds
-    from analysis.runs import find_runs
+    from analysis.studies import seeds
+    from analysis.readers.runs import find_runs
 
     calls = []
     real = seeds.measure_keys
@@ -134,9 +134,9 @@ def test_keys_measured_once_per_run_give_the_rows_of_streaming_the_pair_together
     """The per-run path (keys_cache, forward passes of FORWARD_BATCH, the vocabulary head skipped) against the
     reference: both full forwards streamed through one PairAccumulator, batch by batch (batch 6 of an 8-sequence
     probe: batches 6 + 2, forward passes 4 + 2 + 2)."""
-    from analysis import seeds
-    from analysis.runs import find_runs, load_router
-    from analysis.subspaces import PairAccumulator
+    from analysis.studies import seeds
+    from analysis.readers.runs import find_runs, load_router
+    from analysis.studies.subspaces import PairAccumulator
     from datamodules.probe import TokenProbe
 
     a, b = [r for r in find_runs(sweep) if r.get("router.position") == "alibi"]
@@ -210,16 +210,16 @@ def test_hf_checkpoint_analysis_reports_pythia_keys_pre_and_post_rotary(tiny_pyt
 
 
 def test_pythia_revisions_draw_the_real_trajectory_beside_ours(tiny_pythia, sweep, tmp_path, monkeypatch):
-    import analysis.hf
+    import analysis.readers.hf
 
     folder, probe = tiny_pythia
-    load, asked = analysis.hf.load_hf, []
+    load, asked = analysis.readers.hf.load_hf, []
 
     def hub(spec):  # offline stand-in for the Hub: every revision resolves to the tiny local model
         asked.append(spec)
         return load(f"hf:{folder}")[0], spec[3:]
 
-    monkeypatch.setattr(analysis.hf, "load_hf", hub)
+    monkeypatch.setattr(analysis.readers.hf, "load_hf", hub)
     run("model=hf:EleutherAI/pythia-160m", "revisions=[step0,step1000]", f"compare={sweep / '0_router' / 'position=nope,seed=0'}",
         f"probe={probe}", f"out={tmp_path / 'curve'}")
     assert asked == ["hf:EleutherAI/pythia-160m@step0", "hf:EleutherAI/pythia-160m@step1000"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import analyze
-from analysis.runs import load_router
+from analysis.readers.runs import load_router
 from tests.conftest import compose_train
 
 GRAPH = ["task=node_classification", "router=gat", "data=csbm", "data.homophily=0.9", "data.num_nodes=200",

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from analysis.stats import bootstrap_ci, bootstrap_difference_ci, order_probability, spearman
+from analysis.reports.stats import bootstrap_ci, bootstrap_difference_ci, order_probability, spearman
 
 
 def test_bootstrap_ci_covers_a_known_mean_at_about_its_level():
@@ -56,7 +56,7 @@ A5, B5 = [1.0, 1.1, 0.9, 1.05, 0.97], [1.2, 1.3, 1.1, 1.25, 1.4]
 def test_t_interval_is_scipys_student_t_interval():
     from scipy import stats
 
-    from analysis.stats import t_interval
+    from analysis.reports.stats import t_interval
 
     mean, low, high = t_interval(A5 + [float("nan")], level=0.9)
     expected = stats.t.interval(0.9, 4, loc=np.mean(A5), scale=stats.sem(A5))
@@ -65,7 +65,7 @@ def test_t_interval_is_scipys_student_t_interval():
 
 
 def test_t_interval_covers_at_its_level_at_n_3_where_the_bootstrap_runs_narrow():
-    from analysis.stats import t_interval
+    from analysis.reports.stats import t_interval
 
     rng = np.random.default_rng(7)
     t_hits = boot_hits = 0
@@ -81,7 +81,7 @@ def test_t_interval_covers_at_its_level_at_n_3_where_the_bootstrap_runs_narrow()
 def test_welch_interval_is_scipys_welch_test_inverted():
     from scipy import stats
 
-    from analysis.stats import welch_interval
+    from analysis.reports.stats import welch_interval
 
     a, b = A5, [1.2, 1.9, 0.7, 1.25, 1.4, 1.6]  # unequal sizes and spreads
     diff, low, high = welch_interval(a, b)
@@ -92,7 +92,7 @@ def test_welch_interval_is_scipys_welch_test_inverted():
 def test_permutation_p_at_5_vs_5_is_the_brute_force_count_over_all_252_relabelings():
     import itertools
 
-    from analysis.stats import permutation_p
+    from analysis.reports.stats import permutation_p
 
     pooled = A5 + B5
     observed = abs(np.mean(B5) - np.mean(A5))
@@ -107,7 +107,7 @@ def test_permutation_p_at_5_vs_5_is_the_brute_force_count_over_all_252_relabelin
 
 
 def test_permutation_p_above_the_exact_limit_is_monte_carlo_close_to_the_exact_value():
-    from analysis.stats import permutation_p
+    from analysis.reports.stats import permutation_p
 
     rng = np.random.default_rng(3)
     a, b = rng.normal(0, 1, 7), rng.normal(0.8, 1, 7)  # C(14, 7) = 3432 relabelings
@@ -119,7 +119,7 @@ def test_permutation_p_above_the_exact_limit_is_monte_carlo_close_to_the_exact_v
 def test_minimum_detectable_effect_solves_the_power_equation_of_scipys_noncentral_t():
     from scipy import stats
 
-    from analysis.stats import min_detectable_effect
+    from analysis.reports.stats import min_detectable_effect
 
     for n_a, n_b, sd in ((5, 5, 0.04), (3, 3, 1.0), (5, 8, 2.5)):
         mde = min_detectable_effect(n_a, n_b, sd)
@@ -134,7 +134,7 @@ def test_minimum_detectable_effect_solves_the_power_equation_of_scipys_noncentra
 
 
 def test_hedges_g_is_the_pooled_sd_difference_with_the_small_sample_correction():
-    from analysis.stats import hedges_g
+    from analysis.reports.stats import hedges_g
 
     sa, sb = np.std(A5, ddof=1), np.std(B5, ddof=1)
     pooled = math.sqrt((4 * sa ** 2 + 4 * sb ** 2) / 8)
@@ -143,7 +143,7 @@ def test_hedges_g_is_the_pooled_sd_difference_with_the_small_sample_correction()
 
 
 def test_verdict_word_reads_the_t_interval_against_the_prediction():
-    from analysis.stats import compare_arms, verdict_word
+    from analysis.reports.stats import compare_arms, verdict_word
 
     c = compare_arms(A5, B5)
     assert c["low"] > 0 and verdict_word(c["low"], c["high"], c["mde"], +1) == "supports"
@@ -159,7 +159,7 @@ def test_verdict_word_reads_the_t_interval_against_the_prediction():
 def test_spearman_fisher_interval_and_detectable_rho_follow_their_closed_forms():
     from scipy import stats
 
-    from analysis.stats import min_detectable_rho, spearman_interval
+    from analysis.reports.stats import min_detectable_rho, spearman_interval
 
     x, y = [0, 1, 2, 3, 4, 5, 6, 7], [0.1, 0.3, 0.2, 0.5, 0.4, 0.7, 0.6, 0.9]
     rho = stats.spearmanr(x, y).statistic

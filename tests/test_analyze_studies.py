@@ -8,13 +8,13 @@ import math
 import pytest
 import yaml
 
-from analysis import studies
-from analysis.arms import record_at
-from analysis.brake import brake_study, verdict_text
-from analysis.metric import metric_study, statement
-from analysis.runs import factors, find_runs
-from analysis.tables import onset_step, run_statistics
-from analysis.wandb_io import records_from_history
+from analysis.studies import spec as studies
+from analysis.studies.arms import record_at
+from analysis.studies.brake import brake_study, verdict_text
+from analysis.studies.metric import metric_study, statement
+from analysis.readers.runs import factors, find_runs
+from analysis.reports.tables import onset_step, run_statistics
+from records import flat_metrics, from_history, typed
 
 BASELINE = 0.05
 
@@ -28,7 +28,7 @@ def record(step, shares, norm_cv=0.2, ve=0.6, train_loss=None, val_loss=None, so
     summary = {"peak_max_share": shares[peak], "peak_layer": peak, "norm_cv": norm_cv, "ve@8": ve,
                "area_above_baseline": sum(max(0, s - BASELINE) for s in shares) / len(shares)}
     out = {"step": step, "layers": layers, "summary": summary, "train_loss": train_loss, "val_loss": val_loss}
-    return out if solved_loss is None else {**out, "solved_loss": solved_loss}
+    return typed(out if solved_loss is None else {**out, "solved_loss": solved_loss})
 
 
 def write_run(path, config, records, val_loss=3.0):
@@ -307,15 +307,15 @@ def test_wandb_history_rows_rebuild_the_monitor_records():
         layers.append(RoutingLayer(keys=torch.randn(2, 2, 16, 8, generator=g), weights=weights / weights.sum(-1, keepdim=True),
                                    mask=causal_mask(16)))
     sig = signature(Routing(layers))
-    history = [{**sig.flat(), "trainer/global_step": 40, "train/loss": 3.0}, {"val/loss": 2.9, "_step": 41}]
-    records = records_from_history(history)
+    history = [{**flat_metrics(sig), "trainer/global_step": 40, "train/loss": 3.0}, {"val/loss": 2.9, "_step": 41}]
+    records = from_history(history)
     assert len(records) == 1 and records[0]["step"] == 40
     assert [r["max_share"] for r in records[0]["layers"]] == pytest.approx([r["max_share"] for r in sig.layers])
     assert run_statistics(records[0])["peak_max_share"] == pytest.approx(sig.summary["peak_max_share"])
 
 
 def test_seed_pairs_are_classified_by_which_seed_differs(tmp_path):
-    from analysis.seeds import find_pairs
+    from analysis.studies.seeds import find_pairs
 
     for i, (seed, data_seed) in enumerate([(0, 0), (1, 0), (0, 1), (1, 1)]):
         write_run(tmp_path / f"{i}_run", {"seed": seed, "data_seed": data_seed, "router": {"position": "rope"},

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.subspaces import PairAccumulator, _LayerKeys, random_subspace_angle, sequence_angles
+from analysis.studies.subspaces import PairAccumulator, _LayerKeys, random_subspace_angle, sequence_angles
 from routers.routing import Routing, RoutingLayer, causal_mask
 
 
@@ -104,7 +104,7 @@ def test_angles_from_bases_orthonormalised_once_per_model_are_canonical_angles_t
 
 @pytest.mark.parametrize("tokens,dim,rank", [(32, 16, 4), (16, 40, 8), (12, 6, 8)])
 def test_token_subspace_is_the_svds_left_singular_subspace(tokens, dim, rank):
-    from analysis.subspaces import token_subspace
+    from analysis.studies.subspaces import token_subspace
     from collapse import canonical_angles
 
     g = torch.Generator().manual_seed(4)
@@ -121,7 +121,7 @@ def test_token_subspace_is_the_svds_left_singular_subspace(tokens, dim, rank):
 
 
 def test_one_blas_thread_restores_each_openblas_thread_count():
-    from analysis.subspaces import _openblas_controls, one_blas_thread, token_subspace
+    from analysis.studies.subspaces import _openblas_controls, one_blas_thread, token_subspace
 
     token_subspace(torch.randn(2, 16, 8, dtype=torch.float64), 2)  # scipy's LAPACK loaded
     before = [get() for _, get in _openblas_controls()]
@@ -133,7 +133,7 @@ def test_one_blas_thread_restores_each_openblas_thread_count():
 def seed_runs(root, vocab=32, tokens=16):
     """Four finished runs of a tiny 2-layer Transformer (weight seeds 0/1 x data seeds 0/1, random weights),
     each a run directory with checkpoints/last.ckpt and the one probe.pt: what the seed study reads."""
-    from analysis.runs import Run
+    from analysis.readers.runs import Run
     from datamodules.probe import TokenProbe
     from routers.transformer import Transformer
 
@@ -160,7 +160,7 @@ def test_the_seed_study_gives_the_same_numbers_in_worker_processes_as_in_one(tmp
     of running them all here, to the bit, and leave no worker process behind."""
     import multiprocessing
 
-    from analysis.seeds import seed_study
+    from analysis.studies.seeds import seed_study
 
     runs = seed_runs(tmp_path)
     serial = seed_study(runs, rank=4, batch_size=4, workers=1)
@@ -173,7 +173,7 @@ def test_the_seed_study_gives_the_same_numbers_in_worker_processes_as_in_one(tmp
 def test_a_failing_pass_in_a_worker_is_one_line_and_leaves_no_worker(tmp_path):
     import multiprocessing
 
-    from analysis.seeds import _Pass, measure_passes
+    from analysis.studies.seeds import _Pass, measure_passes
     from common.errors import UserError
 
     runs = seed_runs(tmp_path)
@@ -207,7 +207,7 @@ def seed_rows(trained, untrained, shares, kind="weight"):
 def test_seed_direction_reads_concentrating_layers_apart_and_the_untrained_baseline_over_three_pairs():
     from scipy import stats
 
-    from analysis.seeds import concentrating_layers, kind_profiles, statement, summary_rows
+    from analysis.studies.seeds import concentrating_layers, kind_profiles, statement, summary_rows
 
     # Three layers; only L2 concentrates. There the trained pairs share direction (40 deg vs untrained ~60);
     # L0 and L1 sit at the untrained level, so the depth mean dilutes the effect.
@@ -236,7 +236,7 @@ def test_seed_direction_reads_concentrating_layers_apart_and_the_untrained_basel
 
 
 def test_seed_direction_without_a_concentrating_layer_says_so():
-    from analysis.seeds import kind_profiles, statement, summary_rows
+    from analysis.studies.seeds import kind_profiles, statement, summary_rows
 
     rows = seed_rows([[60.0, 61.0]] * 3, [[60.0, 60.0]] * 3, [[0.05, 0.1]] * 6)
     result = {"rows": rows, "profiles": kind_profiles(rows), "rank": 8, "threshold": 0.2}

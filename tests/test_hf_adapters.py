@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from analysis.hf import load_hf, parse_spec
+from analysis.readers.hf import load_hf, parse_spec
 from common.errors import UserError
 
 T = 16

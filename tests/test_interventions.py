@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import analyze
-from analysis.stats import compare_paired, paired_mde, paired_power, sign_flip_p
+from analysis.reports.stats import compare_paired, paired_mde, paired_power, sign_flip_p
 from tests.conftest import TINY, compose_train
 
 STEPS = ["trainer.max_steps=6", "callbacks.collapse_monitor.every_n_steps=3", "callbacks.checkpoint.every_n_train_steps=6",
@@ -79,8 +79,8 @@ def _study(folder, name):
 
 
 def test_mamba_freeze_rereads_each_checkpoint_and_pairs_the_change_by_seed(sweeps):
-    from analysis.model import measure
-    from analysis.runs import load_router
+    from analysis.readers.model import measure
+    from analysis.readers.runs import load_router
     from datamodules.probe import TokenProbe
 
     out = _study(sweeps / "mamba", "mamba_freeze")
@@ -95,7 +95,7 @@ def test_mamba_freeze_rereads_each_checkpoint_and_pairs_the_change_by_seed(sweep
         router, _, _ = load_router(job)
         frozen = measure(router.set_interventions(freeze_delta=True), TokenProbe.load(job / "probe.pt"), (1, 8), 4)
         row = next(r for r in rows if r["intervention"] == "Δ-freeze" and r["seed"] == str(seed))
-        assert float(row["peak_max_share"]) == pytest.approx(frozen.to_dict()["summary"]["peak_max_share"], abs=1e-6)
+        assert float(row["peak_max_share"]) == pytest.approx(frozen.summary["peak_max_share"], abs=1e-6)
     tests = _rows(out / "comparisons.csv")
     peak = next(t for t in tests if t["intervention"] == "Δ-freeze" and t["statistic"] == "peak max share")
     diffs = [float(next(r for r in rows if r["intervention"] == "Δ-freeze" and r["seed"] == str(s))["peak_max_share"])

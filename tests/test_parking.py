@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from analysis.tables import parking, solved_step
+from analysis.reports.tables import parking, solved_step
 from collapse import signature
+from records import signature_parts, typed
 from routers.routing import Routing, RoutingLayer, causal_mask
 
 T, SEGMENT = 16, 7  # BOS, 7 segment tokens, 8 copies: queries 0..7 idle, 8..15 copy from t - 7
@@ -30,8 +31,8 @@ def record_of(heads: list[torch.Tensor], batch: int = 3) -> dict:
     weights = torch.stack(heads).unsqueeze(0).expand(batch, -1, -1, -1).contiguous()
     keys = torch.randn(batch, len(heads), T, 8, generator=torch.Generator().manual_seed(0))
     layer = RoutingLayer(keys=keys, weights=weights, mask=causal_mask(T), name="L0")
-    record = signature(Routing(layers=[layer], axis="token")).to_dict()
-    return {**record, "idle_fraction": IDLE, "step": 100}
+    record = typed(signature_parts(signature(Routing(layers=[layer], axis="token"))))
+    return typed({**record, "idle_fraction": IDLE, "step": 100})
 
 
 def test_each_head_carries_its_own_sink_and_how_often_it_tops_the_operator():
@@ -52,25 +53,25 @@ def test_the_parking_prediction_counts_parking_heads_times_the_idle_fraction_and
     assert measured == pytest.approx((2 * IDLE + 2 * sum(1 / i for i in range(1, T + 1)) / T) / 4)
     assert out["parking_excess"] == pytest.approx(measured - 2 / 4 * IDLE)
     # A record without an idle fraction (text data) or without per-head sinks (older records) predicts nothing.
-    assert math.isnan(parking({**record, "idle_fraction": None}, 0)["parking_prediction"])
+    assert math.isnan(parking(typed({**record, "idle_fraction": None}), 0)["parking_prediction"])
     del record["layers"][0]["sink_source_units"]
     assert math.isnan(parking(record, 0)["parking_heads"])
 
 
 def test_solved_step_is_the_first_record_within_the_margin_of_the_solved_loss():
-    records = [{"step": s, "val_loss": v, "solved_loss": 2.0}
+    records = [typed({"step": s, "val_loss": v, "solved_loss": 2.0})
                for s, v in [(0, None), (100, 3.0), (200, 2.11), (300, 2.09), (400, 2.5)]]
     assert solved_step(records) == 300.0          # 2.11 is 0.11 above: not yet
     assert solved_step(records, margin=0.2) == 200.0
-    assert math.isnan(solved_step([{**r, "solved_loss": None} for r in records]))  # no level: never
+    assert math.isnan(solved_step([typed({**r, "solved_loss": None}) for r in records]))  # no level: never
 
 
 def test_a_studys_solved_margin_moves_its_learning_gated_reading():
-    from analysis.arms import gated
-    from analysis.studies import from_config
+    from analysis.studies.arms import gated
+    from analysis.studies.spec import from_config
 
     record = record_of([parking_head(), uniform_head()])
-    records = [{**record, "step": s, "val_loss": v, "solved_loss": 2.0} for s, v in [(0, 5.0), (100, 2.2), (200, 2.15)]]
+    records = [typed({**record, "step": s, "val_loss": v, "solved_loss": 2.0}) for s, v in [(0, 5.0), (100, 2.2), (200, 2.15)]]
     assert math.isnan(gated(records, 0.2, 0.5)["solved_step"])  # the default 0.10 nats: never solved
     assert gated(records, 0.2, 0.5, solved_margin=0.25)["solved_step"] == 100.0
     spec = {"name": "s", "title": "S", "kind": "ordering", "factor": "router.position", "solved_margin": 0.25}

@@ -328,7 +328,7 @@ def test_when_no_checkpoint_loads_auto_names_each_file_in_one_line(forked, refer
 def test_a_torn_last_jsonl_line_is_dropped_with_a_warning_and_cut_on_resume(reference, tmp_path, caplog):
     import shutil
 
-    from analysis.runs import read_run
+    from analysis.readers.runs import read_run
     from records import read_records
 
     out = tmp_path / "run"
@@ -895,7 +895,7 @@ def flip_a_tensor_byte(path: Path) -> None:
 def test_a_checkpoint_with_flipped_bytes_inside_an_intact_zip_falls_back_to_the_newest_good_one(train_here, capsys):
     import zipfile
 
-    from callbacks.checkpointing import inspect
+    from common.checkpoints import inspect
 
     out = train_here()
     last = out / "checkpoints" / "last.ckpt"

@@ -9,6 +9,7 @@ from scipy import stats
 from collapse import (Signature, SignatureAccumulator, gaussian_null, max_share_sparse, norm_cv, pearson,
                       signature, uniform_max_share_sparse, ve_at_rank)
 from common.errors import UserError
+from records import flat_metrics, signature_parts, signature_table
 from routers.routing import Routing, RoutingLayer, causal_mask
 
 N_SOURCES = 64
@@ -144,7 +145,7 @@ def test_synthetic_routing_gives_expected_table():
     s = sig.summary
     assert (s["onset_layer"], s["onset_depth"], s["completion_layer"], s["peak_layer"]) == (1, 1 / 3, 2, 2)
     assert s["area_above_baseline"] == pytest.approx(sum(e - HARMONIC_SHARE for e in expected) / 3)
-    lines = sig.table().splitlines()
+    lines = signature_table(sig).splitlines()
     assert lines[0].split() == ["layer", "norm-CV", "VE@8", "gauss", "shuffle", "max", "share"]
     assert lines[3].split() == ["L2", f"{norm_cv(routing.layers[2].keys).mean():.3f}", "1.000", f"{gaussian_null(N_SOURCES, 8, 8):.3f}", "-", "1.000"]
     assert "onset (max share > 0.20): L1 (33% depth)" in lines
@@ -154,13 +155,13 @@ def test_synthetic_routing_gives_expected_table():
 def test_never_crossing_reads_never_everywhere():
     sig = signature(_sink_routing([0.0, 0.05]))
     assert sig.summary["onset_layer"] is None and sig.summary["completion_depth"] is None
-    assert "onset (max share > 0.20): never" in sig.table()
-    assert math.isnan(sig.flat()["collapse/onset_layer"])
-    assert json.loads(json.dumps(sig.to_dict(), allow_nan=False))["summary"]["onset_layer"] is None
+    assert "onset (max share > 0.20): never" in signature_table(sig)
+    assert math.isnan(flat_metrics(sig)["collapse/onset_layer"])
+    assert json.loads(json.dumps(signature_parts(sig), allow_nan=False))["summary"]["onset_layer"] is None
 
 
 def test_flat_has_per_layer_and_summary_floats_only():
-    flat = signature(_two_layer_routing(2)).flat()
+    flat = flat_metrics(signature(_two_layer_routing(2)))
     assert {"collapse/max_share/L1", "collapse/ve@8/L0", "collapse/onset_layer"} <= flat.keys()
     assert all(type(v) is float for v in flat.values())
     assert not any("units" in key or "name" in key for key in flat)

@@ -1,11 +1,11 @@
 """The end-of-training table reads the right geometry column for each router family."""
-from records import training_table
+from records import training_table, typed
 
 
 def record(step, ve_key, ve, share, onset=None):
     layer = {"norm_cv": 0.1, ve_key: ve, f"{ve_key}_gauss": 0.2, "max_share": share}
-    return {"step": step, "layers": [layer], "summary": {"onset_layer": onset, "peak_max_share": share,
-                                                          "peak_layer": 0, "onset_threshold": 0.2}}
+    return typed({"step": step, "layers": [layer], "summary": {"onset_layer": onset, "peak_max_share": share,
+                                                          "peak_layer": 0, "onset_threshold": 0.2}})
 
 
 def test_training_table_shows_both_steps_and_the_onset_change():

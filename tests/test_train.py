@@ -107,10 +107,11 @@ def test_ddp_on_two_cpu_processes_trains_and_the_monitor_writes_each_step_once(t
 
 def test_the_live_probe_measures_its_head_between_full_probe_steps_and_the_last_record_is_the_full_probe(tiny_run):
     """Probe of 8, live head of 4; full probe every 20 steps and at the last step (25, not a multiple)."""
-    from analysis.runs import load_router
-    from analysis.model import _Probed
+    from analysis.readers.runs import load_router
+    from analysis.readers.model import _Probed
     from datamodules.probe import TokenProbe
-    from records.measure import measure_signature
+    from collapse.measure import measure_signature
+    from records import signature_parts
 
     out, _ = tiny_run("logger=csv", "trainer.max_steps=25", "callbacks.collapse_monitor.live_probe_sequences=4",
                       "callbacks.collapse_monitor.full_probe_every_n_steps=20")
@@ -126,7 +127,7 @@ def test_the_live_probe_measures_its_head_between_full_probe_steps_and_the_last_
     for sequences, record in ((4, records[1]), (8, None)):  # the live record is the head's own signature
         signature = measure_signature(_Probed(router), probe.head(sequences), batch_size=4)
         if record is not None:
-            for ours, logged in zip(signature.to_dict()["layers"], record["layers"]):
+            for ours, logged in zip(signature_parts(signature)["layers"], record["layers"]):
                 for key in ("max_share", "norm_cv", "ve@8", "ve@8_shuffle", "ve@1", "max_share_exposure"):
                     assert ours[key] == pytest.approx(logged[key], rel=1e-12), key
         else:  # and it is not the full probe's: the head is a different measurement

@@ -313,11 +313,11 @@ def test_readers_take_the_shortcuts_where_offered_and_the_full_forward_otherwise
 
 
 def test_monitor_shuffle_null_from_keys_only_matches_the_full_record():
-    """The monitor's pass (records.measure) takes the shuffle null from the keys-only path: every other value is
+    """The monitor's pass (collapse.measure) takes the shuffle null from the keys-only path: every other value is
     bit-identical to measuring with full records, the shuffle-null VE equal up to SDPA's float rounding."""
     from collapse import SignatureAccumulator
     from datamodules.probe import TokenProbe
-    from records.measure import measure_signature
+    from collapse.measure import measure_signature
     from tasks.lm import LanguageModelTask
 
     torch.manual_seed(2)

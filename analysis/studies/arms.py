@@ -3,7 +3,7 @@ and trajectories. The brake-ordering, ALiBi-slope and metric studies are this pl
 
 An *arm* is one value of the study's factor (``router.position``, ``router/score``, ...); its seeds
 (``seed``, ``data_seed`` and anything else that varies) are the replicates. Statistics come from each
-run's final record at the analysis thresholds (``analysis.tables.run_statistics``: matched step), and from
+run's final record at the analysis thresholds (``analysis.reports.tables.run_statistics``: matched step), and from
 its records at ``solved_step`` and ``solved_step + k`` (learning-gated: ``<statistic>@solved``,
 ``<statistic>@solved+k``; nan for a run that never solved its task, counted per arm, never dropped silently).
 """
@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 
-from analysis.runs import SEED_KEYS, Run, factors, val_loss
-from analysis.stats import bootstrap_ci, t_interval
-from analysis.studies import SOLVED_K
-from analysis.tables import number, onset_step, run_statistics, solved_step
+from analysis.readers.runs import SEED_KEYS, Run, factors, val_loss
+from analysis.reports.stats import bootstrap_ci, t_interval
+from analysis.studies.spec import SOLVED_K
+from analysis.reports.tables import number, onset_step, run_statistics, solved_step
 from common.constants import RANK, SOLVED_MARGIN
 from common.errors import UserError
 from common.run_names import alias
+from records import Record
 
 MIN_SEEDS = 3  # runs per arm below which no study gives a verdict: two seeds cannot show their own spread
 
@@ -67,28 +68,28 @@ def run_row(run: Run, factor: str, threshold: float, completion: float, rank: in
     solved_step + ``solved_k`` (:func:`gated`)."""
     stats = run_statistics(run.final, threshold, completion, rank)
     steps = onset_step(run.records, threshold)
-    last = float(run.final.get("step", math.nan))
+    last = float(run.final.step)
     row = {"run": run.name, "arm": factor_value(run, factor), **{s: run.get(s) for s in SEED_KEYS if s in run.config}, **stats,
            "onset_depth_censored": 1.0 if math.isnan(stats["onset_depth"]) else stats["onset_depth"],
            "onset_step": steps, "onset_step_censored": last + 1 if math.isnan(steps) else steps,
            # ALiBi's bias already lowers the max share at initialisation; the gain isolates what training added.
            "peak_gain": stats["peak_max_share"] - run_statistics(run.records[0], threshold, completion, rank)["peak_max_share"],
-           "val_loss": val_loss(run), "train_loss": number(run.final.get("train_loss")),
+           "val_loss": val_loss(run), "train_loss": run.final.train_loss,
            "onset_loss": _onset_loss(run.records, threshold)}
-    has_loss = any(r.get("train_loss") is not None for r in run.records)
+    has_loss = any(not math.isnan(r.train_loss) for r in run.records)
     row["onset_loss_censored"] = row["onset_loss"] if not math.isnan(row["onset_loss"]) else 0.0 if has_loss else math.nan
     row.update(gated(run.records, threshold, completion, rank, solved_k, solved_margin))
     return row
 
 
-def record_at(records: list[dict], step: float) -> dict | None:
+def record_at(records: list[Record], step: float) -> Record | None:
     """The first measured record at or after ``step`` (None: nan, or training ended before it)."""
     if math.isnan(step):
         return None
-    return next((r for r in records if r["step"] >= step), None)
+    return next((r for r in records if r.step >= step), None)
 
 
-def record_row(record: dict | None, first: dict, threshold: float, completion: float, rank: int = RANK) -> dict:
+def record_row(record: Record | None, first: Record, threshold: float, completion: float, rank: int = RANK) -> dict:
     """The :data:`GATED` statistics of one record (all nan without one); ``first``: the run's first record,
     which the peak's gain is counted from."""
     if record is None:
@@ -96,31 +97,31 @@ def record_row(record: dict | None, first: dict, threshold: float, completion: f
     stats = run_statistics(record, threshold, completion, rank)
     base = run_statistics(first, threshold, completion, rank)["peak_max_share"]
     stats.update({"onset_depth_censored": 1.0 if math.isnan(stats["onset_depth"]) else stats["onset_depth"],
-                  "peak_gain": stats["peak_max_share"] - base, "val_loss": number(record.get("val_loss")),
-                  "step": number(record["step"])})
+                  "peak_gain": stats["peak_max_share"] - base, "val_loss": record.val_loss,
+                  "step": number(record.step)})
     return {key: stats[key] for key in gated_keys(rank)}
 
 
-def gated(records: list[dict], threshold: float, completion: float, rank: int = RANK,
+def gated(records: list[Record], threshold: float, completion: float, rank: int = RANK,
           solved_k: int = SOLVED_K, solved_margin: float = SOLVED_MARGIN) -> dict:
-    """A run's learning-gated statistics: ``solved_step`` (analysis.tables.solved_step; nan = never, or the task
+    """A run's learning-gated statistics: ``solved_step`` (analysis.reports.tables.solved_step; nan = never, or the task
     defines no solved level), ``has_solved_level``, and the :data:`GATED` statistics of the records at
     solved_step (``<key>@solved``) and at the first measured step >= solved_step + ``solved_k``
     (``<key>@solved+k``; nan when training ended first)."""
     step = solved_step(records, solved_margin)
     out = {"solved_step": step,
-           "has_solved_level": any(not math.isnan(number(r.get("solved_loss"))) for r in records)}
+           "has_solved_level": any(not math.isnan(r.solved_loss) for r in records)}
     for at, target in (("solved", step), ("solved+k", step + solved_k)):
         row = record_row(record_at(records, target), records[0], threshold, completion, rank)
         out.update({f"{key}@{at}": value for key, value in row.items()})
     return out
 
 
-def _onset_loss(records: list[dict], threshold: float) -> float:
+def _onset_loss(records: list[Record], threshold: float) -> float:
     """Mean training loss over the interval that ended at the first record past onset (nan: never, or the
     records predate the loss field). A brake that delays collapse in learning crosses at a lower loss."""
     step = onset_step(records, threshold)
-    return next((number(r.get("train_loss")) for r in records if r["step"] == step), math.nan)
+    return next((r.train_loss for r in records if r.step == step), math.nan)
 
 
 def group(rows: list[dict], order: list | None = None) -> dict:
@@ -192,12 +193,12 @@ def profiles(runs_by_arm: dict[str, list[Run]], keys: list[str], level: float = 
     """Per arm, per layer: mean and t-interval band across seeds of each per-layer column (final records)."""
     arms = []
     for arm, runs in runs_by_arm.items():
-        n_layers = {len(r.final["layers"]) for r in runs}
+        n_layers = {len(r.final.layers) for r in runs}
         if len(n_layers) != 1:
             raise UserError(f"arm {arm!r} mixes depths {sorted(n_layers)}; compare runs of one architecture")
         depth, curves = n_layers.pop(), {}
         for key in keys:
-            per_layer = [t_interval([number(r.final["layers"][i].get(key)) for r in runs], level)
+            per_layer = [t_interval([r.final.layers[i].value(key) for r in runs], level)
                          for i in range(depth)]
             curves[key] = tuple(list(v) for v in zip(*per_layer))
         arms.append({"label": arm_label(factor, arm), "profiles": curves})
@@ -213,7 +214,7 @@ def trajectory(run: Run, threshold: float, rank: int = RANK) -> dict:
     steps, values = [], {key: [] for key in keys}
     for record in run.records:
         stats = run_statistics(record, threshold, rank=rank)
-        steps.append(record["step"])
+        steps.append(record.step)
         for key in values:
             values[key].append(stats[key])
     return {"steps": steps, "values": values}

@@ -18,10 +18,12 @@ from pathlib import Path
 
 import torch
 
+from common.checkpoints import newest_checkpoint, newest_loadable
 from common.checksum import CHECKSUM, tensor_checksum
+from common.configs import flatten
 from common.errors import UserError
 from common.failed import FAILED, read_failure
-from records import JSONL, read_records
+from records import JSONL, Record, from_history, read_records
 from tasks.router_args import KEY as ROUTER_KEY
 
 # Config keys that name where a run lives or how it resumes, not what was trained: never an arm's identity.
@@ -39,7 +41,7 @@ class Run:
     """One finished run: its directory, its flat config (dotted keys) and the monitor's records."""
     path: Path
     config: dict
-    records: list[dict] = field(repr=False)
+    records: list[Record] = field(repr=False)
     logged_val_loss: float | None = None  # runs read back from W&B carry it; local runs read csv/metrics.csv
     label: str = ""  # the job's path inside its sweep
 
@@ -48,43 +50,11 @@ class Run:
         return self.label or self.path.name
 
     @property
-    def final(self) -> dict:
+    def final(self) -> Record:
         return self.records[-1]
 
     def get(self, key: str, default=None):
         return self.config.get(key, default)
-
-
-def flatten(config: dict, prefix: str = "") -> dict:
-    """``{"router": {"position": "rope"}} -> {"router.position": "rope"}`` (lists stay values)."""
-    flat = {}
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
-
-
-def checkpoint_path(path: str | Path) -> Path:
-    """A ``.ckpt`` as given, or a run directory's newest checkpoint: ``checkpoints/last.ckpt``, unless a step file
-    is further along (a kill while last.ckpt was rewritten leaves it stale beside the newer step file)."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    last = path / "checkpoints" / "last.ckpt"
-    steps = {int(p.stem[4:]): p for p in last.parent.glob("step*.ckpt") if p.stem[4:].isdigit()}
-    if last.is_file():
-        try:
-            last_step = int(torch.load(last, map_location="cpu", weights_only=False, mmap=True)["global_step"])
-        except Exception:
-            last_step = -1  # unreadable: load_checkpoint names it and the good one beside it
-        newest = max(steps, default=-1)
-        return steps[newest] if newest > last_step and last_step >= 0 else last
-    if steps:
-        return steps[max(steps)]
-    raise UserError(f"no checkpoint at {path}; pass run=<run dir with checkpoints/last.ckpt> or run=<file.ckpt>")
 
 
 class ChecksumMismatch(Exception):
@@ -99,8 +69,6 @@ def load_checkpoint(path: str | Path) -> dict:
         if CHECKSUM in state and tensor_checksum(state) != state[CHECKSUM]:
             raise ChecksumMismatch
     except Exception as e:
-        from callbacks.checkpointing import newest_loadable  # lazy: it imports Lightning, which reading does not need
-
         other, step, _ = newest_loadable(Path(path).parent, skip=Path(path))
         hint = f"pass run={other} (step {step}) instead" if other else "pass a .ckpt written by train.py"
         what = "its tensors' checksum does not match" if isinstance(e, ChecksumMismatch) else type(e).__name__
@@ -131,7 +99,7 @@ def _cached(what: str, path: Path, read):
     return _READ[key]
 
 
-def _records(run_dir: Path) -> list[dict]:
+def _records(run_dir: Path) -> list[Record]:
     """The run's monitor records (parsed once per process while ``collapse.jsonl`` is unchanged); a copy of
     the list, so a caller may reorder or extend it."""
     return list(_cached("records", Path(run_dir) / JSONL, lambda _: read_records(run_dir)))
@@ -177,8 +145,6 @@ def find_runs(sweep: str | Path) -> list[Run]:
     """Every finished run below ``sweep`` (a multirun folder, or any folder of runs), in job order; failed
     and unfinished jobs are left out (:func:`failed_jobs` lists them)."""
     if str(sweep).startswith("wandb:"):
-        from analysis.wandb_io import wandb_runs
-
         return wandb_runs(str(sweep).removeprefix("wandb:"))
     jobs = _jobs(sweep)
     finished = [job for job in jobs if job_failure(Path(sweep) / job) is None]
@@ -248,7 +214,7 @@ def job_failure(run_dir: Path) -> dict | None:
     if failure := read_failure(run_dir):
         return failure
     records = _records(run_dir)
-    last = records[-1]["step"] if records else None
+    last = records[-1].step if records else None
     max_steps = flatten(run_config(run_dir)).get("trainer.max_steps")
     if isinstance(max_steps, int) and max_steps > 0 and (last is None or last < max_steps):
         return {"reason": f"unfinished: the last record is at step {last} of trainer.max_steps={max_steps} (killed? "
@@ -337,7 +303,7 @@ def load_router(path: str | Path, untrained_seed: int | None = None):
     """
     from hydra.utils import instantiate
 
-    ckpt = checkpoint_path(path)
+    ckpt = newest_checkpoint(path)
     state = load_checkpoint(ckpt)
     config, args = state["hyper_parameters"]["config"], router_args(state, ckpt)
     if untrained_seed is not None:
@@ -348,3 +314,33 @@ def load_router(path: str | Path, untrained_seed: int | None = None):
     weights = state["state_dict"]
     router.load_state_dict({k.removeprefix("model."): v for k, v in weights.items() if k.startswith("model.")})
     return router.eval(), config, int(state.get("global_step", -1))
+
+
+# --- a sweep read back from W&B (its flat metrics; per-unit lists are absent) --------------------------------
+
+def wandb_runs(path: str):
+    """``entity/project/group`` -> our ``Run`` objects (config from the logged hparams, records from history)."""
+    parts = path.strip("/").split("/")
+    if len(parts) != 3:
+        raise UserError(f"sweep=wandb:{path} must be wandb:<entity>/<project>/<group>")
+    import wandb
+
+    try:
+        api = wandb.Api(timeout=30)
+        found = list(api.runs(f"{parts[0]}/{parts[1]}", filters={"group": parts[2]}))
+    except Exception as e:
+        raise UserError(f"cannot read W&B group {path} ({type(e).__name__}); run `wandb login` online, or pass the "
+                        "local multirun folder as sweep=<dir>") from None
+    if not found:
+        raise UserError(f"W&B group {path} has no runs; check the group name (the multirun folder's name)")
+    from common.progress import progress
+
+    runs = []
+    for item in progress(found, f"reading W&B group {path}", unit="run"):  # one history download per run
+        history = [dict(row) for row in item.scan_history()]
+        records = from_history(history)
+        if records:
+            losses = [row["val/loss"] for row in history if row.get("val/loss") is not None]
+            runs.append(Run(path=Path(item.name), config=flatten(dict(item.config).get("config", {})),
+                            records=records, logged_val_loss=losses[-1] if losses else math.nan))
+    return runs

@@ -7,11 +7,11 @@ equal except for ``seed`` form a *weight* pair, except for ``data_seed`` a *data
 measured once and its keys reused by every pair it is in, docs/decisions.md), and per layer
 we record VE@r of each model, |dVE@r| (paper: max 0.016, always < 0.1), and the mean canonical angle
 between their attractor subspaces in key space (the paper's) and in token space (basis-free), each beside
-its random-subspace null (``analysis.subspaces``). Pairs are the replicates: |dVE| is a mean over a kind's
+its random-subspace null (``analysis.studies.subspaces``). Pairs are the replicates: |dVE| is a mean over a kind's
 pairs with its t-interval; the direction effect is the token-space angle of the kind's pairs minus that of
 ``len(UNTRAINED_PAIRS)`` pairs of *untrained* models (disjoint pairs of fresh initialisations, the baseline's
 own replicates), a difference of two means with its Welch t-interval, permutation p and detectable effect
-(analysis.stats.compare_arms). It is read twice: over the whole depth, and over the *concentrating layers*
+(analysis.reports.stats.compare_arms). It is read twice: over the whole depth, and over the *concentrating layers*
 alone (those whose final max share, averaged over the kind's runs, exceeds the onset threshold), since a
 depth mean dilutes the one or two layers where the attractor lives. With fewer than ``MIN_SEEDS`` pairs of a
 kind no verdict is given. A kind's pairs share runs (5 seeds make 10 weight pairs), so its interval treats
@@ -29,10 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
-from analysis.arms import MIN_SEEDS
-from analysis.runs import SEED_KEYS, Run, factors, load_router
-from analysis.stats import compare_arms, nanmean, t_interval
-from analysis.subspaces import KeyAccumulator, compare
+from analysis.studies.arms import MIN_SEEDS
+from analysis.readers.runs import SEED_KEYS, Run, factors, load_router
+from analysis.reports.stats import compare_arms, nanmean, t_interval
+from analysis.studies.subspaces import KeyAccumulator, compare
 from collapse import gaussian_null
 from common.constants import ONSET_THRESHOLD, RANK
 from records.schema import number
@@ -147,12 +147,12 @@ def compare_pair(a: Run, b: Run, rank: int = RANK, batch_size: int = 16, untrain
         models = [measure_keys(load_router(a.path, untrained_seed=s)[0], probe, rank, batch_size,
                                f"untrained ({a.name}'s architecture, seed {s})") for s in UNTRAINED_SEEDS]
         cache[key] = untrained_pairs(models)
-    dims = [layer["dim"] for layer in a.final["layers"]]
+    dims = [layer.dim for layer in a.final.layers]
     for i, (row, dim) in enumerate(zip(rows, dims)):
         row.update(untrained_columns([pair[i] for pair in cache[key]]))
         row.update({f"ve@{rank}_gauss": gaussian_null(probe.tokens.shape[1], dim, rank),
-                    "max_share_a": number(a.final["layers"][i].get("max_share")),
-                    "max_share_b": number(b.final["layers"][i].get("max_share"))})
+                    "max_share_a": a.final.layers[i].max_share,
+                    "max_share_b": b.final.layers[i].max_share})
     return rows
 
 

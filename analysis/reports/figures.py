@@ -12,7 +12,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from common.constants import ONSET_THRESHOLD, RANK  # noqa: E402
 from records.figures import mark_threshold  # noqa: E402  (one rule for the threshold line, run and study figures)
-from records.schema import column, number  # noqa: E402
+from records import LayerRow, column, number  # noqa: E402
 
 
 def _has(values: list[float]) -> bool:
@@ -36,7 +36,7 @@ def figure_legend(fig: Figure, axes) -> None:
         fig.legend(list(entries.values()), list(entries), loc="outside right upper", fontsize=7, frameon=False)
 
 
-def signature_figure(layers: list[dict], rank: int = RANK, threshold: float = ONSET_THRESHOLD, title: str = "") -> Figure:
+def signature_figure(layers: list[LayerRow], rank: int = RANK, threshold: float = ONSET_THRESHOLD, title: str = "") -> Figure:
     """One model's signature by depth: max share (mean and per head) against the uniform baseline and the
     onset threshold; VE@rank pre/post-RoPE against the shuffle and Gaussian nulls; norm-CV against its
     Gaussian value; norm-CV vs max share per (layer, head), the pairs behind r_cv,sh."""
@@ -45,35 +45,37 @@ def signature_figure(layers: list[dict], rank: int = RANK, threshold: float = ON
     ax = axes[0]
     units = []
     for i, row in enumerate(layers):
-        heads = row.get("max_share_units") or []
+        heads = row.max_share_units
         units += heads
         ax.scatter([i] * len(heads), heads, s=6, color="tab:blue", alpha=0.35, lw=0, label="per head" if i == 0 else None)
-    ax.plot(x, column(layers, "baseline"), ":", color="grey", label="uniform (causal) baseline", zorder=1)
-    ax.plot(x, column(layers, "max_share"), "o-", color="tab:blue", label="mean over heads", zorder=3)
-    mark_threshold(ax, threshold, units + column(layers, "max_share"))
+    shares = [row.max_share for row in layers]
+    ax.plot(x, [row.baseline for row in layers], ":", color="grey", label="uniform (causal) baseline", zorder=1)
+    ax.plot(x, shares, "o-", color="tab:blue", label="mean over heads", zorder=3)
+    mark_threshold(ax, threshold, units + shares)
     ax.set(xlabel="layer index ℓ (0-based; depth = ℓ / L)", ylabel="max share")
     ax.set_title("concentration", loc="left")  # the right is kept for the threshold note
     ax = axes[1]
-    shuffle = column(layers, f"ve@{rank}_shuffle")
+    ve = [row.ve(rank) for row in layers]
+    shuffle = [v.shuffle for v in ve]
     if _has(shuffle):
         ax.plot(x, shuffle, "-.", color="black", label="shuffle null", zorder=5)  # on top: it often lies on the keys near 1
-    ax.plot(x, column(layers, f"ve@{rank}_gauss"), "--", color="grey", label="Gaussian null", zorder=1)
-    ax.plot(x, column(layers, f"ve@{rank}"), "o-", label="real (pre-RoPE)", zorder=3)
-    post = column(layers, f"ve@{rank}_post")
+    ax.plot(x, [v.gauss for v in ve], "--", color="grey", label="Gaussian null", zorder=1)
+    ax.plot(x, [v.ve for v in ve], "o-", label="real (pre-RoPE)", zorder=3)
+    post = [v.post for v in ve]
     if _has(post):
         ax.plot(x, post, "s-", ms=3, label="real post-RoPE", zorder=3)
     ax.set(xlabel="layer index ℓ (0-based; depth = ℓ / L)", ylabel=f"VE@{rank}", ylim=(0, 1.03))  # headroom: curves at VE = 1 stay off the frame
     ax.set_title("key geometry", loc="left")
     ax = axes[2]
-    ax.plot(x, column(layers, "norm_cv_gauss"), "--", color="grey", label="Gaussian 1/sqrt(2d)", zorder=1)
-    ax.plot(x, column(layers, "norm_cv"), "o-", label="norm-CV", zorder=3)
+    ax.plot(x, [row.norm_cv_gauss for row in layers], "--", color="grey", label="Gaussian 1/sqrt(2d)", zorder=1)
+    ax.plot(x, [row.norm_cv for row in layers], "o-", label="norm-CV", zorder=3)
     ax.set(xlabel="layer index ℓ (0-based; depth = ℓ / L)", ylabel="norm-CV")
     ax.set_title("norm stratification", loc="left")
     ax.set_ylim(bottom=0)
     ax = axes[3]
     cmap = plt.get_cmap("viridis")
     for i, row in enumerate(layers):
-        cv, share = row.get("norm_cv_units") or [], row.get("max_share_units") or []
+        cv, share = row.norm_cv_units, row.max_share_units
         if cv and len(share) % len(cv) == 0:
             repeat = len(share) // len(cv)
             ax.scatter([c for c in cv for _ in range(repeat)], share, s=10,

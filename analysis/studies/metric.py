@@ -4,7 +4,7 @@ Prop. 2 makes the learned metric s_M a new degree of freedom; Theorem 1 says the
 Euclidean router plus a key-norm bonus, so norm stratification is one way a norm-blind router compensates.
 Each norm-aware score (``euclidean``, ``learned_metric``, ``normalized``) is compared with ``dot`` on the
 same seeds: the difference of arm means with its Welch t-interval (the bootstrap interval beside it),
-Hedges' g, the exact permutation p and the design's detectable effect (analysis.stats.compare_arms), for
+Hedges' g, the exact permutation p and the design's detectable effect (analysis.reports.stats.compare_arms), for
 norm-CV (stratification), peak max share and area above baseline (concentration), VE@8 (geometry) and
 validation loss (cost), each where the spec reads it: at solved_step, k steps after it, or the final record.
 A difference "counts" only when its whole t-interval lies on one side of zero, and only with at least
@@ -15,18 +15,18 @@ constant norm by construction, so its lower norm-CV is design, not evidence; its
 of the paper's claim that concentration does not need stratification.
 
 The reference arm, the statistics, what each direction means and which ones the prediction covers are the
-study's spec (conf/study/metric_study.yaml; ``analysis.studies``).
+study's spec (conf/study/metric_study.yaml; ``analysis.studies.spec``).
 """
 from __future__ import annotations
 
 import math
 
-from analysis import studies
-from analysis.arms import MIN_SEEDS, arm_curves, arm_summary, flag_unsolved, gate_refusal, group, run_row, solved_count
-from analysis.runs import Run
-from analysis.stats import compare_arms, verdict_word
-from analysis.studies import Study
-from analysis.tables import cell
+from analysis.studies import spec as studies
+from analysis.studies.arms import MIN_SEEDS, arm_curves, arm_summary, flag_unsolved, gate_refusal, group, run_row, solved_count
+from analysis.readers.runs import Run
+from analysis.reports.stats import compare_arms, verdict_word
+from analysis.studies.spec import Study
+from analysis.reports.tables import cell
 from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD
 from common.errors import UserError
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from analysis.runs import Run, load_router
-from analysis.stats import compare_paired, nanmean, t_interval, verdict_word
-from analysis.tables import run_statistics
+from analysis.readers.runs import Run, load_router
+from analysis.reports.stats import compare_paired, nanmean, t_interval, verdict_word
+from analysis.reports.tables import run_statistics
 from common.errors import UserError
+from records import model_record
 
 
 def _intervene(router, knobs: dict, study_name: str):
@@ -33,7 +34,7 @@ def measure_interventions(run: Run, interventions: list[dict], study_name: str, 
                           threshold: float = 0.2, completion: float = 0.5, rank: int = 8) -> list[dict]:
     """One row per intervention for ``run``: its label, the run's seed and the model-level statistics of the
     checkpoint re-read under it (``run_statistics``), and the per-layer max shares."""
-    from analysis.model import measure
+    from analysis.readers.model import measure
     from datamodules.probe import TokenProbe
 
     probe_file = run.path / "probe.pt"
@@ -46,10 +47,10 @@ def measure_interventions(run: Run, interventions: list[dict], study_name: str, 
         _intervene(router, dict(spec.get("set") or {}), study_name)
         signature = measure(router, probe, (1, rank), batch_size, threshold, completion,
                             f"{run.name} [{spec['label']}]")
-        record = {"step": step, **signature.to_dict()}
+        record = model_record(step, run.name, str(probe_file), signature)
         stats = run_statistics(record, threshold, completion, rank)
         rows.append({"run": run.name, "seed": run.get("seed"), "intervention": spec["label"], **stats,
-                     "max_share_by_layer": [layer["max_share"] for layer in record["layers"]]})
+                     "max_share_by_layer": record.max_share_curve()})
     return rows
 
 
@@ -153,7 +154,7 @@ def write(result: dict, out: Path, title: str, sweep: str, level: float, baselin
 
     import matplotlib.pyplot as plt
 
-    from analysis.tables import markdown, write_csv
+    from analysis.reports.tables import markdown, write_csv
     from common import atomic
 
     write_csv([{k: v for k, v in row.items() if k != "max_share_by_layer"} for row in result["rows"]],

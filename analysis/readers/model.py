@@ -1,6 +1,6 @@
 """Post-hoc signature of one model (our checkpoint or a Hugging Face one) on a probe, and its report files.
 
-The measurement is the monitor's own (``records.measure.measure_signature``), so a post-hoc
+The measurement is the monitor's own (``collapse.measure.measure_signature``), so a post-hoc
 number equals the number logged during training on the same probe. Reports go to one folder:
 
     signature.json   the full record (per layer, per head, summary), as a collapse.jsonl line
@@ -18,11 +18,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from analysis.tables import markdown, table1_row, write_csv
+from analysis.reports.tables import markdown, table1_row, write_csv
 from common import atomic
-from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD, RANKS
+from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD, RANK, RANKS
 from common.errors import UserError
 from datamodules.probe import TokenProbe
+from records import Record
 from routers.routing import routing_of, scored_keys_of
 
 
@@ -57,7 +58,7 @@ class _WithProgress:
 
 def measure(router: nn.Module, probe: TokenProbe, ranks=RANKS, batch_size: int = 16, threshold: float = ONSET_THRESHOLD,
             completion: float = COMPLETION_THRESHOLD, name: str = "model"):
-    from records.measure import measure_signature
+    from collapse.measure import measure_signature
 
     limit = getattr(router, "context_length", None)
     if limit is not None and probe.tokens.shape[1] > limit:
@@ -124,29 +125,24 @@ def resolve_probe(spec: str | None, default: Path | None, tokenizer: Callable, s
 
 
 def write_report(signature, out: Path, name: str, about: str, step: int | None = None, threshold: float = ONSET_THRESHOLD,
-                 completion: float = COMPLETION_THRESHOLD) -> dict:
+                 completion: float = COMPLETION_THRESHOLD) -> Record:
     """Write the report files of one measured model into ``out``; returns the record (a collapse.jsonl line)."""
-    from analysis.figures import signature_figure
+    from analysis.reports.figures import signature_figure
 
     out.mkdir(parents=True, exist_ok=True)
-    record = {"step": step, "model": name, "probe": about, **signature.to_dict()}
+    from records import layer_table, model_record, signature_table, unit_table  # noqa: F811
+
+    record = model_record(step, name, about, signature)
     atomic.write_text(out / "signature.json", json.dumps(record, indent=1))
-    scalar = [{k: v for k, v in row.items() if not isinstance(v, list)} for row in record["layers"]]
-    write_csv(scalar, out / "signature.csv")
-    heads = []
-    for row in record["layers"]:
-        cvs, shares = row.get("norm_cv_units") or [], row.get("max_share_units") or []
-        for unit, share in enumerate(shares):
-            cv = cvs[unit * len(cvs) // len(shares)] if cvs else None  # grouped keys serve several units
-            heads.append({"layer": row["layer"], "unit": unit, "max_share": share, "norm_cv": cv})
-    write_csv(heads, out / "heads.csv")
-    rank = 8 if 8 in signature.ranks else max(signature.ranks)
+    write_csv(layer_table(record), out / "signature.csv")
+    write_csv(unit_table(record), out / "heads.csv")
+    rank = RANK if RANK in signature.ranks else max(signature.ranks)
     row = table1_row(name, record, threshold, completion, rank)
     summary = [f"# Collapse signature: {name}", "", f"Probe: {about}." + (f" Step {step}." if step is not None else ""),
-               "", markdown([row]), "", "```", signature.table(), "```", "",
+               "", markdown([row]), "", "```", signature_table(signature), "```", "",
                f"r(norm-CV, max share) over (layer, head) pairs: {row['r']:.3f} (p = {row['r p']:.3g}).",
                f"Onset threshold {threshold}, completion threshold {completion}; depth % = layer index / L."]
     atomic.write_text(out / "summary.md", "\n".join(summary) + "\n")
-    figure = signature_figure(record["layers"], rank=rank, threshold=threshold, title=f"{name} - {about}")
+    figure = signature_figure(record.layers, rank=rank, threshold=threshold, title=f"{name} - {about}")
     atomic.save_figure(figure, out / "signature.png", dpi=110)
     return record

@@ -9,7 +9,7 @@ is a continuous brake: onset should move later and the peak fall as the scale gr
 
 Each statistic is judged between neighbouring arms (weakest to strongest brake): the difference of arm means
 with its Welch t-interval (the bootstrap interval beside it), Hedges' g, the exact permutation p and the
-design's detectable effect (analysis.stats.compare_arms); a trend by Spearman's rho with its Fisher-z
+design's detectable effect (analysis.reports.stats.compare_arms); a trend by Spearman's rho with its Fisher-z
 interval. The statistic *supports* the prediction when every neighbouring interval lies on the predicted
 side of zero, *contradicts* it when one lies on the other side, and is *inconclusive* otherwise, with the
 effect the design could have detected (docs/statistics.md). P(predicted order) over bootstrap resamples is
@@ -19,20 +19,20 @@ The primary comparisons read each run where it has learned the task (at solved_s
 the final records (matched step) are the secondary ones. ``learned`` positions are tabulated, not ordered.
 
 What is predicted is data: the factor, the order of arms, the statistics, where each is read and which way
-each should move are the study's spec (conf/study/brake_ordering.yaml, alibi_slope.yaml; ``analysis.studies``).
+each should move are the study's spec (conf/study/brake_ordering.yaml, alibi_slope.yaml; ``analysis.studies.spec``).
 """
 from __future__ import annotations
 
 import math
 
-from analysis import studies
-from analysis.arms import (MIN_SEEDS, arm_curves, arm_label, arm_summary, flag_unsolved, gate_refusal, group,
+from analysis.studies import spec as studies
+from analysis.studies.arms import (MIN_SEEDS, arm_curves, arm_label, arm_summary, flag_unsolved, gate_refusal, group,
                            run_row, solved_count)
-from analysis.runs import Run
-from analysis.stats import (compare_arms, min_detectable_rho, nanmean, order_probability, spearman, spearman_ci,
+from analysis.readers.runs import Run
+from analysis.reports.stats import (compare_arms, min_detectable_rho, nanmean, order_probability, spearman, spearman_ci,
                             spearman_interval, verdict_word)
-from analysis.studies import Comparison, Study
-from analysis.tables import cell
+from analysis.studies.spec import Comparison, Study
+from analysis.reports.tables import cell
 from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD
 from common.errors import UserError
 
@@ -48,7 +48,7 @@ def too_few_seeds(counts: dict[str, int]) -> str | None:
 
 
 def combine(words: list[str], mdes: list[float], names: list[str]) -> str:
-    """One verdict from the neighbouring pairs' words (analysis.stats.verdict_word): contradicts when any pair's
+    """One verdict from the neighbouring pairs' words (analysis.reports.stats.verdict_word): contradicts when any pair's
     interval lies on the wrong side (naming it), supports when every pair's lies on the predicted side, else
     inconclusive with the largest detectable effect among the pairs whose interval spans zero."""
     if any(w.startswith("undetermined") for w in words):

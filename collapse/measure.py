@@ -1,4 +1,4 @@
-"""The measurement a record holds: the signature of a module's routing on the probe set.
+"""Measuring: the signature of a module's routing on the probe set (what a record holds).
 
 The monitor and the post-hoc analysis both call this, so a number measured after training equals the one
 logged during training on the same probe.

@@ -1,7 +1,7 @@
 """A study is data: ``conf/study/<name>.yaml`` says which factor it reads, what it predicts and at what rank.
 
 analyze.py composes the spec as the config group ``study`` (``study=brake_ordering``); the study modules
-(``analysis.brake``, ``analysis.metric``, ``analysis.seeds``) read it as a :class:`Study`. Each study is named
+(``analysis.studies.brake``, ``analysis.studies.metric``, ``analysis.studies.seeds``) read it as a :class:`Study`. Each study is named
 after the experiment that trains it (``conf/experiment/<name>.yaml``). Statistic names and labels may hold
 ``{rank}``: the spec is read at one rank, the study's own or the ``rank=`` knob, so ``VE@{rank}`` is ``VE@4``
 at rank 4 everywhere the study writes it.
@@ -15,7 +15,7 @@ from pathlib import Path
 from common.constants import RANK, SOLVED_MARGIN
 from common.errors import UserError
 
-SPECS = Path(__file__).resolve().parents[1] / "conf" / "study"
+SPECS = Path(__file__).resolve().parents[2] / "conf" / "study"
 KINDS = ("ordering", "trend", "reference", "seed_pairs", "intervention")
 AT = ("solved", "solved+k", "step")  # where a comparison reads each run: docs/statistics.md
 SOLVED_K = 100  # steps after solved_step of the ``solved+k`` comparisons (a study's ``solved_k`` overrides it)
@@ -124,7 +124,9 @@ def load(name: str, rank: int | None = None, factor: str | None = None) -> Study
     from common import resolvers
 
     resolvers.register()
-    return from_config(OmegaConf.to_container(OmegaConf.load(path), resolve=True)).at(rank, factor)
+    spec = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    spec.pop("defaults", None)  # the keys it composes from the code's defaults are the dataclass's own defaults
+    return from_config(spec).at(rank, factor)
 
 
 def study_override(arg: str) -> str:

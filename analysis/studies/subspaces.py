@@ -130,7 +130,7 @@ def key_basis(scatter: Tensor, rank: int) -> Tensor:
 class _LayerKeys:
     """One model's side of one layer, accumulated over probe batches: the sum of per-sequence VE@r, the pooled
     within-sequence scatter, and each batch's token subspaces. Everything a pair row needs from this model,
-    so a run's keys are measured once however many pairs it is in (analysis.seeds)."""
+    so a run's keys are measured once however many pairs it is in (analysis.studies.seeds)."""
 
     def __init__(self):
         self.scatter, self.ve, self.sequences, self.shape = None, 0.0, 0, None
