@@ -10,4 +10,5 @@ RANK = 8                     # the headline rank of the token and time routers' 
 SOLVED_MARGIN = 0.10        # nats: a task counts as solved once validation loss is within this of its solved level
 PARKING_SINK_FRACTION = 0.5  # a head parks on BOS when BOS tops its operator in at least this share of sequences
 FEATURE_RANK = 4             # the graph routers' headline: VE@4 of the 64-wide node features
+LEVEL = 0.95                 # confidence level over seeds of the t-intervals (primary) and bootstrap intervals
 LATE_FRACTION = 0.75         # RWKV content/recency: queries t >= 0.75 T, sources s < 0.75 T (96 of 128)

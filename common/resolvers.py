@@ -1,7 +1,8 @@
-"""OmegaConf resolvers the configs use, registered once per process before Hydra composes."""
+"""OmegaConf resolvers the configs use, and the config nodes made from the code's defaults (common/schema.py),
+registered once per process before Hydra composes."""
 from __future__ import annotations
 
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 
 
 def local_jobs() -> int:
@@ -21,9 +22,9 @@ def constant(name: str):
         raise ValueError(f"unknown constant {name!r}; common/constants.py defines "
                          f"{', '.join(n for n in dir(constants) if n.isupper())}")
     value = getattr(constants, name)
-    # A tuple comes back as a list: fine for reading a saved config, but OmegaConf.resolve (in place) refuses a
-    # list from a resolver, so the shipped YAML writes list constants out instead of interpolating them.
-    return list(value) if isinstance(value, tuple) else value
+    # A tuple comes back as a ListConfig, not a list: OmegaConf.resolve (in place, as `--cfg job --resolve` and
+    # print_config do) refuses a plain list from a resolver but puts a container in the interpolation's place.
+    return ListConfig(list(value)) if isinstance(value, tuple) else value
 
 
 def register() -> None:
@@ -31,3 +32,6 @@ def register() -> None:
         OmegaConf.register_new_resolver("local_jobs", local_jobs)
     if not OmegaConf.has_resolver("constant"):
         OmegaConf.register_new_resolver("constant", constant)
+    from common import schema
+
+    schema.register()  # /signature/<module>.<Class> config nodes: each default read from its code

@@ -143,11 +143,11 @@ def test_monitor_defaults_read_the_paper_constants_and_the_resolver_refuses_unkn
     monitor = cfg.callbacks.collapse_monitor
     assert (monitor.onset_threshold, monitor.completion_threshold, monitor.solved_margin) == (
         constants.ONSET_THRESHOLD, constants.COMPLETION_THRESHOLD, constants.SOLVED_MARGIN)
-    assert tuple(monitor.ranks) == constants.RANKS  # written out in the YAML: kept equal here
+    assert tuple(monitor.ranks) == constants.RANKS  # CollapseMonitor's default, composed from its signature
     OmegaConf.resolve(cfg)  # in place, as `--cfg job --resolve` and print_config do
     with pytest.raises(ValueError, match="NOT_A_CONSTANT"):
         constant("NOT_A_CONSTANT")
-    assert constant("RANKS") == list(constants.RANKS)  # configs saved before the YAML wrote it out still read
+    assert constant("RANKS") == list(constants.RANKS)  # configs saved with ${constant:RANKS} still read
 
 
 def test_the_default_regime_is_the_copy_regime_and_another_data_replaces_its_windows():
