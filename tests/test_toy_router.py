@@ -53,3 +53,9 @@ def test_the_toy_router_is_benched(tmp_path, monkeypatch):
     built = build_family("toy", tmp_path / "bench", [search_path(tmp_path), *SMALL])
     assert isinstance(built.task.model, ToyRouter)
     assert torch.isfinite(torch.tensor([built.step(), built.step()])).all()
+
+
+def test_the_toy_router_meets_the_router_protocols():
+    from tests.test_router_protocols import test_every_family_router_meets_the_router_protocols as check
+
+    check(FAMILY)
