@@ -131,16 +131,6 @@ def gaussian_null(n: int, d: int, rank: int, method: str = "mc", trials: int = N
     raise UserError(f"unknown gaussian_null method {method!r}; choose one of mc, mp")
 
 
-def principal_subspace(keys: Tensor, rank: int) -> Tensor:
-    """Orthonormal basis ``[..., d, rank]`` of the top-``rank`` principal directions of the centred keys."""
-    _check_keys(keys, "principal_subspace")
-    if not isinstance(rank, int) or not 1 <= rank <= min(keys.shape[-2:]):
-        raise UserError(f"subspace rank must be an integer in 1..min(n, d)={min(keys.shape[-2:])}; got {rank!r}")
-    x = keys.double()
-    x = x - x.mean(dim=-2, keepdim=True)
-    return torch.linalg.svd(x, full_matrices=False).Vh[..., :rank, :].transpose(-1, -2)
-
-
 def canonical_angles(U: Tensor, V: Tensor) -> Tensor:
     """Principal angles in degrees, ascending, between the column spaces of ``U [..., d, r1]`` and ``V [..., d, r2]``.
 

@@ -6,7 +6,7 @@ a layer has ``keys``/``content_keys``/``scored_keys`` ``[batch, units, sources, 
 The probe is fed in micro-batches: :class:`SignatureAccumulator` keeps per-(layer, unit) sums over sequences
 and reduces each weight chunk to per-unit max shares at once, so no batch or T x T operator is kept.
 Aggregation: mean over sequences, then over units; layers weigh equally (docs/metrics.md). Family
-statistics (``collapse/family.py``, chosen by ``routing.family``) ride along in the same pass.
+statistics (``collapse/family.py``, chosen by the statistics each layer carries) ride along in the same pass.
 """
 from __future__ import annotations
 

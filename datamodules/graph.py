@@ -54,11 +54,6 @@ class GraphProbe:
             raise UserError(f"probe file {path} is unreadable ({type(e).__name__}); delete it and rebuild") from None
 
 
-def edge_homophily(edge_index: Tensor, y: Tensor) -> float:
-    """Fraction of edges whose two ends share a class."""
-    return float((y[edge_index[0]] == y[edge_index[1]]).float().mean())
-
-
 class _Repeat(IterableDataset):
     def __init__(self, data: Data, times: int | None):
         self.data, self.times = data, times

@@ -136,7 +136,7 @@ def test_keys_measured_once_per_run_give_the_rows_of_streaming_the_pair_together
     probe: batches 6 + 2, forward passes 4 + 2 + 2)."""
     from analysis.studies import seeds
     from analysis.readers.runs import find_runs, load_router
-    from analysis.studies.subspaces import PairAccumulator
+    from pair_reference import PairAccumulator
     from datamodules.probe import TokenProbe
 
     a, b = [r for r in find_runs(sweep) if r.get("router.position") == "alibi"]

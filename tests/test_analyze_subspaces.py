@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.studies.subspaces import PairAccumulator, _LayerKeys, random_subspace_angle, sequence_angles
+from analysis.studies.subspaces import _LayerKeys, random_subspace_angle, sequence_angles
+from pair_reference import PairAccumulator
 from routers.routing import Routing, RoutingLayer, causal_mask
 
 

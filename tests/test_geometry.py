@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from collapse import (canonical_angles, gaussian_null, key_spectrum, norm_cv, principal_subspace,
+from collapse import (canonical_angles, gaussian_null, key_spectrum, norm_cv,
                       ve_at_rank)
 from common.errors import UserError
 
@@ -109,10 +109,3 @@ def test_canonical_angles_recover_a_known_rotation():
     rotated = torch.stack([math.cos(theta) * e1 + math.sin(theta) * e3, e2], dim=1)
     angles = canonical_angles(torch.stack([e1, e2], dim=1), rotated)
     assert angles.tolist() == pytest.approx([0.0, math.degrees(theta)], abs=1e-6)
-
-
-def test_principal_subspace_recovers_planted_directions():
-    basis = torch.linalg.qr(_gaussian_keys(12, 2)).Q
-    keys = _gaussian_keys(100, 2, seed=1) * torch.tensor([5.0, 3.0], dtype=torch.float64) @ basis.T
-    keys = keys + 0.01 * _gaussian_keys(100, 12, seed=2)
-    assert canonical_angles(principal_subspace(keys, 2), basis).max() < 1.0

@@ -12,9 +12,15 @@ import torch.nn.functional as F
 
 from collapse import signature
 from common.errors import UserError
-from datamodules.graph import CSBMDataModule, GraphProbe, PlanetoidDataModule, WebKBDataModule, edge_homophily
+from datamodules.graph import CSBMDataModule, GraphProbe, PlanetoidDataModule, WebKBDataModule
 from routers.graph import GAT, GCN
 from routers.routing import Routing, RoutingLayer
+
+
+def edge_homophily(edge_index, y) -> float:
+    """Fraction of edges whose two ends share a class (what CSBM's homophily knob sets)."""
+    return float((y[edge_index[0]] == y[edge_index[1]]).float().mean())
+
 
 N = 12
 # Undirected, no self-loops, node 11 isolated: every node still routes to itself through the added self-loop.

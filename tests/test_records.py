@@ -82,3 +82,18 @@ def test_an_old_run_still_loads_in_a_sweep_analysis(tmp_path):
     rows = (sweep / "analysis" / "sweep.csv").read_text().splitlines()
     header, row = rows[0].split(","), rows[1].split(",")
     assert float(row[header.index("peak")]) == pytest.approx(read_records(V1)[-1].summary.peak_max_share)
+
+
+def test_every_key_of_a_real_record_is_a_declared_column():
+    from records.columns import column, registry, undeclared
+
+    for record in read_records(V1):
+        assert undeclared(record) == []
+    assert column("ve@8_shuffle", "layer").meaning.startswith("VE@r of the same router")
+    assert column("peak_max_share", "summary").meaning == "its max share"
+    assert column("delta_cv", "layer").only.startswith("routing that carries step sizes")
+    names = {(c.part, c.name) for c in registry()}
+    assert ("record", "schema_version") in names and ("layer", "sink_source_units") in names
+    odd = read_records(V1)[-1]
+    odd.layers[0]["new_metric"] = 1.0  # a column nobody declared is caught
+    assert undeclared(odd) == ["layer:new_metric"]

@@ -23,7 +23,7 @@ from common.checksum import CHECKSUM, tensor_checksum
 from common.configs import flatten
 from common.errors import UserError
 from common.failed import FAILED, read_failure
-from records import JSONL, Record, from_history, read_records
+from records import JSONL, Record, from_history, read_records, typed
 from tasks.router_args import KEY as ROUTER_KEY
 
 # Config keys that name where a run lives or how it resumes, not what was trained: never an arm's identity.
@@ -44,6 +44,9 @@ class Run:
     records: list[Record] = field(repr=False)
     logged_val_loss: float | None = None  # runs read back from W&B carry it; local runs read csv/metrics.csv
     label: str = ""  # the job's path inside its sweep
+
+    def __post_init__(self):
+        self.records = [typed(r) for r in self.records]  # read through fields, however the records were built
 
     @property
     def name(self) -> str:

@@ -236,27 +236,3 @@ def compare(a: KeyAccumulator, b: KeyAccumulator) -> list[dict]:
     if a.rank != b.rank:
         raise UserError(f"the two models were measured at ranks {a.rank} and {b.rank}; measure both at one rank")
     return [_pair_row(i, la, lb, a.rank) for i, (la, lb) in enumerate(zip(a.layers, b.layers))]
-
-
-class PairAccumulator:
-    """Streams two routers' routing records on the same probe batches; :meth:`compute` gives one row per
-    layer: VE@r of each, |dVE@r|, and the key- and token-space angles with their random-subspace nulls."""
-
-    def __init__(self, rank: int = RANK):
-        self.a, self.b = KeyAccumulator(rank), KeyAccumulator(rank)
-        self.rank = rank
-
-    def update(self, routing_a, routing_b) -> None:
-        if len(routing_a.layers) != len(routing_b.layers):
-            raise UserError(f"the two routers have {len(routing_a.layers)} and {len(routing_b.layers)} layers; "
-                            "pair runs of the same architecture")
-        (keys_a, names_a), (keys_b, names_b) = KeyAccumulator.of(routing_a), KeyAccumulator.of(routing_b)
-        for ka, kb in zip(keys_a, keys_b):
-            if ka.shape[0] != kb.shape[0] or ka.shape[2] != kb.shape[2]:
-                raise UserError(f"the two models saw different probes ({tuple(ka.shape)} vs {tuple(kb.shape)}); "
-                                "run both on the identical probe batch")
-        self.a.update(keys_a, names_a)
-        self.b.update(keys_b, names_b)
-
-    def compute(self) -> list[dict]:
-        return compare(self.a, self.b)
