@@ -13,7 +13,7 @@ Router side (``routers/``):
                       (``routers.routing.scored_keys_of`` prefers it)
     HFAdapter         ``from_hf(hf_model) -> router`` for the Hugging Face model types its family names
 
-Task and data side (``tasks/``, ``datamodules/``, read by ``records/measure.py`` and the monitor):
+Task and data side (``tasks/``, ``datamodules/``, read by ``collapse/measure.py`` and the monitor):
     ProbedModule      ``probe_routing(inputs) -> Routing``, and, where the probe has a shuffled copy,
                       ``probe_keys(inputs) -> list[Tensor]`` (ShuffleNullModule)
     Probe             ``batches(batch_size)`` -> iterator of ``(inputs, shuffled inputs or None)``

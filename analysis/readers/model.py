@@ -23,7 +23,7 @@ from common import atomic
 from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD, RANK, RANKS
 from common.errors import UserError
 from datamodules.probe import TokenProbe
-from records import Record
+from records import Record, layer_table, model_record, signature_table, unit_table
 from routers.routing import routing_of, scored_keys_of
 
 
@@ -130,7 +130,6 @@ def write_report(signature, out: Path, name: str, about: str, step: int | None =
     from analysis.reports.figures import signature_figure
 
     out.mkdir(parents=True, exist_ok=True)
-    from records import layer_table, model_record, signature_table, unit_table  # noqa: F811
 
     record = model_record(step, name, about, signature)
     atomic.write_text(out / "signature.json", json.dumps(record, indent=1))
