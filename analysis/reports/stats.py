@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from collapse.stats import spearman  # noqa: F401  (re-exported: the studies read trends with it)
+from common.constants import LEVEL
 from common.errors import UserError
 
 N_BOOT = 4000  # resamples: the Monte Carlo error of a 95% percentile bound is then well under its width
@@ -41,7 +42,7 @@ def _check_level(level: float) -> None:
         raise UserError(f"confidence level must be in (0, 1); got {level}, e.g. level=0.95")
 
 
-def bootstrap_ci(values: Sequence[float], level: float = 0.95, n_boot: int = N_BOOT,
+def bootstrap_ci(values: Sequence[float], level: float = LEVEL, n_boot: int = N_BOOT,
                  seed: int = 0) -> tuple[float, float, float]:
     """(mean, low, high): the sample mean and its percentile-bootstrap interval.
 
@@ -59,7 +60,7 @@ def bootstrap_ci(values: Sequence[float], level: float = 0.95, n_boot: int = N_B
     return float(x.mean()), float(low), float(high)
 
 
-def bootstrap_difference_ci(a: Sequence[float], b: Sequence[float], level: float = 0.95, n_boot: int = N_BOOT,
+def bootstrap_difference_ci(a: Sequence[float], b: Sequence[float], level: float = LEVEL, n_boot: int = N_BOOT,
                             seed: int = 0) -> tuple[float, float, float]:
     """(mean(b) - mean(a), low, high), resampling the two arms independently."""
     _check_level(level)
@@ -75,7 +76,7 @@ def bootstrap_difference_ci(a: Sequence[float], b: Sequence[float], level: float
     return float(y.mean() - x.mean()), float(low), float(high)
 
 
-def spearman_ci(x: Sequence[float], y: Sequence[float], level: float = 0.95, n_boot: int = N_BOOT,
+def spearman_ci(x: Sequence[float], y: Sequence[float], level: float = LEVEL, n_boot: int = N_BOOT,
                 seed: int = 0) -> tuple[float, float]:
     """Percentile-bootstrap interval of Spearman's rho between ``x`` (an arm's value, e.g. the ALiBi slope
     scale) and ``y``, resampling the runs within each value of ``x``, as every interval here resamples seeds
@@ -131,7 +132,7 @@ EXACT_LIMIT = 20_000  # relabelings enumerated exactly up to this many (5 vs 5: 
 N_PERM = 20_000    # Monte Carlo relabelings above it: the p-value's standard error is then <= 0.0035
 
 
-def t_interval(values: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+def t_interval(values: Sequence[float], level: float = LEVEL) -> tuple[float, float, float]:
     """(mean, low, high): Student's t-interval of the mean, mean +- t_{n-1} s / sqrt(n). nan bounds below 2 values."""
     from scipy.stats import t
 
@@ -152,7 +153,7 @@ def welch_df(a: np.ndarray, b: np.ndarray) -> float:
     return float((va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1)))
 
 
-def welch_interval(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> tuple[float, float, float]:
+def welch_interval(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> tuple[float, float, float]:
     """(mean(b) - mean(a), low, high): Welch's t-interval of a difference of two arm means. Both arms need 2
     finite values; arms with no spread at all give the zero-width interval at the difference (nothing varied)."""
     from scipy.stats import t
@@ -260,7 +261,7 @@ def min_detectable_effect(n_a: int, n_b: int, sd: float, alpha: float = ALPHA, p
     return _smallest_detectable(n_a + n_b - 2, sd * math.sqrt(1 / n_a + 1 / n_b), alpha, power)
 
 
-def compare_arms(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict:
+def compare_arms(a: Sequence[float], b: Sequence[float], level: float = LEVEL) -> dict:
     """Everything a verdict states about arm b against arm a: runs with a value, the difference of means with
     its Welch t-interval (primary) and bootstrap interval (beside it), Hedges' g, the exact permutation p and
     the detectable effect of this design (``mde``, at the arms' n and pooled sd)."""
@@ -300,7 +301,7 @@ def sign_flip_p(differences: Sequence[float]) -> float:
     return float((np.abs(signs @ d / d.size) >= observed - tolerance).mean())
 
 
-def compare_paired(reference: Sequence[float], treated: Sequence[float], level: float = 0.95) -> dict:
+def compare_paired(reference: Sequence[float], treated: Sequence[float], level: float = LEVEL) -> dict:
     """A within-model comparison (the same checkpoint read with and without an intervention), paired by run:
     the mean of treated - reference with its t-interval, the exact sign-flip p and the paired design's
     detectable effect. Pairs with a non-finite side are dropped."""
@@ -332,7 +333,7 @@ def _g(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:.3g}"
 
 
-def spearman_interval(x: Sequence[float], y: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+def spearman_interval(x: Sequence[float], y: Sequence[float], level: float = LEVEL) -> tuple[float, float]:
     """Interval of Spearman's rho by Fisher's z with Fieller et al.'s (1957) variance 1.06 / (n - 3): the
     closed-form counterpart of spearman_ci's bootstrap. (nan, nan) below 4 finite pairs or at |rho| = 1."""
     from scipy.stats import norm

@@ -15,7 +15,7 @@ from analysis.readers.runs import SEED_KEYS, Run, factors, val_loss
 from analysis.reports.stats import bootstrap_ci, t_interval
 from analysis.studies.spec import SOLVED_K
 from analysis.reports.tables import number, onset_step, run_statistics, solved_step
-from common.constants import RANK, SOLVED_MARGIN
+from common.constants import LEVEL, RANK, SOLVED_MARGIN
 from common.errors import UserError
 from common.run_names import alias
 from records import Record
@@ -165,7 +165,7 @@ def flag_unsolved(arm_rows: dict, order: list, label) -> str:
     return f"; unsolved runs have no value: {', '.join(partial)} solved" if partial else ""
 
 
-def arm_summary(arm_rows: dict, level: float = 0.95, rank: int = RANK) -> list[dict]:
+def arm_summary(arm_rows: dict, level: float = LEVEL, rank: int = RANK) -> list[dict]:
     """One row per arm: runs, runs that never reached onset, runs that solved the task (``solved``, flagged by
     ``unsolved``), and per statistic its mean with the t-interval ``_low`` / ``_high`` (primary) and the
     percentile bootstrap ``_boot_low`` / ``_boot_high`` beside it."""
@@ -189,7 +189,7 @@ def arm_label(factor: str, arm) -> str:
     return alias(factor, arm)
 
 
-def profiles(runs_by_arm: dict[str, list[Run]], keys: list[str], level: float = 0.95, factor: str = "") -> list[dict]:
+def profiles(runs_by_arm: dict[str, list[Run]], keys: list[str], level: float = LEVEL, factor: str = "") -> list[dict]:
     """Per arm, per layer: mean and t-interval band across seeds of each per-layer column (final records)."""
     arms = []
     for arm, runs in runs_by_arm.items():

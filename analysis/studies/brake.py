@@ -33,7 +33,7 @@ from analysis.reports.stats import (compare_arms, min_detectable_rho, nanmean, o
                             spearman_interval, verdict_word)
 from analysis.studies.spec import Comparison, Study
 from analysis.reports.tables import cell
-from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD
+from common.constants import COMPLETION_THRESHOLD, LEVEL, ONSET_THRESHOLD
 from common.errors import UserError
 
 SUPPORTED = 0.95  # P(predicted order) reported as "confident" beside the verdict
@@ -82,7 +82,7 @@ def observed_order(arm_rows: dict, key: str, descending: bool = False, labels: d
 
 
 def ordering_checks(arm_rows: dict, order: list, comparisons: tuple[Comparison, ...], threshold: float,
-                    level: float = 0.95, labels: dict | None = None) -> list[dict]:
+                    level: float = LEVEL, labels: dict | None = None) -> list[dict]:
     """One verdict per statistic: observed order, each neighbouring pair's effect (difference, t-interval,
     bootstrap interval, Hedges' g, permutation p, detectable effect), P(predicted order), P(reverse), and the
     verdict. ``order``: the arms present, weakest to strongest brake; ``labels``: how the verdict names each arm."""
@@ -137,7 +137,7 @@ def _signed(value: float) -> str:
     return "-" if math.isnan(value) else f"{value:+.2g}"
 
 
-def trend_checks(rows: list[dict], comparisons: tuple[Comparison, ...], level: float = 0.95,
+def trend_checks(rows: list[dict], comparisons: tuple[Comparison, ...], level: float = LEVEL,
                  factor: str = "") -> list[dict]:
     """Along a numeric brake (ALiBi slope scale): Spearman rho of each statistic against the scale, per run,
     with its Fisher-z interval (primary) and bootstrap interval (runs resampled within each scale), and the
@@ -193,7 +193,7 @@ def overall(checks: list[dict]) -> str:
 
 
 def brake_study(runs: list[Run], study: Study | None = None, threshold: float = ONSET_THRESHOLD, completion: float = COMPLETION_THRESHOLD,
-                level: float = 0.95) -> dict:
+                level: float = LEVEL) -> dict:
     """Per-run rows, per-arm summaries with CIs, ordering (or trend) checks, depth profiles and trajectories.
     ``study``: an ordering or a trend spec (default conf/study/brake_ordering.yaml), at its rank."""
     study = study or studies.load("brake_ordering")

@@ -15,6 +15,7 @@ from pathlib import Path
 from analysis.readers.runs import Run, load_router
 from analysis.reports.stats import compare_paired, nanmean, t_interval, verdict_word
 from analysis.reports.tables import run_statistics
+from common.constants import COMPLETION_THRESHOLD, LEVEL, ONSET_THRESHOLD, RANK
 from common.errors import UserError
 from records import model_record
 
@@ -31,7 +32,7 @@ def _intervene(router, knobs: dict, study_name: str):
 
 
 def measure_interventions(run: Run, interventions: list[dict], study_name: str, batch_size: int = 16,
-                          threshold: float = 0.2, completion: float = 0.5, rank: int = 8) -> list[dict]:
+                          threshold: float = ONSET_THRESHOLD, completion: float = COMPLETION_THRESHOLD, rank: int = RANK) -> list[dict]:
     """One row per intervention for ``run``: its label, the run's seed and the model-level statistics of the
     checkpoint re-read under it (``run_statistics``), and the per-layer max shares."""
     from analysis.readers.model import measure
@@ -67,8 +68,8 @@ def predicted_direction(spec: dict, comparison) -> str | None:
     return comparison.expected if own is ... else own
 
 
-def intervention_study(runs: list[Run], study, batch_size: int = 16, threshold: float = 0.2,
-                       completion: float = 0.5, level: float = 0.95) -> dict:
+def intervention_study(runs: list[Run], study, batch_size: int = 16, threshold: float = ONSET_THRESHOLD,
+                       completion: float = COMPLETION_THRESHOLD, level: float = LEVEL) -> dict:
     """Every run re-read under every intervention of ``study`` (conf/study/<name>.yaml, kind: intervention),
     then each intervention against ``study.reference`` paired by run, for each of the study's comparisons."""
     if len(runs) < 2:

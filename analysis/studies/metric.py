@@ -27,7 +27,7 @@ from analysis.readers.runs import Run
 from analysis.reports.stats import compare_arms, verdict_word
 from analysis.studies.spec import Study
 from analysis.reports.tables import cell
-from common.constants import COMPLETION_THRESHOLD, ONSET_THRESHOLD
+from common.constants import COMPLETION_THRESHOLD, LEVEL, ONSET_THRESHOLD
 from common.errors import UserError
 
 
@@ -58,7 +58,7 @@ def _open(direction: str) -> bool:
 
 
 def metric_study(runs: list[Run], study: Study | None = None, threshold: float = ONSET_THRESHOLD, completion: float = COMPLETION_THRESHOLD,
-                 level: float = 0.95) -> dict:
+                 level: float = LEVEL) -> dict:
     """Per-run rows, per-arm summaries, and each arm's difference to the reference arm for every comparison
     of ``study`` (default conf/study/metric_study.yaml), at its rank."""
     study = study or studies.load("metric_study")

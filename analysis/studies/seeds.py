@@ -34,7 +34,7 @@ from analysis.readers.runs import SEED_KEYS, Run, factors, load_router
 from analysis.reports.stats import compare_arms, nanmean, t_interval
 from analysis.studies.subspaces import KeyAccumulator, compare
 from collapse import gaussian_null
-from common.constants import ONSET_THRESHOLD, RANK
+from common.constants import LEVEL, ONSET_THRESHOLD, RANK
 from records.schema import number
 from common.errors import UserError
 from datamodules.probe import TokenProbe
@@ -345,7 +345,7 @@ def _direction_effect(rows: list[dict], layers: set | None, level: float) -> dic
             "untrained_high": base_high, "untrained_pairs": len(baseline), **compare_arms(baseline, trained, level)}
 
 
-def summary_rows(result: dict, level: float = 0.95) -> list[dict]:
+def summary_rows(result: dict, level: float = LEVEL) -> list[dict]:
     """One row per reseed kind: pairs, max |dVE@r| and its mean over pairs (t-interval), the angles against their
     baselines, and the direction effect (token-space angle minus the untrained pairs', Welch interval,
     permutation p, detectable effect) over the whole depth and over the concentrating layers."""
