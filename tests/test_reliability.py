@@ -537,7 +537,7 @@ def test_the_monitor_records_a_skipped_measurement_instead_of_measuring_non_fini
         module.weight[0, 0] = float("nan")
     monitor._measure(trainer, module)  # would crash in the metrics (eigvalsh) if it measured
     assert read_records(tmp_path) == []  # analysis sees measurements only
-    assert read_records(tmp_path, skipped=True) == [{"step": 8, "skipped": "non-finite weights"}]
+    assert read_records(tmp_path, skipped=True) == [{"schema_version": 2, "step": 8, "skipped": "non-finite weights"}]
     assert "weights are not finite" in caplog.text
     monitor._measure(trainer, module)
     assert len(read_records(tmp_path, skipped=True)) == 1  # once per step, like a measurement
