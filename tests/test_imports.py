@@ -21,7 +21,9 @@ ALLOWED = {
 }
 
 
-def imported_packages(path: Path) -> set[str]:
+def imported_names(path: Path) -> set[str]:
+    """Every dotted name ``path`` imports (``from a.b import c`` -> ``a.b`` and ``a.b.c``), lazy imports
+    included, ``TYPE_CHECKING`` blocks excluded."""
     tree = ast.parse(path.read_text())
     guarded = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
                and getattr(block.test, "id", "") == "TYPE_CHECKING" for node in ast.walk(block)}
@@ -30,10 +32,15 @@ def imported_packages(path: Path) -> set[str]:
         if id(node) in guarded:
             continue
         if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module.split(".")[0])
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Import):
-            found.update(alias.name.split(".")[0] for alias in node.names)
-    return found & set(ALLOWED)
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+def imported_packages(path: Path) -> set[str]:
+    return {name.split(".")[0] for name in imported_names(path)} & set(ALLOWED)
 
 
 def package_graph() -> dict[str, set[str]]:
@@ -54,21 +61,26 @@ def test_every_package_imports_only_what_sits_below_it():
     assert not bad, f"imports against the direction: {bad}"
 
 
-def test_the_package_graph_has_no_cycles():
-    graph, done, stack = package_graph(), set(), []
+def assert_acyclic(graph: dict[str, set[str]]) -> None:
+    """Depth-first over ``graph``; fails naming the first cycle it meets."""
+    done, stack = set(), []
 
-    def visit(package):
-        assert package not in stack, f"import cycle: {' -> '.join(stack[stack.index(package):] + [package])}"
-        if package in done:
+    def visit(node):
+        assert node not in stack, f"import cycle: {' -> '.join(stack[stack.index(node):] + [node])}"
+        if node in done:
             return
-        stack.append(package)
-        for dependency in graph[package]:
+        stack.append(node)
+        for dependency in sorted(graph.get(node, ())):
             visit(dependency)
         stack.pop()
-        done.add(package)
+        done.add(node)
 
-    for package in graph:
-        visit(package)
+    for node in sorted(graph):
+        visit(node)
+
+
+def test_the_package_graph_has_no_cycles():
+    assert_acyclic(package_graph())
 
 
 # Inside analysis/, by role: commands -> studies -> readers -> reports (analysis/__init__.py).
@@ -77,20 +89,8 @@ ANALYSIS_ORDER = ("commands", "studies", "readers", "reports")
 
 def imported_modules(path: Path) -> set[str]:
     """Every project module ``path`` imports (``from a.b import c`` -> ``a.b`` and, where ``a/b/c.py`` exists,
-    ``a.b.c``), lazy imports included, ``TYPE_CHECKING`` blocks excluded."""
-    tree = ast.parse(path.read_text())
-    guarded = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
-               and getattr(block.test, "id", "") == "TYPE_CHECKING" for node in ast.walk(block)}
-    found = set()
-    for node in ast.walk(tree):
-        if id(node) in guarded:
-            continue
-        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            found.add(node.module)
-            found.update(f"{node.module}.{alias.name}" for alias in node.names)
-        elif isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-    return {name for name in found if name.split(".")[0] in ALLOWED and _module_path(name) is not None}
+    ``a.b.c``)."""
+    return {name for name in imported_names(path) if name.split(".")[0] in ALLOWED and _module_path(name) is not None}
 
 
 def _module_path(name: str) -> Path | None:
@@ -112,20 +112,7 @@ def module_graph() -> dict[str, set[str]]:
 
 def test_no_module_imports_itself_back_through_others():
     """No cycle between modules either, lazy imports included (a lazy cycle is a layering bug postponed)."""
-    graph, done, stack = module_graph(), set(), []
-
-    def visit(module):
-        assert module not in stack, f"import cycle: {' -> '.join(stack[stack.index(module):] + [module])}"
-        if module in done:
-            return
-        stack.append(module)
-        for dependency in sorted(graph.get(module, ())):
-            visit(dependency)
-        stack.pop()
-        done.add(module)
-
-    for module in sorted(graph):
-        visit(module)
+    assert_acyclic(module_graph())
 
 
 def test_analysis_imports_point_down_its_roles():
